@@ -1,0 +1,297 @@
+""" DropCluster layers.
+
+DropCluster (Chen, Gautier, Aydore, 2020, https://arxiv.org/abs/2002.02997) drops whole clusters of
+correlated activations. The clusters are learned from the data (see ``clustering.py``) and
+re-computed during training, where DropBlock (https://arxiv.org/abs/1810.12890) drops fixed squares.
+
+The layers sit beside timm's ``DropBlock2d``: same arguments where they mean the same thing,
+identity in eval mode or at ``drop_prob == 0``, masks built on the input's device in its dtype.
+
+State: ``cluster_map`` holds the labels, shape ``(M, *spatial)`` with M = 1 (one map for every
+channel) or M = C (one map per channel), and ``cluster_counts`` the number of clusters of each map.
+Both are persistent integer buffers, so they travel in ``state_dict`` and safetensors files. Before
+the first clustering the map is a regular grid of blocks, so a fresh layer acts like a
+non-overlapping DropBlock.
+
+An input whose spatial size differs from the stored map (multi-scale training, evaluation at another
+resolution) gets the map resampled with nearest-neighbour labels; resampling down may disconnect or
+lose small clusters for that input, the stored map is not changed.
+"""
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from timm.layers import register_notrace_module
+
+from .clustering import CLUSTER_METHODS, cluster_activations, grid_cluster_map
+
+__all__ = ['drop_cluster', 'resample_cluster_map', 'DropCluster1d', 'DropCluster2d', 'DropCluster3d']
+
+
+def resample_cluster_map(cluster_map: Tensor, size: List[int]) -> Tensor:
+    """Nearest-neighbour resampling of label maps ``(M, *spatial)`` to ``(M, *size)``."""
+    if list(cluster_map.shape[1:]) == size:
+        return cluster_map
+    # Labels are small integers, exact in float32.
+    out = F.interpolate(cluster_map.unsqueeze(0).float(), size=size, mode='nearest')
+    return out.squeeze(0).to(cluster_map.dtype)
+
+
+def drop_cluster(
+        x: Tensor,
+        cluster_map: Tensor,
+        drop_prob: float = 0.1,
+        num_clusters: Optional[int] = None,
+        couple_channels: bool = False,
+        with_noise: bool = False,
+        inplace: bool = False,
+        scale_by_keep: bool = True,
+) -> Tensor:
+    """DropCluster. See https://arxiv.org/abs/2002.02997
+
+    Every (sample, channel, cluster) is dropped independently with probability ``drop_prob``, or
+    every (sample, cluster) when channels are coupled. Clusters partition the map, so the expected
+    dropped fraction is exactly ``drop_prob``.
+
+    Args:
+        x: input ``(B, C, *spatial)``.
+        cluster_map: integer labels ``(M, *spatial_map)``, M = 1 or C (M = 1 if ``couple_channels``);
+            resampled (nearest) when ``spatial_map`` differs from the input's.
+        drop_prob: probability of dropping a cluster, in [0, 1).
+        num_clusters: an upper bound on the labels (max label + 1). ``None`` reads it from the map,
+            which synchronises with the device; the layers always pass it.
+        couple_channels: one drop decision per (sample, cluster) shared by all channels.
+        with_noise: fill dropped elements with unit gaussian noise instead of zeros (no rescaling,
+            as in timm's DropBlock).
+        inplace: modify ``x`` in place.
+        scale_by_keep: rescale kept elements by (elements / kept elements) of the batch, as timm's
+            DropBlock does.
+
+    Returns:
+        Tensor of the same shape, dtype and device as ``x``.
+    """
+    if x.ndim < 3:
+        raise ValueError('drop_cluster expects input of shape (B, C, *spatial), got ' + str(x.ndim) + ' dims')
+    if not x.is_floating_point():
+        raise ValueError('drop_cluster expects a floating point input, got ' + str(x.dtype))
+    if drop_prob < 0.0 or drop_prob >= 1.0:
+        raise ValueError('drop_prob must be in [0, 1), got ' + str(drop_prob))
+    if cluster_map.dim() != x.dim() - 1 or cluster_map.is_floating_point():
+        raise ValueError('cluster_map must be integer labels of shape (M, *spatial) for an input with '
+                         + str(x.dim() - 2) + ' spatial dims')
+    B = x.shape[0]
+    C = x.shape[1]
+    spatial: List[int] = list(x.shape[2:])
+    M = cluster_map.shape[0]
+    G = 1 if couple_channels else C
+    if M != 1 and M != G:
+        raise ValueError('cluster_map has ' + str(M) + ' maps, expected 1 or ' + str(G))
+    if drop_prob == 0.0:
+        return x
+    n = 1
+    for s in spatial:
+        n *= s
+    idx = resample_cluster_map(cluster_map, spatial).reshape(M, n).long()
+    k = int(idx.max()) + 1 if num_clusters is None else num_clusters
+
+    # The mask never involves x, so it builds no autograd graph (and no_grad would trip TorchScript).
+    keep = torch.empty((B, G, k), dtype=x.dtype, device=x.device).bernoulli_(1.0 - drop_prob)
+    if scale_by_keep and not with_noise:
+        # Kept elements counted from cluster sizes: a (M, K) reduction instead of one over x.
+        sizes = torch.zeros((M, k), dtype=torch.float32, device=x.device)
+        sizes.scatter_add_(1, idx, torch.ones((M, n), dtype=torch.float32, device=x.device))
+        kept = (keep.float() * sizes.unsqueeze(0)).sum()
+        keep = keep * kept.add(1e-7).reciprocal().mul(float(B * G * n)).to(x.dtype)
+    # (B, G, *spatial) with G = 1 or C broadcasts over x in any memory format.
+    mask = keep.gather(2, idx.unsqueeze(0).expand(B, G, n)).view([B, G] + spatial)
+
+    if with_noise:
+        noise = torch.randn_like(x) * (1.0 - mask)
+        if inplace:
+            return x.mul_(mask).add_(noise)
+        return x * mask + noise
+    if inplace:
+        return x.mul_(mask)
+    return x * mask
+
+
+def _label_dtype(num_labels: int) -> torch.dtype:
+    return torch.int16 if num_labels <= torch.iinfo(torch.int16).max else torch.int32
+
+
+class _DropClusterNd(nn.Module):
+    """Shared implementation of DropCluster1d/2d/3d (``spatial_dims`` set by the subclass).
+
+    Args:
+        drop_prob: probability of dropping a cluster, in [0, 1).
+        block_size: the DropBlock block this layer stands in for; the default cluster size is
+            ``block_size ** spatial_dims`` elements.
+        cluster_size: target mean cluster size in elements (overrides ``block_size``).
+        num_clusters: fixed number of clusters per map (overrides ``cluster_size``).
+        couple_channels: one cluster map and one drop decision for all channels; default is one map
+            per channel, as in the paper.
+        with_noise: fill dropped elements with gaussian noise instead of zeros.
+        inplace: modify the input in place.
+        scale_by_keep: rescale kept elements like timm's DropBlock.
+        cluster_method: method of ``update_clusters``, one of ``CLUSTER_METHODS``.
+        feat_size: spatial size of the input, if known: the grid map buffer is then created
+            here (and so saved in every checkpoint); otherwise the buffer stays empty until the
+            first clustering or load and a grid is made on the fly.
+        device: device of the cluster buffers.
+        dtype: accepted for timm's factory-kwargs convention; the buffers are integer labels.
+    """
+    spatial_dims: int = 2
+
+    def __init__(
+            self,
+            drop_prob: float = 0.1,
+            block_size: int = 7,
+            cluster_size: Optional[int] = None,
+            num_clusters: Optional[int] = None,
+            couple_channels: bool = False,
+            with_noise: bool = False,
+            inplace: bool = False,
+            scale_by_keep: bool = True,
+            cluster_method: str = 'rena',
+            feat_size: Optional[Tuple[int, ...]] = None,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        if not 0.0 <= drop_prob < 1.0:
+            raise ValueError(f'drop_prob must be in [0, 1), got {drop_prob}')
+        if cluster_method not in CLUSTER_METHODS:
+            raise ValueError(f'unknown cluster_method {cluster_method!r}, expected one of {CLUSTER_METHODS}')
+        for name, value in (('block_size', block_size), ('cluster_size', cluster_size), ('num_clusters', num_clusters)):
+            if value is not None and int(value) < 1:
+                raise ValueError(f'{name} must be >= 1, got {value}')
+        self.spatial_dims = type(self).spatial_dims  # TorchScript only sees instance attributes
+        self.drop_prob = float(drop_prob)
+        self.block_size = int(block_size)
+        self.cluster_size = int(cluster_size) if cluster_size is not None else self.block_size ** self.spatial_dims
+        self.num_clusters = int(num_clusters) if num_clusters is not None else 0  # 0: from cluster_size
+        self.couple_channels = couple_channels
+        self.with_noise = with_noise
+        self.inplace = inplace
+        self.scale_by_keep = scale_by_keep
+        self.cluster_method = cluster_method
+        empty_shape = [0] * (self.spatial_dims + 1)
+        self.register_buffer('cluster_map', torch.zeros(empty_shape, dtype=torch.int16, device=device))
+        self.register_buffer('cluster_counts', torch.zeros(0, dtype=torch.int16, device=device))
+        self.max_clusters = 0  # host copy of cluster_counts.max(): sizes the random draw without a sync
+        if feat_size is not None:
+            size = [int(s) for s in (feat_size if isinstance(feat_size, (tuple, list)) else [feat_size])]
+            if len(size) != self.spatial_dims:
+                raise ValueError(f'feat_size must have {self.spatial_dims} dims, got {feat_size}')
+            self.set_cluster_map(grid_cluster_map(size, self.target_clusters(size), device))
+
+    def target_clusters(self, spatial: List[int]) -> int:
+        """Number of clusters per map for inputs of this spatial size."""
+        n = 1
+        for s in spatial:
+            n *= s
+        k = self.num_clusters if self.num_clusters > 0 else int(round(n / self.cluster_size))
+        return max(1, min(k, n))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != self.spatial_dims + 2:
+            raise ValueError('DropCluster' + str(self.spatial_dims) + 'd expects input with '
+                             + str(self.spatial_dims + 2) + ' dims, got ' + str(x.dim()))
+        if not self.training or self.drop_prob == 0.0:
+            return x
+        spatial = x.shape[2:]
+        if self.cluster_map.numel() > 0:
+            cluster_map, k = self.cluster_map, self.max_clusters
+        else:
+            k = self.target_clusters(spatial)
+            cluster_map = grid_cluster_map(spatial, k, x.device)
+        return drop_cluster(
+            x,
+            cluster_map,
+            drop_prob=self.drop_prob,
+            num_clusters=k,
+            couple_channels=self.couple_channels,
+            with_noise=self.with_noise,
+            inplace=self.inplace,
+            scale_by_keep=self.scale_by_keep,
+        )
+
+    @torch.no_grad()
+    def update_clusters(self, x: Tensor, generator: Optional[torch.Generator] = None, **kwargs) -> Tensor:
+        """Re-cluster from activations ``x`` (the layer's input, ``(B, C, *spatial)``).
+
+        ``kwargs`` go to the clustering method (see ``clustering.cluster_activations``).
+        Returns the new map.
+        """
+        if x.dim() != self.spatial_dims + 2:
+            raise ValueError(f'DropCluster{self.spatial_dims}d expects input with {self.spatial_dims + 2} dims, '
+                             f'got shape {tuple(x.shape)}')
+        labels = cluster_activations(
+            x,
+            self.target_clusters(list(x.shape[2:])),
+            method=self.cluster_method,
+            couple_channels=self.couple_channels,
+            generator=generator,
+            **kwargs,
+        )
+        self.set_cluster_map(labels)
+        return self.cluster_map
+
+    @torch.no_grad()
+    def set_cluster_map(self, cluster_map: Tensor) -> None:
+        """Install label maps ``(M, *spatial)``, M = 1 or the channel count (1 if coupled)."""
+        if cluster_map.is_floating_point() or cluster_map.dim() != self.spatial_dims + 1:
+            raise ValueError(f'cluster_map must hold integer labels of shape (M, *spatial) with '
+                             f'{self.spatial_dims} spatial dims, got {cluster_map.dtype} {tuple(cluster_map.shape)}')
+        if self.couple_channels and cluster_map.shape[0] != 1:
+            raise ValueError(f'a coupled layer takes one map, got {cluster_map.shape[0]}')
+        if cluster_map.numel() == 0 or int(cluster_map.min()) < 0:
+            raise ValueError('cluster_map must be non-empty with labels >= 0')
+        counts = cluster_map.flatten(1).amax(dim=1) + 1
+        max_clusters = int(counts.max())
+        dtype = _label_dtype(max_clusters)
+        device = self.cluster_map.device
+        self.cluster_map = cluster_map.to(device=device, dtype=dtype).contiguous()
+        self.cluster_counts = counts.to(device=device, dtype=dtype)
+        self.max_clusters = max_clusters
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        # Maps differ in shape between checkpoints (other resolutions, per-channel vs grid), so
+        # adopt the incoming shapes instead of failing on a size mismatch.
+        incoming = state_dict.get(prefix + 'cluster_map')
+        counts = state_dict.get(prefix + 'cluster_counts')
+        if incoming is not None and counts is not None:
+            if incoming.dim() != self.spatial_dims + 1 or incoming.is_floating_point():
+                error_msgs.append(f'{prefix}cluster_map: expected integer labels with {self.spatial_dims} spatial '
+                                  f'dims, got {incoming.dtype} {tuple(incoming.shape)}')
+                return
+            device = self.cluster_map.device
+            self.cluster_map = torch.empty(incoming.shape, dtype=incoming.dtype, device=device)
+            self.cluster_counts = torch.empty(counts.shape, dtype=counts.dtype, device=device)
+            self.max_clusters = int(counts.max()) if counts.numel() else 0
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+    def extra_repr(self) -> str:
+        k = f'num_clusters={self.num_clusters}' if self.num_clusters else f'cluster_size={self.cluster_size}'
+        return (f'drop_prob={self.drop_prob}, {k}, couple_channels={self.couple_channels}, '
+                f'cluster_method={self.cluster_method!r}, map={tuple(self.cluster_map.shape)}')
+
+
+@register_notrace_module
+class DropCluster1d(_DropClusterNd):
+    __doc__ = """DropCluster for ``(B, C, L)`` inputs; clusters are runs of the sequence.""" + _DropClusterNd.__doc__.split('\n', 1)[1]
+    spatial_dims = 1
+
+
+@register_notrace_module
+class DropCluster2d(_DropClusterNd):
+    __doc__ = """DropCluster for ``(B, C, H, W)`` inputs, a drop-in for timm's ``DropBlock2d``.""" + _DropClusterNd.__doc__.split('\n', 1)[1]
+    spatial_dims = 2
+
+
+@register_notrace_module
+class DropCluster3d(_DropClusterNd):
+    __doc__ = """DropCluster for ``(B, C, D, H, W)`` inputs (video, volumes).""" + _DropClusterNd.__doc__.split('\n', 1)[1]
+    spatial_dims = 3

@@ -1,0 +1,72 @@
+import pytest
+import timm
+import torch
+from timm.layers import DropBlock2d
+
+from dropcluster_timm import DropCluster2d, dropcluster_layers, set_drop_prob, update_clusters
+
+
+def _timm_resnet_with_dropcluster():
+    """A real timm resnet18 whose DropBlock slots hold DropCluster layers."""
+    torch.manual_seed(0)
+    model = timm.create_model('resnet18', num_classes=5, drop_block_rate=0.1)
+    slots = [(name, m) for name, m in model.named_modules() if isinstance(m, DropBlock2d)]
+    assert slots
+    for name, _ in slots:
+        parent_name, attr = name.rsplit('.', 1)
+        setattr(model.get_submodule(parent_name), attr, DropCluster2d(0.1, block_size=3))
+    return model
+
+
+def test_update_clusters_reclusters_every_layer_and_restores_modes():
+    model = _timm_resnet_with_dropcluster()
+    model.train()
+    model.layer1.eval()  # a mixed state must come back as it was
+    bn = model.bn1
+    stats = bn.running_mean.clone(), bn.num_batches_tracked.clone()
+    x = torch.randn(4, 3, 64, 64)
+    n = update_clusters(model, x)
+    layers = list(dropcluster_layers(model))
+    assert n == len(layers) > 0
+    for _, layer in layers:
+        channels = layer.cluster_map.shape[0]
+        assert channels > 1 and layer.cluster_counts.numel() == channels
+        assert int(layer.cluster_counts.max()) <= layer.target_clusters(list(layer.cluster_map.shape[1:]))
+    assert model.training and not model.layer1.training and model.layer1[0].bn1.training is False
+    assert model.layer2.training
+    assert torch.equal(bn.running_mean, stats[0]) and torch.equal(bn.num_batches_tracked, stats[1])
+    # The maps follow the data: another batch gives other maps.
+    before = [layer.cluster_map.clone() for _, layer in layers]
+    update_clusters(model, (torch.randn(4, 3, 64, 64) * 3,))
+    assert any(not torch.equal(b, layer.cluster_map) for b, (_, layer) in zip(before, layers))
+
+
+def test_update_clusters_restores_mode_on_error():
+    model = _timm_resnet_with_dropcluster().train()
+    with pytest.raises(RuntimeError):
+        update_clusters(model, torch.randn(2, 5, 64, 64))  # wrong channel count
+    assert all(m.training for m in model.modules())
+
+
+def test_update_clusters_needs_layers():
+    with pytest.raises(ValueError, match='no DropCluster layers'):
+        update_clusters(torch.nn.Conv2d(3, 3, 1), torch.randn(1, 3, 4, 4))
+
+
+def test_set_drop_prob():
+    model = _timm_resnet_with_dropcluster()
+    assert set_drop_prob(model, 0.25) == len(list(dropcluster_layers(model)))
+    assert all(layer.drop_prob == 0.25 for _, layer in dropcluster_layers(model))
+    with pytest.raises(ValueError, match='drop_prob'):
+        set_drop_prob(model, 1.0)
+
+
+def test_training_step_with_dropcluster_changes_output():
+    model = _timm_resnet_with_dropcluster()
+    update_clusters(model, torch.randn(4, 3, 64, 64))
+    set_drop_prob(model, 0.3)
+    model.train()
+    x = torch.randn(4, 3, 64, 64)
+    loss = torch.nn.functional.cross_entropy(model(x), torch.tensor([0, 1, 2, 3]))
+    loss.backward()
+    assert torch.isfinite(loss) and model.conv1.weight.grad is not None
