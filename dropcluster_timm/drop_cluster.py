@@ -17,6 +17,7 @@ An input whose spatial size differs from the stored map (multi-scale training, e
 resolution) gets the map resampled with nearest-neighbour labels; resampling down may disconnect or
 lose small clusters for that input, the stored map is not changed.
 """
+import math
 from typing import List, Optional, Tuple
 
 import torch
@@ -117,8 +118,9 @@ def drop_cluster(
     return x * mask
 
 
-def _label_dtype(num_labels: int) -> torch.dtype:
-    return torch.int16 if num_labels <= torch.iinfo(torch.int16).max else torch.int32
+# int32 rather than int16: DistributedDataParallel broadcasts buffers, and neither gloo nor NCCL
+# carries int16.
+LABEL_DTYPE = torch.int32
 
 
 class _DropClusterNd(nn.Module):
@@ -178,21 +180,35 @@ class _DropClusterNd(nn.Module):
         self.scale_by_keep = scale_by_keep
         self.cluster_method = cluster_method
         empty_shape = [0] * (self.spatial_dims + 1)
-        self.register_buffer('cluster_map', torch.zeros(empty_shape, dtype=torch.int16, device=device))
-        self.register_buffer('cluster_counts', torch.zeros(0, dtype=torch.int16, device=device))
+        self.register_buffer('cluster_map', torch.zeros(empty_shape, dtype=LABEL_DTYPE, device=device))
+        self.register_buffer('cluster_counts', torch.zeros(0, dtype=LABEL_DTYPE, device=device))
         self.max_clusters = 0  # host copy of cluster_counts.max(): sizes the random draw without a sync
         if feat_size is not None:
             size = [int(s) for s in (feat_size if isinstance(feat_size, (tuple, list)) else [feat_size])]
             if len(size) != self.spatial_dims:
                 raise ValueError(f'feat_size must have {self.spatial_dims} dims, got {feat_size}')
-            self.set_cluster_map(grid_cluster_map(size, self.target_clusters(size), device))
+            # Built on the CPU, where label values can be read, then moved (the device may be 'meta').
+            self.set_cluster_map(grid_cluster_map(size, self.target_clusters(size)))
 
     def target_clusters(self, spatial: List[int]) -> int:
-        """Number of clusters per map for inputs of this spatial size."""
+        """Clusters per map for inputs of this spatial size.
+
+        ``num_clusters`` if set, else the cell count of a grid of ``cluster_size``-element cubes
+        (``ceil(size / side)`` per dim), so a fresh grid map tiles like DropBlock's blocks and the
+        learned maps keep the same count.
+        """
         n = 1
         for s in spatial:
             n *= s
-        k = self.num_clusters if self.num_clusters > 0 else int(round(n / self.cluster_size))
+        if self.num_clusters > 0:
+            k = self.num_clusters
+        else:
+            side = self.cluster_size ** (1.0 / self.spatial_dims)
+            if abs(side - round(side)) < 1e-6:  # 125 ** (1/3) is 4.999...
+                side = float(round(side))
+            k = 1
+            for s in spatial:
+                k *= int(math.ceil(s / side))
         return max(1, min(k, n))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -251,10 +267,18 @@ class _DropClusterNd(nn.Module):
             raise ValueError('cluster_map must be non-empty with labels >= 0')
         counts = cluster_map.flatten(1).amax(dim=1) + 1
         max_clusters = int(counts.max())
-        dtype = _label_dtype(max_clusters)
+        dtype = LABEL_DTYPE
         device = self.cluster_map.device
-        self.cluster_map = cluster_map.to(device=device, dtype=dtype).contiguous()
-        self.cluster_counts = counts.to(device=device, dtype=dtype)
+        if self.cluster_map.shape == cluster_map.shape and self.cluster_map.dtype == dtype \
+                and self.cluster_counts.dtype == dtype:
+            # In place: wrappers that cache buffer references (DDP's buffer broadcast) stay valid.
+            self.cluster_map.copy_(cluster_map)
+            self.cluster_counts.copy_(counts)
+        else:
+            # copy=True: never alias the caller's tensor (another model's buffer, say), which a later
+            # in-place update would change too.
+            self.cluster_map = cluster_map.to(device=device, dtype=dtype, copy=True).contiguous()
+            self.cluster_counts = counts.to(device=device, dtype=dtype)
         self.max_clusters = max_clusters
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
@@ -268,9 +292,13 @@ class _DropClusterNd(nn.Module):
                                   f'dims, got {incoming.dtype} {tuple(incoming.shape)}')
                 return
             device = self.cluster_map.device
-            self.cluster_map = torch.empty(incoming.shape, dtype=incoming.dtype, device=device)
-            self.cluster_counts = torch.empty(counts.shape, dtype=counts.dtype, device=device)
-            self.max_clusters = int(counts.max()) if counts.numel() else 0
+            # Replace the buffers only when the shape or dtype changes; otherwise the default load
+            # copies in place and wrappers that cache buffer references (DDP) stay valid.
+            if self.cluster_map.shape != incoming.shape or self.cluster_map.dtype != incoming.dtype:
+                self.cluster_map = torch.empty(incoming.shape, dtype=incoming.dtype, device=device)
+            if self.cluster_counts.shape != counts.shape or self.cluster_counts.dtype != counts.dtype:
+                self.cluster_counts = torch.empty(counts.shape, dtype=counts.dtype, device=device)
+            self.max_clusters = int(counts.max()) if counts.numel() and not counts.is_meta else 0
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     def extra_repr(self) -> str:

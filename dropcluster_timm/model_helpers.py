@@ -1,12 +1,12 @@
 """ Model-level DropCluster helpers: find the layers, set their rate, re-cluster them from data."""
-from typing import Any, Iterator, Optional, Tuple
+from typing import Any, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
 from .drop_cluster import _DropClusterNd
 
-__all__ = ['dropcluster_layers', 'set_drop_prob', 'update_clusters']
+__all__ = ['dropcluster_layers', 'set_drop_prob', 'update_clusters', 'copy_cluster_state', 'ddp_ignore_cluster_buffers']
 
 
 def dropcluster_layers(model: nn.Module) -> Iterator[Tuple[str, _DropClusterNd]]:
@@ -27,37 +27,70 @@ def set_drop_prob(model: nn.Module, drop_prob: float) -> int:
     return count
 
 
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DDP / FSDP-style / compiled wrappers (``.module`` / ``._orig_mod`` chains)."""
+    while True:
+        if hasattr(model, '_orig_mod') and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel) or (
+                type(model).__name__ in ('DistributedDataParallel', 'DataParallel') and hasattr(model, 'module')):
+            model = model.module
+        else:
+            return model
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() \
+        and torch.distributed.get_world_size() > 1
+
+
 @torch.no_grad()
 def update_clusters(
         model: nn.Module,
         batch: Any,
         generator: Optional[torch.Generator] = None,
+        src: int = 0,
         **kwargs,
 ) -> int:
     """Re-cluster every DropCluster layer of ``model`` from one no-grad forward of ``batch``.
 
     The model runs in eval mode (DropCluster layers pass activations through, BatchNorm statistics
     are left alone); each layer clusters its own input as it passes, so no activations are kept.
-    The model's train/eval modes are restored afterwards, also on error.
+    The model's train/eval modes are restored afterwards, also on error. A DDP-wrapped model is
+    unwrapped, so the forward involves no DDP collectives.
+
+    Under ``torch.distributed`` (initialised, world size > 1) every rank must call this, in the same
+    order relative to its other collectives: every rank runs the forward on its own ``batch`` (so no
+    rank waits on a forward that only another rank runs), rank ``src`` clusters, and each layer's
+    map is broadcast from it, so that all ranks hold identical ``cluster_map``, ``cluster_counts``
+    and ``max_clusters`` afterwards. Maps of unchanged shape and dtype are updated in place, so DDP's
+    cached buffer references stay valid.
 
     Args:
-        model: a module containing DropCluster layers.
+        model: a module containing DropCluster layers (DDP-wrapped or not).
         batch: the model's input: a tensor, or a tuple / dict of arguments.
         generator: random generator for the randomised methods.
+        src: the rank that clusters (distributed only).
         **kwargs: options for the clustering method.
 
     Returns:
         the number of layers re-clustered.
     """
+    model = _unwrap(model)
     layers = list(dropcluster_layers(model))
     if not layers:
         raise ValueError('update_clusters: the model has no DropCluster layers')
+    distributed = _distributed()
+    clusters_here = not distributed or torch.distributed.get_rank() == src
     modes = {m: m.training for m in model.modules()}
-    seen = []
+    shapes = {}  # layer -> (map shape, device) seen in the forward
 
     def hook(layer, args):
-        layer.update_clusters(args[0], generator=generator, **kwargs)
-        seen.append(layer)
+        x = args[0]
+        if clusters_here:
+            layer.update_clusters(x, generator=generator, **kwargs)
+        m = 1 if layer.couple_channels else x.shape[1]
+        shapes[layer] = ((m,) + tuple(x.shape[2:]), x.device)
 
     handles = [layer.register_forward_pre_hook(hook) for _, layer in layers]
     try:
@@ -73,7 +106,61 @@ def update_clusters(
             h.remove()
         for m, training in modes.items():
             m.training = training
-    missed = [name for name, layer in layers if layer not in seen]
+    missed = [name for name, layer in layers if layer not in shapes]
     if missed:
+        # Every rank runs the same model, so every rank raises here before any broadcast.
         raise RuntimeError(f'update_clusters: the forward pass did not reach DropCluster layers {missed}')
-    return len(seen)
+    if distributed:
+        backend = torch.distributed.get_backend()
+        for _, layer in layers:
+            shape, device = shapes[layer]
+            if 'nccl' in str(backend) and 'gloo' not in str(backend):
+                if device.type != 'cuda':
+                    device = torch.device('cuda', torch.cuda.current_device())
+            elif device.type != 'cuda' or 'nccl' not in str(backend):
+                device = torch.device('cpu')
+            if clusters_here:
+                labels = layer.cluster_map.to(device=device, dtype=torch.int32)
+            else:
+                labels = torch.empty(shape, dtype=torch.int32, device=device)
+            torch.distributed.broadcast(labels, src=src)
+            if not clusters_here:
+                layer.set_cluster_map(labels)
+    return len(shapes)
+
+
+def copy_cluster_state(src: nn.Module, dst: nn.Module) -> int:
+    """Copy every DropCluster layer's cluster maps from ``src`` to ``dst`` (same architecture).
+
+    For model copies such as timm's ``ModelEmaV3``, whose update copies integer buffers in place and
+    so cannot follow a change of map shape. Returns the number of layers copied.
+    """
+    src_layers = list(dropcluster_layers(_unwrap(src)))
+    dst_layers = list(dropcluster_layers(_unwrap(dst)))
+    if [n for n, _ in src_layers] != [n for n, _ in dst_layers]:
+        raise ValueError('copy_cluster_state: the models have different DropCluster layers')
+    count = 0
+    for (_, a), (_, b) in zip(src_layers, dst_layers):
+        if a.cluster_map.numel() > 0:
+            b.set_cluster_map(a.cluster_map)
+            count += 1
+    return count
+
+
+def ddp_ignore_cluster_buffers(model: nn.Module) -> List[str]:
+    """Keep ``DistributedDataParallel`` away from the cluster buffers; call before wrapping.
+
+    DDP broadcasts every buffer from rank 0 when it wraps the model and at each training forward
+    outside ``no_sync``, from the tensors it found at wrap time (stale once a map changes shape).
+    The maps need no such copy: they start identical (grid maps, or the same checkpoint) and
+    ``update_clusters`` broadcasts them itself, so this saves a broadcast per step. Other buffers
+    (BatchNorm statistics) are still broadcast. Returns the buffer names excluded.
+    """
+    names = []
+    for name, layer in dropcluster_layers(model):
+        prefix = name + '.' if name else ''
+        names += [prefix + 'cluster_map', prefix + 'cluster_counts']
+    existing = list(getattr(model, '_ddp_params_and_buffers_to_ignore', []))
+    nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+        model, existing + [n for n in names if n not in existing])
+    return names

@@ -155,7 +155,7 @@ def test_bad_input_raises_clear_errors():
 
 def test_state_dict_and_safetensors_round_trip(tmp_path):
     layer = _trained_layer(0.25)
-    assert layer.cluster_map.dtype == torch.int16 and layer.cluster_map.shape == (8, 14, 14)
+    assert layer.cluster_map.dtype == torch.int32 and layer.cluster_map.shape == (8, 14, 14)
     path = tmp_path / 'layer.safetensors'
     save_file(layer.state_dict(), str(path))
     fresh = DropCluster2d(0.25, cluster_size=9, feat_size=(7, 7))  # other shape: adopts the file's
@@ -222,3 +222,11 @@ def test_torch_compile_small_conv_net():
     out = compiled(x)
     out.sum().backward()
     assert net[0].weight.grad is not None and torch.isfinite(out).all()
+
+
+def test_grid_tiles_like_dropblock_and_builds_on_meta():
+    assert DropCluster2d(0.1, block_size=5, feat_size=(14, 14)).max_clusters == 9  # 5x5 cells, ceil
+    assert DropCluster2d(0.1, block_size=3, feat_size=(5, 5)).max_clusters == 4
+    assert DropCluster3d(0.1, cluster_size=125, feat_size=(10, 10, 10)).max_clusters == 8
+    meta = DropCluster2d(0.1, block_size=5, feat_size=(14, 14), device='meta')
+    assert meta.cluster_map.is_meta and meta.cluster_map.shape == (1, 14, 14) and meta.max_clusters == 9

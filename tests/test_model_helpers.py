@@ -70,3 +70,18 @@ def test_training_step_with_dropcluster_changes_output():
     loss = torch.nn.functional.cross_entropy(model(x), torch.tensor([0, 1, 2, 3]))
     loss.backward()
     assert torch.isfinite(loss) and model.conv1.weight.grad is not None
+
+
+def test_plain_ddp_wraps_dropcluster_buffers(tmp_path):
+    # DDP broadcasts every buffer over the process group; the label dtype must be one gloo carries.
+    import torch.distributed as dist
+    dist.init_process_group('gloo', init_method=f'file://{tmp_path}/store', rank=0, world_size=1)
+    try:
+        net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), DropCluster2d(0.2, 3, feat_size=(8, 8)))
+        ddp = torch.nn.parallel.DistributedDataParallel(net).train()
+        ddp(torch.randn(2, 3, 8, 8)).sum().backward()
+        update_clusters(ddp, torch.randn(4, 3, 8, 8))
+        assert net[1].cluster_map.shape == (4, 8, 8)
+        ddp(torch.randn(2, 3, 8, 8)).sum().backward()
+    finally:
+        dist.destroy_process_group()

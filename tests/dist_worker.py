@@ -1,0 +1,34 @@
+""" Run by tests/test_training.py under `accelerate launch` with two CPU processes (gloo).
+
+Trains with train_timm.main (gradient accumulation on), then re-clusters once more from a batch that
+differs per rank, and saves each rank's cluster maps for the test to compare.
+"""
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import train_timm  # noqa: E402
+from dropcluster_timm import update_clusters  # noqa: E402
+from dropcluster_timm.training import cluster_state  # noqa: E402
+
+dump = sys.argv[1]
+run = train_timm.main(train_timm.parse_args(sys.argv[2:]))
+acc = run.accelerator
+rank = acc.process_index
+after_training = cluster_state(run.model)
+gen = torch.Generator().manual_seed(1234 + rank)  # different data on each rank
+x = torch.randn(8, 3, 32, 32, generator=gen) * (rank + 1)
+update_clusters(acc.unwrap_model(run.model), x)
+torch.save({
+    'world_size': acc.num_processes,
+    'rank': rank,
+    'grad_accum': acc.gradient_accumulation_steps,
+    'after_training': after_training,
+    'after_update': cluster_state(run.model),
+    'ema': cluster_state(run.ema.module) if run.ema is not None else None,
+    'step': run.state.global_step,
+    'rate': run.schedule.rate,
+    'reclustered': [r['reclustered'] for r in run.metrics] if rank == 0 else None,
+}, os.path.join(dump, f'rank{rank}.pt'))
