@@ -187,8 +187,9 @@ class _DropClusterNd(nn.Module):
             size = [int(s) for s in (feat_size if isinstance(feat_size, (tuple, list)) else [feat_size])]
             if len(size) != self.spatial_dims:
                 raise ValueError(f'feat_size must have {self.spatial_dims} dims, got {feat_size}')
-            # Built on the CPU, where label values can be read, then moved (the device may be 'meta').
-            self.set_cluster_map(grid_cluster_map(size, self.target_clusters(size)))
+            # Built on the CPU, where label values can be read, then moved: the device may be 'meta', also
+            # implicitly through a `with torch.device('meta')` block (timm's factory tests use one).
+            self.set_cluster_map(grid_cluster_map(size, self.target_clusters(size), torch.device('cpu')))
 
     def target_clusters(self, spatial: List[int]) -> int:
         """Clusters per map for inputs of this spatial size.

@@ -230,3 +230,6 @@ def test_grid_tiles_like_dropblock_and_builds_on_meta():
     assert DropCluster3d(0.1, cluster_size=125, feat_size=(10, 10, 10)).max_clusters == 8
     meta = DropCluster2d(0.1, block_size=5, feat_size=(14, 14), device='meta')
     assert meta.cluster_map.is_meta and meta.cluster_map.shape == (1, 14, 14) and meta.max_clusters == 9
+    with torch.device('meta'):
+        implicit = DropCluster2d(0.1, block_size=5, feat_size=(14, 14))
+    assert implicit.cluster_map.is_meta and implicit.max_clusters == 9
