@@ -23,7 +23,7 @@ from timm.models import save_for_hf
 from .model_card import load_metrics, render_model_card
 from .models import dropcluster_model_args
 
-__all__ = ['save_pretrained', 'push', 'UPLOAD_FILES']
+__all__ = ['save_pretrained', 'push', 'resolve_push_token', 'UPLOAD_FILES']
 
 # Everything push uploads; pickle-based weight files are never among them.
 UPLOAD_FILES = ('config.json', 'model.safetensors', 'README.md', 'metrics.json')
@@ -90,6 +90,20 @@ def _check_folder(folder: Path) -> Dict[str, Any]:
     return config
 
 
+def resolve_push_token(repo_id: str, token: Optional[str] = None) -> str:
+    """Check ``repo_id`` and find the token (argument, ``HF_TOKEN`` or the login cache) before any work.
+
+    Raises ``ValueError`` for a malformed repo id and ``RuntimeError`` without credentials.
+    """
+    if not isinstance(repo_id, str) or repo_id.count('/') != 1 or not all(repo_id.split('/')):
+        raise ValueError(f'repo_id must look like "org/name", got {repo_id!r}')
+    token = token or get_token()
+    if not token:
+        raise RuntimeError('No Hugging Face token: pass token=..., set the HF_TOKEN environment variable '
+                           'or run `hf auth login`')
+    return token
+
+
 def push(
         model_or_folder: Union[nn.Module, str, Path],
         repo_id: str,
@@ -115,12 +129,7 @@ def push(
     Returns:
         the ``CommitInfo`` of the upload.
     """
-    if not isinstance(repo_id, str) or repo_id.count('/') != 1 or not all(repo_id.split('/')):
-        raise ValueError(f'repo_id must look like "org/name", got {repo_id!r}')
-    token = token or get_token()
-    if not token:
-        raise RuntimeError('No Hugging Face token: pass token=..., set the HF_TOKEN environment variable '
-                           'or run `hf auth login`')
+    token = resolve_push_token(repo_id, token)
 
     with tempfile.TemporaryDirectory() as tmp:
         if isinstance(model_or_folder, nn.Module):

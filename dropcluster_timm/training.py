@@ -485,12 +485,14 @@ def save_checkpoint(accelerator, output: str, name: str, meta: Dict[str, Any], k
 
 
 def check_push_credentials(repo_id: str) -> None:
-    """Fail early, with a one-line reason, when pushing cannot work."""
-    if repo_id.count('/') != 1 or not all(repo_id.split('/')):
-        raise TrainingError(f'--push-to-hub expects a repository id org/name, got {repo_id!r}')
-    from huggingface_hub import get_token
-    if not get_token():
-        raise TrainingError('--push-to-hub needs Hugging Face credentials: run `hf auth login` or set HF_TOKEN')
+    """Fail early, with a one-line reason, when pushing cannot work (the zoo's own push checks)."""
+    from .hub import resolve_push_token
+    try:
+        resolve_push_token(repo_id)
+    except ValueError as e:
+        raise TrainingError(f'--push-to-hub: {e}') from e
+    except RuntimeError as e:
+        raise TrainingError(f'--push-to-hub needs Hugging Face credentials: {e}') from e
 
 
 def push_folder(folder: str, repo_id: str, private: bool = False) -> str:
