@@ -2,6 +2,7 @@
 """ Train timm models with DropCluster, on one or many GPUs / machines or on CPU, with Accelerate.
 
     accelerate launch train_timm.py                      # embedded default: resnet18_dropcluster on digits
+    python train_timm.py evaluate OUTPUT/best --corruptions all   # clean and corrupted top-1 of a saved model
     accelerate launch train_timm.py --data-dir /data/imagenet --model resnet50_dropcluster \\
         --drop-cluster 0.1 --drop-cluster-start 20 --drop-cluster-warmup 10 --output runs/r50
 
@@ -248,6 +249,8 @@ def main(args):
 
 
 if __name__ == '__main__':
+    if sys.argv[1:2] == ['evaluate']:
+        sys.exit(T.eval_main(sys.argv[2:]))
     try:
         main(parse_args())
     except T.TrainingError as e:

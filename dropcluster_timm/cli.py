@@ -29,6 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument('--out-dir', default='model_cards')
     c.add_argument('--metrics', action='append', default=[], metavar='MODEL=FILE',
                    help='results of a real run for MODEL (metrics.json or timm summary.csv); repeatable')
+    c.add_argument('--study', default=None, metavar='FILE',
+                   help='results of benchmarks/study_cifar10.py (its .json), for the card of the model it used')
     return parser
 
 
@@ -46,7 +48,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
 
     from . import models  # noqa: F401  registers the models
-    from .model_card import load_metrics, write_model_cards
+    from .model_card import load_metrics, load_study, write_model_cards
     metrics = {}
     for item in args.metrics:
         name, sep, path = item.partition('=')
@@ -54,7 +56,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f'dropcluster-timm cards: error: --metrics expects MODEL=FILE, got {item!r}', file=sys.stderr)
             return 2
         metrics[name] = load_metrics(path)
-    for path in write_model_cards(args.out_dir, metrics=metrics):
+    try:
+        study = load_study(args.study) if args.study else None
+    except (OSError, ValueError) as e:
+        print(f'dropcluster-timm cards: error: {e}', file=sys.stderr)
+        return 2
+    for path in write_model_cards(args.out_dir, metrics=metrics, study=study):
         print(path)
     return 0
 

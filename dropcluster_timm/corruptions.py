@@ -10,7 +10,7 @@ Every function takes float images ``(B, C, H, W)`` in [0, 1] (before mean/std no
 severity 1..5, and is deterministic for a given ``torch.Generator``.
 """
 import io
-from typing import Callable, Dict, Optional
+from typing import Any, Callable, Dict, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -18,7 +18,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-__all__ = ['CORRUPTIONS', 'corrupt']
+__all__ = ['CORRUPTIONS', 'SEVERITIES', 'corrupt', 'corruption_accuracy']
+
+SEVERITIES = (1, 2, 3, 4, 5)
 
 _PARAMS = {
     'gaussian_noise': [0.04, 0.06, 0.08, 0.09, 0.10],   # noise std
@@ -113,3 +115,77 @@ def corrupt(images: Tensor, name: str, severity: int, generator: Optional[torch.
         raise ValueError(f'expected float images (B, C, H, W), got {images.dtype} {tuple(images.shape)}')
     out = CORRUPTIONS[name](images, _PARAMS[name][severity - 1], generator)
     return out.clamp(0, 1).to(images.dtype)
+
+
+def _check_names(corruptions: Optional[Sequence[str]], severities: Sequence[int]):
+    names = list(CORRUPTIONS) if corruptions is None else list(corruptions)
+    unknown = [n for n in names if n not in CORRUPTIONS]
+    if unknown or not names:
+        raise ValueError(f'unknown corruption(s) {unknown or names}, expected names from {sorted(CORRUPTIONS)}')
+    bad = [s for s in severities if s not in SEVERITIES]
+    if bad or not severities:
+        raise ValueError(f'severities must be integers from 1 to 5, got {list(severities)}')
+    return names, list(severities)
+
+
+@torch.no_grad()
+def corruption_accuracy(
+        model: torch.nn.Module,
+        loader: Iterable,
+        corruptions: Optional[Sequence[str]] = None,
+        severities: Sequence[int] = SEVERITIES,
+        preprocess: Optional[Callable[[Tensor], Tensor]] = None,
+        seed: int = 0,
+        gather: Optional[Callable[[Tensor], Tensor]] = None,
+) -> Dict[str, Any]:
+    """Top-1 accuracy (%) of ``model`` on clean and corrupted copies of every batch of ``loader``.
+
+    Args:
+        model: a classifier; it is put in eval mode and its device receives the images.
+        loader: yields ``(images, targets)``, images float ``(B, C, H, W)`` in [0, 1] (no normalisation).
+        corruptions: names from ``CORRUPTIONS`` (default: all of them).
+        severities: severities to apply, each 1..5.
+        preprocess: maps [0, 1] images (on the model's device) to model input, e.g. mean/std
+            normalisation; applied after the corruption.
+        seed: the random corruptions of batch ``i`` use a generator seeded from ``(seed, i)``, so a
+            run is repeatable for a given loader order and batch size.
+        gather: combines the per-image hits of all processes, e.g. Accelerate's
+            ``accelerator.gather_for_metrics`` (which also drops the padding of the last batch).
+
+    Returns ``{'top1': clean, 'corruptions': {name: [top1 per severity]}, 'mean_per_corruption':
+    {name: mean over severities}, 'mean_corruption_top1': mean over all (corruption, severity)}``.
+    """
+    names, sevs = _check_names(corruptions, severities)
+    model.eval()
+    device = next(model.parameters()).device
+    preprocess = preprocess or (lambda x: x)
+    hits_sum = None
+    total = 0
+    for i, (images, targets) in enumerate(loader):
+        images = images.to(device)
+        targets = targets.to(device)
+        variants = [images]
+        for ci, name in enumerate(names):
+            for s in sevs:
+                # One stream per (batch, corruption, severity): results do not depend on the order
+                # or subset of corruptions evaluated.
+                g = torch.Generator(device=images.device).manual_seed(
+                    ((seed * 1_000_003 + i) * 64 + list(CORRUPTIONS).index(name)) * 8 + s)
+                variants.append(corrupt(images, name, s, g))
+        hits = torch.stack([model(preprocess(v)).argmax(-1) == targets for v in variants], dim=1).to(torch.uint8)
+        if gather is not None:
+            hits = gather(hits)
+        hits_sum = hits.sum(0, dtype=torch.int64) if hits_sum is None else hits_sum + hits.sum(0, dtype=torch.int64)
+        total += hits.shape[0]
+    if not total:
+        raise ValueError('the evaluation loader yielded no images')
+    acc = (hits_sum.double() * 100.0 / total).tolist()
+    per = {name: acc[1 + ci * len(sevs): 1 + (ci + 1) * len(sevs)] for ci, name in enumerate(names)}
+    return {
+        'top1': acc[0],
+        'corruptions': per,
+        'mean_per_corruption': {name: sum(v) / len(v) for name, v in per.items()},
+        'mean_corruption_top1': sum(acc[1:]) / (len(acc) - 1),
+        'num_images': total,
+        'severities': sevs,
+    }

@@ -13,7 +13,9 @@ Model statistics are measured, not typed in:
     count that timm's cards use.
 
 Results come only from a metrics file written by a real run (``load_metrics``); without one the card
-says that no DropCluster-trained weights are published yet.
+says that no DropCluster-trained weights are published yet. The card of the architecture used by the
+CIFAR-10 study (``benchmarks/study_cifar10.py``) also gets the study's table, read from its JSON
+results (``load_study``).
 
 Regenerate the committed cards with ``dropcluster-timm cards`` (or ``python -m dropcluster_timm.cli cards``).
 """
@@ -29,7 +31,7 @@ from timm.models import get_pretrained_cfg, list_pretrained
 from timm.models._hub import generate_readme
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ['model_stats', 'load_metrics', 'build_model_card', 'render_model_card', 'write_model_cards',
+__all__ = ['model_stats', 'load_metrics', 'load_study', 'build_model_card', 'render_model_card', 'write_model_cards',
            'CITATIONS', 'PAPERS']
 
 PAPERS = {
@@ -124,6 +126,47 @@ def load_metrics(path: Union[str, Path]) -> Dict[str, Any]:
     if not isinstance(metrics, dict) or not isinstance(metrics.get('top1'), (int, float)):
         raise ValueError(f'{path}: expected a JSON object with a numeric "top1"')
     return metrics
+
+
+ARM_LABELS = {'none': 'no structured dropout', 'dropblock': 'DropBlock, stages 3-4',
+              'dc_stages': 'DropCluster, stages 3-4', 'dc_stem': 'DropCluster, stem'}
+
+
+def load_study(path: Union[str, Path]) -> Dict[str, Any]:
+    """Read the JSON results of ``benchmarks/study_cifar10.py`` (needs its ``config``, ``models`` and
+    ``summary``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f'study results not found: {path}')
+    study = json.loads(path.read_text())
+    if not isinstance(study, dict) or not all(k in study for k in ('config', 'models', 'summary')):
+        raise ValueError(f'{path}: expected the JSON written by benchmarks/study_cifar10.py '
+                         '(with "config", "models" and "summary")')
+    return study
+
+
+def _study_results(study: Dict[str, Any]) -> str:
+    cfg = study['config']
+    lines = [
+        '### CIFAR-10 study (from-scratch runs; no weights published)',
+        '',
+        f'From `benchmarks/study_cifar10.py` (results file `benchmarks/results/study_cifar10.json`): a narrow '
+        f'`{study["models"]["dropcluster"]}` (layers {cfg["layers"]}, channels {cfg["channels"]}, output_stride 8, '
+        f'{cfg["img_size"]} px) trained from scratch on class-balanced CIFAR-10 subsets, against the same timm '
+        f'`{study["models"]["base"]}` without structured dropout and with DropBlock. Rates chosen on a validation '
+        f'split; test top-1 on {cfg["test_images"]} test images, mean corruption top-1 (mCA) over 8 corruptions x '
+        f'5 severities on {cfg["corruption_images"]} of them; mean +- std over {cfg["seeds"]} seeds. A '
+        f'difference smaller than the standard deviations is not evidence either way; BENCHMARKS.md of the '
+        f'dropcluster-timm repository discusses these figures.',
+        '',
+        '| train images | regulariser | rate | test top-1 (%) | mCA (%) |',
+        '|---:|---|---:|---:|---:|',
+    ]
+    for e in study['summary']:
+        lines.append(f"| {e['size']} | {ARM_LABELS.get(e['arm'], e['arm'])} | {e['rate']:g} | "
+                     f"{e['test_top1']:.2f} +- {e['test_top1_std']:.2f} | "
+                     f"{e['mean_corruption_top1']:.2f} +- {e['mean_corruption_top1_std']:.2f} |")
+    return '\n'.join(lines) + '\n'
 
 
 def _usage(model_name: str) -> str:
@@ -250,6 +293,7 @@ def build_model_card(
         model_args: Optional[Dict[str, Any]] = None,
         license: str = 'apache-2.0',
         repo_id: Optional[str] = None,
+        study: Optional[Dict[str, Any]] = None,
 ) -> Dict[str, Any]:
     """timm ``model_card`` dict for ``model_name`` (an architecture, optionally ``arch.tag``).
 
@@ -260,6 +304,7 @@ def build_model_card(
         model_args: the DropCluster model arguments of the weights (config.json ``model_args``).
         license: license in the card header: the code's; each pretrained tag lists its weights' own.
         repo_id: Hub repo of the weights; the usage examples then load ``hf-hub:<repo_id>``.
+        study: results of the CIFAR-10 study (``load_study``), shown when they are for ``model_name``.
     """
     if not timm.is_model(model_name.split('.')[0]):
         raise ValueError(f'unknown model {model_name!r}; did you `import dropcluster_timm`?')
@@ -307,7 +352,8 @@ def build_model_card(
         'description': description,
         'details': details,
         'usage': _usage(f'hf-hub:{repo_id}' if repo_id else model_name),
-        'comparison': _results(model_name, metrics),
+        'comparison': _results(model_name, metrics) + (
+            '\n' + _study_results(study) if study and study['models']['dropcluster'] == arch else ''),
         'citation': CITATIONS,
     }
 
@@ -321,11 +367,13 @@ def write_model_cards(
         out_dir: Union[str, Path] = 'model_cards',
         models: Optional[Sequence[str]] = None,
         metrics: Optional[Dict[str, Dict[str, Any]]] = None,
+        study: Optional[Dict[str, Any]] = None,
 ) -> List[Path]:
     """Write ``<out_dir>/<model>.md`` for every registered ``*_dropcluster`` model (or ``models``).
 
     ``metrics`` maps a model name to the results of its run; models without one get the
-    "no DropCluster-trained weights" card.
+    "no DropCluster-trained weights" card. ``study`` (``load_study``) adds the CIFAR-10 study's table
+    to the card of the architecture it used.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -333,6 +381,6 @@ def write_model_cards(
     paths = []
     for name in models or timm.list_models('*_dropcluster'):
         path = out_dir / f'{name}.md'
-        path.write_text(render_model_card(name, metrics=metrics.get(name)), encoding='utf-8')
+        path.write_text(render_model_card(name, metrics=metrics.get(name), study=study), encoding='utf-8')
         paths.append(path)
     return paths

@@ -3,6 +3,7 @@ from typing import Any, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
+from timm.layers import DropBlock2d
 
 from .drop_cluster import _DropClusterNd
 
@@ -16,14 +17,20 @@ def dropcluster_layers(model: nn.Module) -> Iterator[Tuple[str, _DropClusterNd]]
             yield name, module
 
 
-def set_drop_prob(model: nn.Module, drop_prob: float) -> int:
-    """Set the drop rate of every DropCluster layer; returns how many layers were set."""
+def set_drop_prob(model: nn.Module, drop_prob: float, drop_block: bool = False) -> int:
+    """Set the drop rate of every DropCluster layer (and of timm ``DropBlock2d`` layers too with
+    ``drop_block=True``, to ramp DropBlock the same way); returns how many layers were set."""
     if not 0.0 <= drop_prob < 1.0:
         raise ValueError(f'drop_prob must be in [0, 1), got {drop_prob}')
     count = 0
     for _, layer in dropcluster_layers(model):
         layer.drop_prob = float(drop_prob)
         count += 1
+    if drop_block:
+        for module in model.modules():
+            if isinstance(module, DropBlock2d):
+                module.drop_prob = float(drop_prob)
+                count += 1
     return count
 
 

@@ -628,10 +628,24 @@ def plot_cluster_maps(model: nn.Module, path: str, channels: int = 4) -> Optiona
 def evaluate_checkpoint(
         checkpoint: str, dataset: str = '', data_dir: Optional[str] = None, split: str = 'validation',
         batch_size: int = 128, workers: int = 0, img_size: Optional[int] = None,
-) -> Dict[str, float]:
+        corruptions: Optional[Sequence[str]] = None, severities: Sequence[int] = (1, 2, 3, 4, 5),
+        corruption_seed: int = 0,
+) -> Dict[str, Any]:
     """Top-1 / top-5 of a saved model: a Hub-format folder (``best/``, ``last/``), ``local-dir:``
-    or ``hf-hub:`` id, on a data set (default: the embedded digits validation split)."""
+    or ``hf-hub:`` id, on a data set (default: the embedded digits validation split).
+
+    With ``corruptions`` (names from ``corruptions.CORRUPTIONS``) it returns
+    ``corruptions.corruption_accuracy``'s report instead: clean top-1 and top-1 under every
+    corruption and severity, applied to the images after the evaluation resize and crop, before
+    mean/std normalisation.
+    """
     from accelerate import Accelerator
+    from .corruptions import _check_names, corruption_accuracy
+    if corruptions is not None:
+        try:
+            _check_names(corruptions, severities)
+        except ValueError as e:
+            raise TrainingError(str(e)) from e
     if checkpoint.startswith(('hf-hub:', 'local-dir:')):
         name = checkpoint
     else:
@@ -643,20 +657,44 @@ def evaluate_checkpoint(
     except Exception as e:
         raise TrainingError(f'cannot load {checkpoint!r}: {_first_line(e)}') from e
     data_config = resolve_data_config({'img_size': img_size} if img_size else {}, model=model)
-    ds = _make_dataset(dataset, data_dir, split, False, create_transform(**data_config, is_training=False))
+    if corruptions is not None:
+        # Corruptions act on [0, 1] pixels: the transform stops before normalisation, done on the batch.
+        transform = create_transform(**dict(data_config, mean=(0., 0., 0.), std=(1., 1., 1.)), is_training=False)
+    else:
+        transform = create_transform(**data_config, is_training=False)
+    ds = _make_dataset(dataset, data_dir, split, False, transform)
     n = _num_classes(ds)
     if n is not None and n != model.num_classes:
         raise TrainingError(f'the model has {model.num_classes} classes but the data set has {n}')
     accelerator = Accelerator()
     loader = DataLoader(ds, batch_size=batch_size, num_workers=workers)
     model, loader = accelerator.prepare(model, loader)
-    return evaluate(accelerator, model, loader, progress=True)
+    if corruptions is None:
+        return evaluate(accelerator, model, loader, progress=True)
+    mean = torch.tensor(data_config['mean'], device=accelerator.device).view(1, -1, 1, 1)
+    std = torch.tensor(data_config['std'], device=accelerator.device).view(1, -1, 1, 1)
+    return corruption_accuracy(
+        model, loader, corruptions, severities, preprocess=lambda x: (x - mean) / std, seed=corruption_seed,
+        gather=accelerator.gather_for_metrics)
+
+
+def format_corruption_report(report: Dict[str, Any]) -> str:
+    """A plain-text table of ``corruption_accuracy``'s report."""
+    sevs = report['severities']
+    lines = [f"{'corruption':<18}" + ''.join(f'{"s" + str(s):>8}' for s in sevs) + f"{'mean':>8}"]
+    for name, accs in report['corruptions'].items():
+        lines.append(f'{name:<18}' + ''.join(f'{a:8.2f}' for a in accs) + f"{report['mean_per_corruption'][name]:8.2f}")
+    lines.append(f"clean top1 {report['top1']:.2f}  mean corruption top1 {report['mean_corruption_top1']:.2f}  "
+                 f"({report['num_images']} images)")
+    return '\n'.join(lines)
 
 
 def eval_main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m dropcluster_timm.training CHECKPOINT [--data-dir DIR] ...``: print top-1 / top-5."""
+    """``python -m dropcluster_timm.training CHECKPOINT [--data-dir DIR] [--corruptions all] ...``:
+    print top-1 / top-5, or accuracy under common corruptions."""
     import argparse
     import sys
+    from .corruptions import CORRUPTIONS
     parser = argparse.ArgumentParser(description='Evaluate a DropCluster / timm checkpoint.')
     parser.add_argument('checkpoint', help='model folder (OUTPUT/best), local-dir:PATH or hf-hub:org/name')
     parser.add_argument('--dataset', default='', help='timm dataset name (default: ImageFolder, or digits)')
@@ -665,14 +703,26 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument('--batch-size', type=int, default=128)
     parser.add_argument('--workers', type=int, default=0)
     parser.add_argument('--img-size', type=int, default=None)
+    parser.add_argument('--corruptions', nargs='+', default=None, metavar='NAME',
+                        help=f"'all' or names from: {', '.join(CORRUPTIONS)}")
+    parser.add_argument('--severities', nargs='+', type=int, default=[1, 2, 3, 4, 5])
+    parser.add_argument('--corruption-seed', type=int, default=0)
+    parser.add_argument('--json', default=None, metavar='PATH', help='also write the result as JSON')
     args = parser.parse_args(argv)
+    corruptions = list(CORRUPTIONS) if args.corruptions == ['all'] else args.corruptions
     try:
         result = evaluate_checkpoint(args.checkpoint, args.dataset, args.data_dir, args.split, args.batch_size,
-                                     args.workers, args.img_size)
+                                     args.workers, args.img_size, corruptions, args.severities,
+                                     args.corruption_seed)
     except TrainingError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
-    print(f"top1 {result['top1']:.2f}  top5 {result['top5']:.2f}  loss {result['eval_loss']:.4f}")
+    if args.json:
+        _write_json_atomic(args.json, result)
+    if corruptions is None:
+        print(f"top1 {result['top1']:.2f}  top5 {result['top5']:.2f}  loss {result['eval_loss']:.4f}")
+    else:
+        print(format_corruption_report(result))
     return 0
 
 

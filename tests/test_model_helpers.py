@@ -85,3 +85,11 @@ def test_plain_ddp_wraps_dropcluster_buffers(tmp_path):
         ddp(torch.randn(2, 3, 8, 8)).sum().backward()
     finally:
         dist.destroy_process_group()
+
+
+def test_set_drop_prob_ramps_timm_dropblock_only_when_asked():
+    model = timm.create_model('resnet18', drop_block_rate=0.1, num_classes=2)
+    blocks = [m for m in model.modules() if isinstance(m, DropBlock2d)]
+    assert len(blocks) == 4  # stages 3 and 4, two blocks each
+    assert set_drop_prob(model, 0.05) == 0 and {b.drop_prob for b in blocks} == {0.1}
+    assert set_drop_prob(model, 0.05, drop_block=True) == 4 and {b.drop_prob for b in blocks} == {0.05}

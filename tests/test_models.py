@@ -13,12 +13,14 @@ from timm.models import get_pretrained_cfg
 import dropcluster_timm  # noqa: F401  registers the models
 from dropcluster_timm import dropcluster_layers, set_drop_prob, update_clusters
 from dropcluster_timm.clustering import grid_cluster_map
-from dropcluster_timm.model_card import build_model_card, load_metrics, model_stats, render_model_card, write_model_cards
+from dropcluster_timm.model_card import (
+    build_model_card, load_metrics, load_study, model_stats, render_model_card, write_model_cards)
 
 VARIANTS = ['resnet18_dropcluster', 'resnet34_dropcluster', 'resnet50_dropcluster', 'resnet101_dropcluster',
             'resnet152_dropcluster', 'resnet50d_dropcluster']
 BASES = {v: v[:-len('_dropcluster')] for v in VARIANTS}
 REPO_ROOT = Path(__file__).resolve().parents[1]
+STUDY = REPO_ROOT / 'benchmarks' / 'results' / 'study_cifar10.json'
 
 
 def layer_shapes(model):
@@ -285,9 +287,30 @@ def test_card_with_metrics_file(tmp_path):
 
 def test_committed_model_cards_are_current(tmp_path):
     """model_cards/ holds one card per registered variant, as the generator writes them today."""
-    written = write_model_cards(tmp_path)
+    written = write_model_cards(tmp_path, study=load_study(STUDY) if STUDY.exists() else None)
     assert sorted(p.name for p in written) == sorted(f'{v}.md' for v in VARIANTS)
     committed = REPO_ROOT / 'model_cards'
     assert sorted(p.name for p in committed.glob('*.md')) == sorted(p.name for p in written)
     for p in written:
-        assert (committed / p.name).read_text() == p.read_text(), f'{p.name} is stale: run `dropcluster-timm cards`'
+        assert (committed / p.name).read_text() == p.read_text(), \
+            f'{p.name} is stale: run `dropcluster-timm cards --study benchmarks/results/study_cifar10.json`'
+
+
+def test_card_of_the_study_model_carries_the_study_table(tmp_path):
+    """The committed study results (benchmarks/results/study_cifar10.json) become a table in the card
+    of the architecture they used, and only there."""
+    if not STUDY.exists():
+        pytest.skip(f'no study results at {STUDY}')
+    study = load_study(STUDY)
+    arch = study['models']['dropcluster']
+    text = render_model_card(arch, study=study)
+    assert 'CIFAR-10 study' in text and 'No DropCluster-trained weights are published yet' in text
+    for e in study['summary']:
+        assert (f"| {e['size']} | " in text and f"{e['test_top1']:.2f} +- {e['test_top1_std']:.2f}" in text
+                and f"{e['mean_corruption_top1']:.2f} +- {e['mean_corruption_top1_std']:.2f}" in text), e
+    other = next(v for v in VARIANTS if v != arch)
+    assert 'CIFAR-10 study' not in render_model_card(other, study=study)
+    bad = tmp_path / 'bad.json'
+    bad.write_text('{"runs": {}}')
+    with pytest.raises(ValueError, match='study_cifar10'):
+        load_study(bad)

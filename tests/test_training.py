@@ -186,6 +186,25 @@ def test_end_to_end_image_folder_writes_every_output(full_run, image_folder):
     assert top1 == pytest.approx(best, abs=0.01)
 
 
+def test_evaluate_entry_point_reports_corruptions(full_run, image_folder, tmp_path):
+    """``train_timm.py evaluate FOLDER --corruptions``: clean top-1 as the plain evaluation, a full
+    corruption table, JSON output, and a one-line error for an unknown corruption."""
+    best = os.path.join(full_run, 'best')
+    plain = run_script(['evaluate', best, '--data-dir', image_folder])
+    plain_top1 = float(plain.stdout.split()[1])
+    out = str(tmp_path / 'corruptions.json')
+    proc = run_script(['evaluate', best, '--data-dir', image_folder, '--corruptions', 'all', '--json', out])
+    report = json.load(open(out))
+    assert report['top1'] == pytest.approx(plain_top1, abs=0.01)
+    assert report['num_images'] == 12 and len(report['corruptions']) == 8
+    assert 'mean corruption top1' in proc.stdout and 'gaussian_noise' in proc.stdout
+    again = str(tmp_path / 'again.json')
+    run_script(['evaluate', best, '--data-dir', image_folder, '--corruptions', 'all', '--json', again])
+    assert json.load(open(again)) == report  # deterministic for the default seed
+    bad = run_script(['evaluate', best, '--data-dir', image_folder, '--corruptions', 'fog'], check=False)
+    _assert_fails(bad, ['unknown corruption', 'fog'])
+
+
 def test_resume_after_kill_matches_uninterrupted_run(full_run, image_folder, tmp_path):
     out = str(tmp_path / 'killed')
     # 36 images / batch 8 = 4 batches per epoch: step 10 is in the middle of epoch 2 (0-based)
