@@ -159,18 +159,18 @@ def corruption_accuracy(
     model.eval()
     device = next(model.parameters()).device
     preprocess = preprocess or (lambda x: x)
+    stream_ids = [list(CORRUPTIONS).index(name) for name in names]
     hits_sum = None
     total = 0
     for i, (images, targets) in enumerate(loader):
         images = images.to(device)
         targets = targets.to(device)
         variants = [images]
-        for ci, name in enumerate(names):
+        for name, stream in zip(names, stream_ids):
             for s in sevs:
                 # One stream per (batch, corruption, severity): results do not depend on the order
                 # or subset of corruptions evaluated.
-                g = torch.Generator(device=images.device).manual_seed(
-                    ((seed * 1_000_003 + i) * 64 + list(CORRUPTIONS).index(name)) * 8 + s)
+                g = torch.Generator(device=images.device).manual_seed(((seed * 1_000_003 + i) * 64 + stream) * 8 + s)
                 variants.append(corrupt(images, name, s, g))
         hits = torch.stack([model(preprocess(v)).argmax(-1) == targets for v in variants], dim=1).to(torch.uint8)
         if gather is not None:

@@ -23,6 +23,7 @@ import timm
 from timm.data import create_dataset, create_transform, resolve_data_config
 from timm.utils import accuracy
 
+from .corruptions import CORRUPTIONS, SEVERITIES, _check_names, corruption_accuracy
 from .model_helpers import copy_cluster_state, dropcluster_layers, set_drop_prob, update_clusters
 from .schedules import DropClusterSchedule
 
@@ -628,7 +629,7 @@ def plot_cluster_maps(model: nn.Module, path: str, channels: int = 4) -> Optiona
 def evaluate_checkpoint(
         checkpoint: str, dataset: str = '', data_dir: Optional[str] = None, split: str = 'validation',
         batch_size: int = 128, workers: int = 0, img_size: Optional[int] = None,
-        corruptions: Optional[Sequence[str]] = None, severities: Sequence[int] = (1, 2, 3, 4, 5),
+        corruptions: Optional[Sequence[str]] = None, severities: Sequence[int] = SEVERITIES,
         corruption_seed: int = 0,
 ) -> Dict[str, Any]:
     """Top-1 / top-5 of a saved model: a Hub-format folder (``best/``, ``last/``), ``local-dir:``
@@ -640,7 +641,6 @@ def evaluate_checkpoint(
     mean/std normalisation.
     """
     from accelerate import Accelerator
-    from .corruptions import _check_names, corruption_accuracy
     if corruptions is not None:
         try:
             _check_names(corruptions, severities)
@@ -694,7 +694,6 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> int:
     print top-1 / top-5, or accuracy under common corruptions."""
     import argparse
     import sys
-    from .corruptions import CORRUPTIONS
     parser = argparse.ArgumentParser(description='Evaluate a DropCluster / timm checkpoint.')
     parser.add_argument('checkpoint', help='model folder (OUTPUT/best), local-dir:PATH or hf-hub:org/name')
     parser.add_argument('--dataset', default='', help='timm dataset name (default: ImageFolder, or digits)')
@@ -705,7 +704,7 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument('--img-size', type=int, default=None)
     parser.add_argument('--corruptions', nargs='+', default=None, metavar='NAME',
                         help=f"'all' or names from: {', '.join(CORRUPTIONS)}")
-    parser.add_argument('--severities', nargs='+', type=int, default=[1, 2, 3, 4, 5])
+    parser.add_argument('--severities', nargs='+', type=int, default=list(SEVERITIES))
     parser.add_argument('--corruption-seed', type=int, default=0)
     parser.add_argument('--json', default=None, metavar='PATH', help='also write the result as JSON')
     args = parser.parse_args(argv)
