@@ -40,6 +40,15 @@ def resample_cluster_map(cluster_map: Tensor, size: List[int]) -> Tensor:
     return out.squeeze(0).to(cluster_map.dtype)
 
 
+def _max_finite(dtype: torch.dtype) -> float:
+    """Largest finite value of a half precision ``dtype`` (``torch.finfo`` does not script)."""
+    if dtype == torch.float16:
+        return 65504.0
+    if dtype == torch.bfloat16:
+        return 3.3895313892515355e38
+    return 3.4028234663852886e38  # float32, and wider types hold every float32
+
+
 def drop_cluster(
         x: Tensor,
         cluster_map: Tensor,
@@ -98,14 +107,22 @@ def drop_cluster(
     k = int(idx.max()) + 1 if num_clusters is None else num_clusters
 
     # The mask never involves x, so it builds no autograd graph (and no_grad would trip TorchScript).
-    keep = torch.empty((B, G, k), dtype=x.dtype, device=x.device).bernoulli_(1.0 - drop_prob)
+    # Drawn and scaled in float32 whatever x.dtype: the scale can exceed the float16 range.
+    keep = torch.empty((B, G, k), dtype=torch.float32, device=x.device).bernoulli_(1.0 - drop_prob)
     if scale_by_keep and not with_noise:
         # Kept elements counted from cluster sizes: a (M, K) reduction instead of one over x.
         sizes = torch.zeros((M, k), dtype=torch.float32, device=x.device)
         sizes.scatter_add_(1, idx, torch.ones((M, n), dtype=torch.float32, device=x.device))
-        kept = (keep.float() * sizes.unsqueeze(0)).sum()
-        keep = keep * kept.add(1e-7).reciprocal().mul(float(B * G * n)).to(x.dtype)
-    # (B, G, *spatial) with G = 1 or C broadcasts over x in any memory format.
+        kept = (keep * sizes.unsqueeze(0)).sum()
+        # Everything dropped: kept is 0, and counting it as 1 keeps the scale finite (it multiplies
+        # zeros only), so the output is all zeros rather than 0 * inf = NaN.
+        keep = keep * kept.clamp(min=1.0).reciprocal().mul(float(B * G * n))
+        if x.dtype == torch.float16 or x.dtype == torch.bfloat16:
+            # A scale past the dtype's range would cast to inf (and 0 * inf to NaN).
+            keep = keep.clamp(max=_max_finite(x.dtype))
+    # Cast the (B, G, K) table, not the full-size mask. (B, G, *spatial) with G = 1 or C broadcasts
+    # over x in any memory format.
+    keep = keep.to(x.dtype)
     mask = keep.gather(2, idx.unsqueeze(0).expand(B, G, n)).view([B, G] + spatial)
 
     if with_noise:
@@ -141,10 +158,15 @@ class _DropClusterNd(nn.Module):
         feat_size: spatial size of the input, if known: the grid map buffer is then created
             here (and so saved in every checkpoint); otherwise the buffer stays empty until the
             first clustering or load and a grid is made on the fly.
+        num_channels: channel count of the input, if known (as GroupNorm's ``num_channels``): inputs,
+            ``set_cluster_map`` and loaded state are checked against it, so a checkpoint whose maps
+            do not fit fails at load rather than at the first training step. Left ``None``, the
+            first ``update_clusters`` records it.
         device: device of the cluster buffers.
         dtype: accepted for timm's factory-kwargs convention; the buffers are integer labels.
     """
     spatial_dims: int = 2
+    num_channels: Optional[int]  # typed for TorchScript, which would otherwise see a NoneType attribute
 
     def __init__(
             self,
@@ -158,6 +180,7 @@ class _DropClusterNd(nn.Module):
             scale_by_keep: bool = True,
             cluster_method: str = 'rena',
             feat_size: Optional[Tuple[int, ...]] = None,
+            num_channels: Optional[int] = None,
             device=None,
             dtype=None,
     ):
@@ -169,6 +192,8 @@ class _DropClusterNd(nn.Module):
         for name, value in (('block_size', block_size), ('cluster_size', cluster_size), ('num_clusters', num_clusters)):
             if value is not None and int(value) < 1:
                 raise ValueError(f'{name} must be >= 1, got {value}')
+        if num_channels is not None and int(num_channels) < 1:
+            raise ValueError(f'num_channels must be >= 1, got {num_channels}')
         self.spatial_dims = type(self).spatial_dims  # TorchScript only sees instance attributes
         self.drop_prob = float(drop_prob)
         self.block_size = int(block_size)
@@ -179,6 +204,7 @@ class _DropClusterNd(nn.Module):
         self.inplace = inplace
         self.scale_by_keep = scale_by_keep
         self.cluster_method = cluster_method
+        self.num_channels = int(num_channels) if num_channels is not None else None
         empty_shape = [0] * (self.spatial_dims + 1)
         self.register_buffer('cluster_map', torch.zeros(empty_shape, dtype=LABEL_DTYPE, device=device))
         self.register_buffer('cluster_counts', torch.zeros(0, dtype=LABEL_DTYPE, device=device))
@@ -216,6 +242,10 @@ class _DropClusterNd(nn.Module):
         if x.dim() != self.spatial_dims + 2:
             raise ValueError('DropCluster' + str(self.spatial_dims) + 'd expects input with '
                              + str(self.spatial_dims + 2) + ' dims, got ' + str(x.dim()))
+        num_channels = self.num_channels  # a local: TorchScript refines Optional locals only
+        if num_channels is not None and x.shape[1] != num_channels:
+            raise ValueError('DropCluster' + str(self.spatial_dims) + 'd expects ' + str(num_channels)
+                             + ' input channels, got ' + str(x.shape[1]))
         if not self.training or self.drop_prob == 0.0:
             return x
         spatial = x.shape[2:]
@@ -245,6 +275,9 @@ class _DropClusterNd(nn.Module):
         if x.dim() != self.spatial_dims + 2:
             raise ValueError(f'DropCluster{self.spatial_dims}d expects input with {self.spatial_dims + 2} dims, '
                              f'got shape {tuple(x.shape)}')
+        if self.num_channels is not None and x.shape[1] != self.num_channels:
+            raise ValueError(f'DropCluster{self.spatial_dims}d expects {self.num_channels} input channels, '
+                             f'got shape {tuple(x.shape)}')
         labels = cluster_activations(
             x,
             self.target_clusters(list(x.shape[2:])),
@@ -254,7 +287,23 @@ class _DropClusterNd(nn.Module):
             **kwargs,
         )
         self.set_cluster_map(labels)
+        if self.num_channels is None:
+            # Learned from the input, so later loads and set_cluster_map calls are checked.
+            self.num_channels = int(x.shape[1])
         return self.cluster_map
+
+    def _map_count_error(self, shape: Tuple[int, ...]) -> Optional[str]:
+        """Why maps of ``shape`` ``(M, *spatial)`` do not fit this layer, or ``None`` if they do."""
+        m = shape[0]
+        if self.couple_channels:
+            if m == 1:
+                return None
+            return (f'{m} maps of shape {tuple(shape)} do not fit this layer, which takes one map '
+                    f'(its channels are coupled)')
+        if self.num_channels is None or m in (1, self.num_channels):
+            return None
+        return (f'{m} maps of shape {tuple(shape)} do not fit this layer, which takes 1 map or '
+                f'{self.num_channels} (one per channel of its {self.num_channels}-channel input)')
 
     @torch.no_grad()
     def set_cluster_map(self, cluster_map: Tensor) -> None:
@@ -262,10 +311,11 @@ class _DropClusterNd(nn.Module):
         if cluster_map.is_floating_point() or cluster_map.dim() != self.spatial_dims + 1:
             raise ValueError(f'cluster_map must hold integer labels of shape (M, *spatial) with '
                              f'{self.spatial_dims} spatial dims, got {cluster_map.dtype} {tuple(cluster_map.shape)}')
-        if self.couple_channels and cluster_map.shape[0] != 1:
-            raise ValueError(f'a coupled layer takes one map, got {cluster_map.shape[0]}')
         if cluster_map.numel() == 0 or int(cluster_map.min()) < 0:
             raise ValueError('cluster_map must be non-empty with labels >= 0')
+        error = self._map_count_error(tuple(cluster_map.shape))
+        if error is not None:
+            raise ValueError('cluster_map: ' + error)
         counts = cluster_map.flatten(1).amax(dim=1) + 1
         max_clusters = int(counts.max())
         dtype = LABEL_DTYPE
@@ -292,6 +342,18 @@ class _DropClusterNd(nn.Module):
                 error_msgs.append(f'{prefix}cluster_map: expected integer labels with {self.spatial_dims} spatial '
                                   f'dims, got {incoming.dtype} {tuple(incoming.shape)}')
                 return
+            # Checked here, where the key names the layer: otherwise a map that does not fit loads
+            # cleanly and fails only at the first training forward, unnamed. An empty map is the
+            # state of a layer not yet clustered.
+            error = self._map_count_error(tuple(incoming.shape)) if incoming.numel() else None
+            if error is not None:
+                error_msgs.append(f'{prefix}cluster_map: {error}')
+                return
+            if counts.dim() != 1 or counts.shape[0] != incoming.shape[0]:
+                error_msgs.append(f'{prefix}cluster_counts: shape {tuple(counts.shape)} does not match the '
+                                  f'{incoming.shape[0]} maps of cluster_map {tuple(incoming.shape)}, '
+                                  f'expected one count per map')
+                return
             device = self.cluster_map.device
             # Replace the buffers only when the shape or dtype changes; otherwise the default load
             # copies in place and wrappers that cache buffer references (DDP) stay valid.
@@ -304,7 +366,8 @@ class _DropClusterNd(nn.Module):
 
     def extra_repr(self) -> str:
         k = f'num_clusters={self.num_clusters}' if self.num_clusters else f'cluster_size={self.cluster_size}'
-        return (f'drop_prob={self.drop_prob}, {k}, couple_channels={self.couple_channels}, '
+        c = f'num_channels={self.num_channels}, ' if self.num_channels is not None else ''
+        return (f'{c}drop_prob={self.drop_prob}, {k}, couple_channels={self.couple_channels}, '
                 f'cluster_method={self.cluster_method!r}, map={tuple(self.cluster_map.shape)}')
 
 

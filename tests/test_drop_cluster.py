@@ -1,11 +1,13 @@
 import math
 
 import pytest
+import timm
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from dropcluster_timm import DropCluster1d, DropCluster2d, DropCluster3d, drop_cluster, resample_cluster_map
+from dropcluster_timm import DropCluster1d, DropCluster2d, DropCluster3d, drop_cluster, dropcluster_layers, \
+    resample_cluster_map, update_clusters
 from dropcluster_timm.clustering import grid_cluster_map
 
 
@@ -233,3 +235,182 @@ def test_grid_tiles_like_dropblock_and_builds_on_meta():
     with torch.device('meta'):
         implicit = DropCluster2d(0.1, block_size=5, feat_size=(14, 14))
     assert implicit.cluster_map.is_meta and implicit.max_clusters == 9
+
+
+def _kept_per_cluster(kept: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """Kept elements of every (sample, channel, cluster): ``kept`` (B, C, *spatial), ``labels`` (M, *spatial)."""
+    B, C = kept.shape[:2]
+    idx = labels.reshape(labels.shape[0], -1).long().expand(C, -1).unsqueeze(0).expand(B, -1, -1)
+    out = torch.zeros(B, C, k)
+    return out.scatter_add_(2, idx, kept.reshape(B, C, -1).float())
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize('couple', [False, True], ids=['per_channel', 'coupled'])
+@pytest.mark.parametrize('shape,drop_prob', [
+    ((1, 64, 1, 1), 0.1),  # one unit per draw when coupled: all dropped 1 call in 10
+    ((2, 4, 3, 3), 0.5),
+    ((2, 3, 5, 5), 0.9),
+    ((1, 4, 1, 1), 0.999),
+], ids=['1x1-p0.1', '3x3-p0.5', '5x5-p0.9', '1x1-p0.999'])
+def test_output_finite_and_scaled_by_total_over_kept(dtype, couple, shape, drop_prob):
+    torch.manual_seed(0)
+    layer = DropCluster2d(drop_prob, block_size=2, couple_channels=couple)
+    layer.update_clusters(torch.randn(shape))
+    layer.train()
+    labels, k = layer.cluster_map, layer.max_clusters
+    sizes = torch.zeros(labels.shape[0], k).scatter_add_(
+        1, labels.reshape(labels.shape[0], -1).long(), torch.ones(labels.shape[0], labels[0].numel()))
+    x = (torch.rand(shape) + 0.5).to(dtype)  # never 0, so a 0 in the output marks a drop
+    total = x.numel()
+    rtol = 4 * torch.finfo(dtype).eps
+    all_dropped = 0
+    for seed in range(300):
+        torch.manual_seed(seed)
+        y = layer(x)
+        assert y.dtype == dtype and torch.isfinite(y).all(), f'non-finite output at seed {seed}'
+        kept = y != 0
+        per_cluster = _kept_per_cluster(kept, labels, k)
+        assert ((per_cluster == 0) | (per_cluster == sizes.unsqueeze(0))).all(), 'a cluster was partly dropped'
+        if couple:
+            assert torch.equal(kept, kept[:, :1].expand_as(kept))
+        n_kept = int(kept.sum())
+        if n_kept == 0:
+            all_dropped += 1
+            continue
+        scale = total / n_kept  # elements / kept elements of the batch
+        torch.testing.assert_close(y[kept].double(), x[kept].double() * scale, rtol=rtol, atol=0)
+    if drop_prob == 0.999 or (couple and drop_prob == 0.1):
+        assert all_dropped > 0, 'the all-dropped case was never drawn'
+    # No rescaling on the noise path: dropped elements are gaussian noise, never inf or NaN.
+    layer.with_noise = True
+    for seed in range(20):
+        torch.manual_seed(seed)
+        assert torch.isfinite(layer(x)).all()
+
+
+def test_half_scale_clamped_to_largest_finite_value():
+    # One 1-element cluster and one of 65535: keeping only the small one scales by 65536, just past
+    # float16's largest finite value 65504.
+    labels = torch.zeros(1, 256, 256, dtype=torch.int32)
+    labels[0, 0, 0] = 1
+    layer = DropCluster2d(0.5, couple_channels=True)
+    layer.set_cluster_map(labels)
+    layer.train()
+    x = torch.ones(1, 2, 256, 256, dtype=torch.float16)
+    seen = 0
+    for seed in range(40):
+        torch.manual_seed(seed)
+        y = layer(x)
+        assert torch.isfinite(y).all(), f'non-finite output at seed {seed}'
+        if int((y != 0).sum()) == 2 and y[0, 0, 0, 0] != 0:
+            seen += 1
+            assert torch.equal(y[:, :, 0, 0], torch.full((1, 2), torch.finfo(torch.float16).max, dtype=torch.float16))
+    assert seen > 0, 'the small cluster was never kept alone'
+
+
+def _clustered_state(channels, size=(12, 12), couple=False, seed=0):
+    torch.manual_seed(seed)
+    src = DropCluster2d(0.1, block_size=3, couple_channels=couple)
+    src.update_clusters(torch.randn((2, channels) + size))
+    return src.state_dict()
+
+
+@pytest.mark.parametrize('strict', [True, False])
+@pytest.mark.parametrize('training', [True, False])
+def test_load_refuses_map_count_that_does_not_fit(strict, training):
+    layer = DropCluster2d(0.1, block_size=3, num_channels=8, feat_size=(6, 6)).train(training)
+    with pytest.raises(RuntimeError) as err:
+        layer.load_state_dict(_clustered_state(5), strict=strict)
+    msg = str(err.value)
+    assert 'cluster_map: 5 maps of shape (5, 12, 12)' in msg and '1 map or 8' in msg
+    assert layer.cluster_map.shape == (1, 6, 6), 'a refused map was installed'
+    # Per-channel and grid maps still load, at any resolution (the layer adopts their shapes).
+    layer.load_state_dict(_clustered_state(8, size=(12, 12)), strict=strict)
+    assert layer.cluster_map.shape == (8, 12, 12)
+    layer.load_state_dict(DropCluster2d(0.1, block_size=3, feat_size=(9, 9)).state_dict(), strict=strict)
+    assert layer.cluster_map.shape == (1, 9, 9)
+    # So does the empty state of a layer never clustered.
+    layer.load_state_dict(DropCluster2d(0.1).state_dict(), strict=strict)
+    assert layer.cluster_map.numel() == 0
+
+
+def test_coupled_layer_refuses_per_channel_maps_at_load():
+    layer = DropCluster2d(0.1, block_size=3, couple_channels=True)  # channel count unknown
+    with pytest.raises(RuntimeError, match=r'cluster_map: 4 maps of shape \(4, 12, 12\) .* one map'):
+        layer.load_state_dict(_clustered_state(4))
+    layer.load_state_dict(_clustered_state(4, couple=True))
+    assert layer.cluster_map.shape == (1, 12, 12)
+
+
+def test_load_refuses_counts_not_matching_maps():
+    state = _clustered_state(4)
+    state['cluster_counts'] = state['cluster_counts'][:3]
+    with pytest.raises(RuntimeError, match=r'cluster_counts: shape \(3,\) .* 4 maps'):
+        DropCluster2d(0.1, block_size=3).load_state_dict(state)
+
+
+def test_channel_count_checked_and_recorded():
+    with pytest.raises(ValueError, match='num_channels'):
+        DropCluster2d(0.1, num_channels=0)
+    layer = DropCluster2d(0.1, block_size=3, num_channels=8)
+    assert 'num_channels=8' in repr(layer)
+    for mode in (True, False):
+        with pytest.raises(ValueError, match='expects 8 input channels'):
+            layer.train(mode)(torch.randn(2, 4, 6, 6))
+    with pytest.raises(ValueError, match='expects 8 input channels'):
+        layer.update_clusters(torch.randn(2, 4, 6, 6))
+    with pytest.raises(ValueError, match='5 maps'):
+        layer.set_cluster_map(torch.zeros(5, 6, 6, dtype=torch.int32))
+    # Unknown until the first clustering, which records it: later loads are checked.
+    lazy = DropCluster2d(0.1, block_size=3)
+    lazy.load_state_dict(_clustered_state(5))
+    assert lazy.num_channels is None
+    lazy.update_clusters(torch.randn(2, 8, 12, 12))
+    assert lazy.num_channels == 8
+    with pytest.raises(RuntimeError, match='5 maps'):
+        lazy.load_state_dict(_clustered_state(5))
+
+
+@pytest.mark.parametrize('variant', ['resnet18_dropcluster', 'resnet50_dropcluster'])
+def test_model_layers_know_their_input_channels(variant):
+    model = timm.create_model(variant, dc_stem=True, dc_stages=(1, 2, 3, 4), img_size=64, drop_cluster_prob=0.1)
+    seen = {}
+
+    def record(name):
+        def hook(module, args):
+            seen[name] = args[0].shape[1]
+        return hook
+
+    layers = list(dropcluster_layers(model))
+    handles = [layer.register_forward_pre_hook(record(name)) for name, layer in layers]
+    model.train()(torch.randn(2, 3, 64, 64))
+    for h in handles:
+        h.remove()
+    assert len(seen) == (9 if variant == 'resnet18_dropcluster' else 17)
+    assert seen == {name: layer.num_channels for name, layer in layers}
+    stage_channels = model.feature_info[3]['num_chs']
+    # Bottleneck: the 3x3 conv's width, a quarter of the stage's output channels.
+    assert seen['layer3.0.drop_block'] == (stage_channels // 4 if variant == 'resnet50_dropcluster' else stage_channels)
+
+
+@pytest.mark.parametrize('variant', ['resnet18_dropcluster', 'resnet50_dropcluster'])
+def test_model_load_refuses_map_count_that_does_not_fit(variant):
+    torch.manual_seed(0)
+    model = timm.create_model(variant, img_size=64).eval()
+    # Learned per-channel maps at another resolution, and grid maps, load.
+    other = timm.create_model(variant, img_size=96)
+    update_clusters(other, torch.randn(2, 3, 96, 96))
+    channels = other.layer3[0].drop_block.cluster_map.shape[0]  # one map per channel of the layer's input
+    model.load_state_dict(other.state_dict())
+    assert model.layer3[0].drop_block.cluster_map.shape == (channels, 6, 6)
+    model.load_state_dict(timm.create_model(variant, img_size=64).state_dict())
+    assert model.layer3[0].drop_block.cluster_map.shape == (1, 4, 4)
+    state = model.state_dict()
+    state['layer3.0.drop_block.cluster_map'] = torch.zeros(7, 4, 4, dtype=torch.int32)
+    state['layer3.0.drop_block.cluster_counts'] = torch.ones(7, dtype=torch.int32)
+    for strict in (True, False):
+        with pytest.raises(RuntimeError) as err:
+            model.load_state_dict(state, strict=strict)
+        assert (f'layer3.0.drop_block.cluster_map: 7 maps of shape (7, 4, 4) do not fit this layer, which takes '
+                f'1 map or {channels} (one per channel of its {channels}-channel input)') in str(err.value)

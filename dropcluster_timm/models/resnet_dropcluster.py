@@ -52,6 +52,28 @@ __all__ = ['DropClusterResNet', 'checkpoint_filter_fn', 'dropcluster_model_args'
 _BLOCK_SIZES = {0: 7, 1: 7, 2: 7, 3: 5, 4: 3}
 
 
+def _norm_channels(norm: nn.Module) -> Optional[int]:
+    """Channel count of a norm layer (BatchNorm's ``num_features``, GroupNorm's ``num_channels``)."""
+    for attr in ('num_features', 'num_channels'):
+        value = getattr(norm, attr, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def _drop_block_channels(block: nn.Module) -> Optional[int]:
+    """Channels at a block's ``drop_block`` slot, ``None`` (learned at the first clustering) if unknown.
+
+    timm applies it after the norm of the 3x3 conv: ``bn1`` in BasicBlock, ``bn2`` in Bottleneck,
+    whose width differs from the block's (and stage's) output channels.
+    """
+    if isinstance(block, Bottleneck):
+        return _norm_channels(block.bn2)
+    if isinstance(block, BasicBlock):
+        return _norm_channels(block.bn1)
+    return None
+
+
 class DropClusterResNet(ResNet):
     """timm ResNet with DropCluster2d layers in the DropBlock slots (and optionally the stem).
 
@@ -117,7 +139,7 @@ class DropClusterResNet(ResNet):
         # config.json even when the model was created with the defaults.
         update_model_args(self, **dc_args)
 
-        def make_layer(location: int) -> DropCluster2d:
+        def make_layer(location: int, num_channels: Optional[int]) -> DropCluster2d:
             reduction = self.feature_info[location]['reduction']
             # Grids are built on the CPU (clustering reads label values, impossible on 'meta') and
             # moved to the parameters' device below.
@@ -130,16 +152,18 @@ class DropClusterResNet(ResNet):
                 with_noise=dc_with_noise,
                 cluster_method=dc_cluster_method,
                 feat_size=tuple(math.ceil(s / reduction) for s in img_size),  # 'same' padded convs, pools
+                num_channels=num_channels,
                 device='cpu',
             )
 
         # The blocks call self.drop_block(x) after the norm that timm's DropBlock follows.
         for stage in dc_stages:
             for blk in getattr(self, f'layer{stage}'):
-                blk.drop_block = make_layer(stage)
+                blk.drop_block = make_layer(stage, _drop_block_channels(blk))
         if dc_stem:
             # Before the pool, after act1: feature_info / forward_intermediates keep tapping 'act1'.
-            self.maxpool = nn.Sequential(OrderedDict([('drop_cluster', make_layer(0)), ('pool', self.maxpool)]))
+            stem_layer = make_layer(0, _norm_channels(self.bn1))  # bn1 is the stem's last norm, any stem_type
+            self.maxpool = nn.Sequential(OrderedDict([('drop_cluster', stem_layer), ('pool', self.maxpool)]))
         # Follow the parameters to the requested device, or a `with torch.device(...)` context.
         param_device = next(self.parameters()).device
         for _, layer in dropcluster_layers(self):
