@@ -1,10 +1,12 @@
-""" Save DropCluster models in timm's Hugging Face Hub format and push them, safetensors only.
+""" Save timm models (DropCluster or plain) in timm's Hugging Face Hub format and push them, safetensors only.
 
 A saved folder holds what timm's ``save_for_hf`` writes, ``config.json`` (architecture, model_args
 with the DropCluster settings, pretrained_cfg) and ``model.safetensors`` (every parameter and
 persistent buffer, so every layer's ``cluster_map`` / ``cluster_counts``), plus a ``README.md``
-model card. ``timm.create_model('hf-hub:org/name', pretrained=True)`` or ``'local-dir:/path'``
-rebuild the model with the same cluster maps and drop settings (``import dropcluster_timm`` first).
+model card; for trained weights also the run's ``metrics.json``, and for a model with 2-D cluster
+maps a picture of them, ``cluster_maps.png``. ``timm.create_model('hf-hub:org/name', pretrained=True)``
+or ``'local-dir:/path'`` rebuild the model with the same cluster maps and drop settings
+(``import dropcluster_timm`` first).
 
 The Hub token is never taken on the command line, printed or written: it comes from the ``token``
 argument, the ``HF_TOKEN`` environment variable or the ``hf auth login`` cache, as everywhere in
@@ -20,14 +22,21 @@ from huggingface_hub import HfApi, get_token
 from safetensors import safe_open
 from timm.models import save_for_hf
 
-from .model_card import load_metrics, render_model_card
+from .model_card import (
+    CARD_MARKER, CLUSTER_MAPS_IMAGE, check_metrics, is_dropcluster_architecture, load_metrics, render_model_card,
+    training_notes)
+from .model_helpers import dropcluster_layers
 from .models import dropcluster_model_args
+from .visualization import plot_cluster_maps
 
 __all__ = ['save_pretrained', 'push', 'resolve_push_token', 'UPLOAD_FILES']
 
 # Everything push uploads; pickle-based weight files are never among them.
-UPLOAD_FILES = ('config.json', 'model.safetensors', 'README.md', 'metrics.json')
+UPLOAD_FILES = ('config.json', 'model.safetensors', 'README.md', 'metrics.json', CLUSTER_MAPS_IMAGE)
 _METRICS_FILES = ('metrics.json', 'summary.csv')
+# pretrained_cfg fields that name the weights a model was created with (timm's ImageNet tags): wrong
+# for weights trained by a run. The preprocessing fields stay.
+_SOURCE_IDENTITY_KEYS = ('tag', 'notes', 'paper_ids', 'paper_name', 'origin_url', 'description', 'license')
 
 
 def _architecture(model: nn.Module) -> str:
@@ -45,49 +54,113 @@ def save_pretrained(
         data_config: Optional[Dict[str, Any]] = None,
         repo_id: Optional[str] = None,
 ) -> Path:
-    """Write ``config.json``, ``model.safetensors`` and a ``README.md`` card for ``model``.
+    """Write ``config.json``, ``model.safetensors`` and a ``README.md`` card for ``model`` (plus
+    ``metrics.json`` for trained weights and ``cluster_maps.png`` for 2-D cluster maps).
 
     Args:
-        model: a ``*_dropcluster`` model from ``timm.create_model``.
+        model: a classification model from ``timm.create_model``: a ``*_dropcluster`` model or any
+            other timm architecture.
         save_directory: output folder (created).
         metrics: results of the run that trained the weights: a dict, or a metrics file path
-            (see ``model_card.load_metrics``); also saved as ``metrics.json``. None: the card says
-            no DropCluster-trained weights are published.
+            (keys: ``model_card.load_metrics``); saved as ``metrics.json``, and config.json's
+            pretrained_cfg then describes these weights instead of the ones the model was created
+            with. None: the card of the architecture (no DropCluster-trained weights published).
         data_config: preprocessing of the weights, as timm's ``save_for_hf`` takes it.
-        repo_id: the Hub repo the folder is meant for; the card's usage examples load it.
+        repo_id: the Hub repo the folder is meant for; the card's usage examples load it. Without
+            it, ``push`` writes the repo into the card when it uploads.
 
     Returns:
         the folder.
     """
-    arch = _architecture(model)
-    model_args = dropcluster_model_args(model)  # current drop rate, which set_drop_prob may have changed
-    save_directory = Path(save_directory)
+    _architecture(model)  # a classifier from timm.create_model, not a features_only wrapper
     if isinstance(metrics, (str, Path)):
         metrics = load_metrics(metrics)
+    elif metrics:
+        metrics = check_metrics(dict(metrics))  # before anything is written
+    if repo_id is not None:
+        _check_repo_id(repo_id)
+    has_dropcluster = any(True for _ in dropcluster_layers(model))
+    # the current drop rate, which set_drop_prob may have changed; timm records a plain model's own args
+    model_args = dropcluster_model_args(model) if has_dropcluster else None
+    save_directory = Path(save_directory)
     save_for_hf(model, save_directory, model_args=model_args, safe_serialization=True, data_config=data_config)
-    config = json.loads((save_directory / 'config.json').read_text())
+    for name in ('metrics.json', CLUSTER_MAPS_IMAGE):  # this function's own files from an earlier save
+        (save_directory / name).unlink(missing_ok=True)
     if metrics:
+        _describe_trained_weights(save_directory / 'config.json', metrics)
         (save_directory / 'metrics.json').write_text(json.dumps(metrics, indent=2))
-    readme = render_model_card(arch, metrics=metrics, model_args=config.get('model_args', model_args), repo_id=repo_id)
-    (save_directory / 'README.md').write_text(readme, encoding='utf-8')
+    if has_dropcluster:
+        plot_cluster_maps(model, str(save_directory / CLUSTER_MAPS_IMAGE))
+    (save_directory / 'README.md').write_text(_folder_card(save_directory, repo_id), encoding='utf-8')
     return save_directory
+
+
+def _describe_trained_weights(config_path: Path, metrics: Dict[str, Any]) -> None:
+    """Make config.json's pretrained_cfg describe weights trained by a run: drop the identity of the
+    weights the model was created with (tag, notes, papers, origin, and the license unless the run
+    fine-tuned them: ``base_model``), keep the preprocessing, note how the weights were trained."""
+    config = json.loads(config_path.read_text())
+    cfg = config.get('pretrained_cfg') or {}
+    for key in _SOURCE_IDENTITY_KEYS:
+        if key != 'license' or not metrics.get('base_model'):
+            cfg.pop(key, None)
+    dropcluster = is_dropcluster_architecture(config['architecture'], config.get('model_args'))
+    cfg['notes'] = [training_notes(config['architecture'], metrics, dropcluster)]
+    config['pretrained_cfg'] = cfg
+    config_path.write_text(json.dumps(config, indent=2))
+
+
+def _folder_card(folder: Path, repo_id: Optional[str]) -> str:
+    """The card of a saved folder, from what it holds (config.json, the run's metrics file,
+    cluster_maps.png): save_pretrained and push render it the same way."""
+    config = json.loads((folder / 'config.json').read_text())
+    found = [folder / n for n in _METRICS_FILES if (folder / n).is_file()]
+    metrics = load_metrics(found[0]) if found else None
+    kwargs = {}
+    license = (config.get('pretrained_cfg') or {}).get('license')
+    if metrics and metrics.get('base_model') and license:
+        kwargs['license'] = license  # a fine-tune is under the terms of the weights it started from
+    return render_model_card(
+        config['architecture'],
+        metrics=metrics,
+        model_args=config.get('model_args'),
+        repo_id=repo_id,
+        cluster_maps=CLUSTER_MAPS_IMAGE if (folder / CLUSTER_MAPS_IMAGE).is_file() else None,
+        **kwargs,
+    )
 
 
 def _check_folder(folder: Path) -> Dict[str, Any]:
     """Validate a saved folder; returns its config."""
     if not folder.is_dir():
-        raise FileNotFoundError(f'{folder} is not a folder')
+        raise FileNotFoundError(f'{folder}: no such folder (expected one written by dropcluster_timm.hub.save_pretrained)')
     config_path, weights_path = folder / 'config.json', folder / 'model.safetensors'
     if not config_path.is_file() or not weights_path.is_file():
         raise FileNotFoundError(f'{folder} must hold config.json and model.safetensors '
                                 '(written by dropcluster_timm.hub.save_pretrained); pickle checkpoints are not pushed')
-    config = json.loads(config_path.read_text())
-    if 'architecture' not in config:
+    try:
+        config = json.loads(config_path.read_text())
+    except ValueError as e:
+        raise ValueError(f'{config_path} is not valid JSON: {e}') from None
+    if not isinstance(config, dict) or 'architecture' not in config:
         raise ValueError(f'{config_path} has no "architecture": not a timm Hub config')
-    with safe_open(str(weights_path), framework='pt') as f:
-        if not any(k.endswith('.cluster_map') for k in f.keys()):
-            raise ValueError(f'{weights_path} holds no cluster maps: not a DropCluster checkpoint')
+    try:
+        with safe_open(str(weights_path), framework='pt') as f:
+            keys = list(f.keys())
+    except Exception as e:  # safetensors raises its own error type for a damaged file
+        raise ValueError(f'{weights_path} is not a readable safetensors file ({e})') from None
+    # only DropCluster models carry cluster maps; weights of a plain timm model are pushed as they are
+    if is_dropcluster_architecture(config['architecture'], config.get('model_args')) \
+            and not any(k.endswith('.cluster_map') for k in keys):
+        raise ValueError(f'{weights_path} holds no cluster maps, but {config["architecture"]} is a DropCluster '
+                         'model: not a DropCluster checkpoint')
     return config
+
+
+def _check_repo_id(repo_id: str) -> None:
+    """Raise ``ValueError`` unless ``repo_id`` is ``org/name`` (push needs the owner spelled out)."""
+    if not isinstance(repo_id, str) or repo_id.count('/') != 1 or not all(repo_id.split('/')):
+        raise ValueError(f'repo_id must look like "org/name", got {repo_id!r}')
 
 
 def resolve_push_token(repo_id: str, token: Optional[str] = None) -> str:
@@ -95,13 +168,28 @@ def resolve_push_token(repo_id: str, token: Optional[str] = None) -> str:
 
     Raises ``ValueError`` for a malformed repo id and ``RuntimeError`` without credentials.
     """
-    if not isinstance(repo_id, str) or repo_id.count('/') != 1 or not all(repo_id.split('/')):
-        raise ValueError(f'repo_id must look like "org/name", got {repo_id!r}')
+    _check_repo_id(repo_id)
     token = token or get_token()
     if not token:
-        raise RuntimeError('No Hugging Face token: pass token=..., set the HF_TOKEN environment variable '
-                           'or run `hf auth login`')
+        # worded for the Python API and the `dropcluster-timm push` command alike (the CLI takes no token)
+        raise RuntimeError('No Hugging Face token: set the HF_TOKEN environment variable or run `hf auth login`')
     return token
+
+
+def _stage_card(folder: Path, repo_id: str, staging: Path) -> Path:
+    """The folder to upload: ``folder`` itself when its card can go as it is, else a staging copy
+    (links to its files) with the card rendered for ``repo_id``; ``folder`` stays unchanged."""
+    readme = folder / 'README.md'
+    if readme.is_file():
+        text = readme.read_text(encoding='utf-8')
+        if CARD_MARKER not in text or f"'hf-hub:{repo_id}'" in text:
+            return folder  # hand-written, or generated for this repo already
+    staging.mkdir()
+    for name in UPLOAD_FILES:
+        if name != 'README.md' and (folder / name).is_file():
+            (staging / name).symlink_to((folder / name).resolve())
+    (staging / 'README.md').write_text(_folder_card(folder, repo_id), encoding='utf-8')
+    return staging
 
 
 def push(
@@ -113,12 +201,14 @@ def push(
         commit_message: str = 'Add DropCluster model',
         metrics: Optional[Union[Dict[str, Any], str, Path]] = None,
 ) -> Any:
-    """Upload a DropCluster model to the Hugging Face Hub: config, safetensors weights and card only.
+    """Upload a model to the Hugging Face Hub: config, safetensors weights, card, metrics, cluster-map picture.
 
     Args:
         model_or_folder: a model (saved with ``save_pretrained`` first) or a folder written by it.
             A folder without README.md gets a card generated, with results from its
-            ``metrics.json`` / ``summary.csv`` if there is one.
+            ``metrics.json`` / ``summary.csv`` if there is one. A card generated by this package
+            that does not load ``hf-hub:<repo_id>`` yet is re-rendered for the repo; a hand-written
+            card is uploaded as it is. The folder itself is never changed.
         repo_id: ``org/name``; the repo is created if needed.
         token: Hub token; None uses ``HF_TOKEN`` or the ``hf auth login`` cache.
         private: create the repo private.
@@ -129,30 +219,16 @@ def push(
     Returns:
         the ``CommitInfo`` of the upload.
     """
+    _check_repo_id(repo_id)
+    if not isinstance(model_or_folder, nn.Module):
+        _check_folder(Path(model_or_folder))  # a missing or broken folder is reported before credentials
     token = resolve_push_token(repo_id, token)
 
     with tempfile.TemporaryDirectory() as tmp:
         if isinstance(model_or_folder, nn.Module):
             folder = save_pretrained(model_or_folder, Path(tmp) / 'model', metrics=metrics, repo_id=repo_id)
         else:
-            folder = Path(model_or_folder)
-            config = _check_folder(folder)
-            if not (folder / 'README.md').is_file():
-                # Card from the folder's own run metrics; upload from a copy, the folder stays as it is.
-                found = [folder / n for n in _METRICS_FILES if (folder / n).is_file()]
-                staged = Path(tmp) / 'model'
-                staged.mkdir()
-                for name in UPLOAD_FILES:
-                    if (folder / name).is_file():
-                        (staged / name).symlink_to((folder / name).resolve())
-                card = render_model_card(
-                    config['architecture'],
-                    metrics=load_metrics(found[0]) if found else None,
-                    model_args=config.get('model_args'),
-                    repo_id=repo_id,
-                )
-                (staged / 'README.md').write_text(card, encoding='utf-8')
-                folder = staged
+            folder = _stage_card(Path(model_or_folder), repo_id, Path(tmp) / 'model')
         _check_folder(folder)
 
         api = HfApi(token=token, library_name='dropcluster-timm')

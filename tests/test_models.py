@@ -244,6 +244,25 @@ def test_model_stats_counted():
     assert stats['activations_m'] == pytest.approx(sum(acts) / 1e6)
     assert stats['params_m'] == pytest.approx(sum(p.numel() for p in model.parameters()) / 1e6)
     assert model_stats('resnet18_dropcluster', img_size=(112, 112))['gmacs'] < stats['gmacs'] / 3
+    # the model's own input size by default (img_size of a DropCluster model), any timm architecture
+    assert model_stats('resnet18_dropcluster', model_args={'img_size': [32, 32]})['img_size'] == (32, 32)
+    plain = model_stats('resnet18', img_size=32, model_args={'num_classes': 3})
+    assert plain['img_size'] == (32, 32) and plain['gmacs'] == pytest.approx(stats['gmacs'] * (32 / 224) ** 2, rel=0.05)
+    assert plain['params_m'] == pytest.approx(sum(p.numel() for p in timm.create_model('resnet18', num_classes=3).parameters()) / 1e6)
+
+
+def test_card_stats_keep_digits_at_small_sizes():
+    """Cards print small statistics with three significant digits: GMACs at 32 px are not 0.0."""
+    import re
+    gmacs = model_stats('resnet18_dropcluster', img_size=(32, 32))['gmacs']
+    assert 0.01 < gmacs < 0.1
+    text = render_model_card('resnet18_dropcluster', metrics={'top1': 50.0, 'img_size': 32})
+    printed = re.search(r'GMACs: (\S+)\n', text).group(1)
+    assert float(printed) == pytest.approx(gmacs, rel=0.01) and 'Image size: 32 x 32' in text
+
+    from dropcluster_timm.model_card import format_stat
+    assert [format_stat(v) for v in (25.557, 10.0, 4.1093, 1.8186, 0.037159, 0.00012345, 0.0)] == \
+        ['25.6', '10.0', '4.11', '1.82', '0.0372', '0.000123', '0']
 
 
 def _yaml_header(text):
@@ -257,7 +276,8 @@ def test_card_without_run():
     for line in ('library_name: timm', 'pipeline_tag: image-classification', 'license: apache-2.0',
                  '- dropcluster', 'datasets:\n- imagenet-1k'):
         assert line in header
-    for needle in ('## Model Details', 'Params (M): 25.6', 'GMACs: 4.1', 'Activations (M): 11.1',
+    assert 'model-index' not in header and 'base_model' not in header  # no run, no results
+    for needle in ('## Model Details', 'Params (M): 25.6', 'GMACs: 4.09', 'Activations (M): 11.1',
                    'Image size: 224 x 224', 'arxiv.org/abs/2002.02997', 'arxiv.org/abs/1810.12890',
                    'arxiv.org/abs/1512.03385', '## Model Usage', 'features_only=True', 'num_classes=0',
                    '## Citation', 'No DropCluster-trained weights are published yet', 'timm/resnet50.a1_in1k'):
@@ -283,6 +303,23 @@ def test_card_with_metrics_file(tmp_path):
         load_metrics(bad)
     with pytest.raises(ValueError, match='unknown model'):
         build_model_card('resnet50_dropblock')
+
+
+def test_card_for_a_plain_timm_architecture():
+    """Weights of a timm model without DropCluster layers: no DropCluster claims, tags or usage."""
+    text = render_model_card('resnet18', model_args={'num_classes': 3})
+    header = _yaml_header(text)
+    assert 'dropcluster' not in header and 'datasets:' not in header and 'library_name: timm' in header
+    body = text.split('---\n', 2)[2]
+    assert 'without DropCluster layers' in body and 'No results of a training run' in body
+    for needle in ('DropCluster:**', 'No DropCluster-trained', 'Pretrained tags', 'import dropcluster_timm',
+                   'Training with DropCluster', 'chen2020dropcluster'):
+        assert needle not in body, needle
+    assert "create_model('resnet18', pretrained=True)" in body and 'pip install timm' in body
+    assert 'Params (M): 11.2' in body  # 3 classes: 11.18 M
+    trained = render_model_card('resnet18', metrics={'top1': 70.0, 'dataset': 'flowers'}, repo_id='org/r18-flowers')
+    assert 'trained with DropCluster' not in trained and 'It has no DropCluster layers.' in trained
+    assert "create_model('hf-hub:org/r18-flowers', pretrained=True)" in trained
 
 
 def test_committed_model_cards_are_current(tmp_path):
