@@ -5,7 +5,7 @@ the rate rises from 0 to ``target`` over ``warmup_epochs`` epochs, updated every
 are re-computed every ``update_freq`` epochs from a no-grad forward over training data.
 """
 import math
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 __all__ = ['DropClusterSchedule', 'SCHEDULE_SHAPES']
 
@@ -88,6 +88,19 @@ class DropClusterSchedule:
         if self.target == 0.0 or self.update_freq == 0 or epoch < self.start_epoch:
             return False
         return (epoch - math.ceil(self.start_epoch)) % self.update_freq == 0
+
+    def peak_rate(self, num_epochs: int) -> float:
+        """The highest rate a run of ``num_epochs`` epochs reaches, stepped once per batch.
+
+        Every shape rises monotonically, so that is the rate of the last batch.
+        """
+        if num_epochs <= 0:
+            return 0.0
+        return self.rate_at(num_epochs - 1 + (self.steps_per_epoch - 1) / self.steps_per_epoch)
+
+    def update_epochs(self, num_epochs: int) -> List[int]:
+        """The epochs of a ``num_epochs``-epoch run that start with a re-clustering."""
+        return [e for e in range(num_epochs) if self.is_update_epoch(e)]
 
     def state_dict(self) -> Dict[str, Any]:
         return {

@@ -10,8 +10,9 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -28,10 +29,12 @@ from .model_helpers import copy_cluster_state, dropcluster_layers, set_drop_prob
 from .schedules import DropClusterSchedule
 
 __all__ = [
-    'TrainingError', 'DigitsDataset', 'TrainState', 'DataBundle', 'EMBEDDED_DATASET', 'build_data',
-    'set_transforms', 'init_cluster_maps', 'build_model', 'configure_dropcluster', 'push_folder', 'make_schedule', 'cluster_batch', 'recluster',
-    'train_one_epoch', 'evaluate', 'save_checkpoint', 'find_checkpoint', 'check_resume', 'check_output', 'write_run_file',
-    'check_push_credentials', 'MetricsLog', 'save_model_folder', 'plot_cluster_maps', 'evaluate_checkpoint',
+    'TrainingError', 'DigitsDataset', 'TrainState', 'DataBundle', 'EMBEDDED_DATASET', 'TRAIN_SPLITS', 'EVAL_SPLITS',
+    'find_split_folder', 'dataset_description', 'build_data', 'set_transforms', 'init_cluster_maps',
+    'check_args', 'build_model', 'configure_dropcluster', 'push_folder', 'make_schedule', 'schedule_warnings',
+    'cluster_batch', 'recluster', 'train_one_epoch', 'evaluate', 'save_checkpoint', 'find_checkpoint',
+    'check_checkpoint_files', 'load_checkpoint', 'use_cpu_cores', 'check_resume', 'check_output', 'write_run_file',
+    'check_push_credentials', 'MetricsLog', 'run_card_metrics', 'save_model_folder', 'evaluate_checkpoint',
     'cluster_state',
 ]
 
@@ -79,6 +82,7 @@ class DigitsDataset(Dataset):
         self.targets = targets[keep].tolist()
         self.transform = transform
         self.classes = [str(c) for c in range(10)]
+        self.source = f'{EMBEDDED_DATASET}:{"train" if split in ("train", "training") else "validation"}'
 
     def __len__(self):
         return len(self.targets)
@@ -99,20 +103,58 @@ def _num_classes(ds) -> Optional[int]:
     return None
 
 
-def _make_dataset(dataset: str, data_dir: Optional[str], split: str, is_training: bool, transform):
+# Folder names tried for a split after the name given: timm's synonyms, plus 'test' for evaluation.
+# Unlike timm's folder search, the root itself is never a fallback: it holds every split, the
+# training images included.
+TRAIN_SPLITS = ('train', 'training')
+EVAL_SPLITS = ('validation', 'val', 'valid', 'eval', 'evaluation', 'test')
+_FOLDER_DATASETS = ('', 'folder', 'image_folder', 'imagefolder')
+
+
+def is_folder_dataset(dataset: str, data_dir: Optional[str]) -> bool:
+    """Whether ``dataset`` / ``data_dir`` name an ImageFolder root with one sub-folder per split."""
+    return dataset.lower() in _FOLDER_DATASETS and data_dir is not None and os.path.isdir(data_dir)
+
+
+def find_split_folder(data_dir: str, split: str, flag: str) -> str:
+    """The folder of ``split`` in an ImageFolder root: ``data_dir/split``, else the first synonym
+    present (``TRAIN_SPLITS`` or ``EVAL_SPLITS``, whichever holds ``split``).
+
+    Raises ``TrainingError`` naming the folders found and ``flag`` (the option that names a split)
+    when there is none; never returns ``data_dir`` itself.
+    """
+    path = os.path.join(data_dir, split)
+    if os.path.isdir(path):
+        return path
+    for synonyms in (TRAIN_SPLITS, EVAL_SPLITS):
+        if split in synonyms:
+            for name in synonyms:
+                if os.path.isdir(os.path.join(data_dir, name)):
+                    return os.path.join(data_dir, name)
+    found = sorted(d for d in os.listdir(data_dir) if os.path.isdir(os.path.join(data_dir, d)))
+    raise TrainingError(f'no {split!r} split folder in {data_dir} (folders found: {", ".join(found) or "none"}); '
+                        f'name one with {flag}')
+
+
+def _make_dataset(dataset: str, data_dir: Optional[str], split: str, is_training: bool, transform,
+                  flag: str = '--split'):
     if not dataset and not data_dir:
         dataset = EMBEDDED_DATASET
     if dataset == EMBEDDED_DATASET:
         return DigitsDataset(split, transform)
-    if data_dir is None or not os.path.isdir(data_dir):
+    if data_dir is None or not os.path.exists(data_dir):
         raise TrainingError(f'data folder {data_dir!r} does not exist')
+    root, search_split = data_dir, True
+    if is_folder_dataset(dataset, data_dir):
+        root, search_split = find_split_folder(data_dir, split, flag), False
     try:
-        ds = create_dataset(dataset, root=data_dir, split=split, is_training=is_training)
+        ds = create_dataset(dataset, root=root, split=split, is_training=is_training, search_split=search_split)
     except Exception as e:
-        raise TrainingError(f'cannot read data set {dataset or "ImageFolder"} split {split!r} in {data_dir}: '
+        raise TrainingError(f'cannot read data set {dataset or "ImageFolder"} split {split!r} in {root}: '
                             f'{_first_line(e)}') from e
     if len(ds) == 0:
-        raise TrainingError(f'data set split {split!r} in {data_dir} is empty')
+        raise TrainingError(f'data set split {split!r} in {root} is empty')
+    ds.source = root if not search_split else f'{dataset}:{split}'
     if transform is not None:
         ds.transform = transform
     return ds
@@ -125,18 +167,40 @@ class DataBundle:
     cluster: Dataset  # training images with the evaluation transform, for re-clustering
     num_classes: int
     data_config: Dict[str, Any]
+    splits: Dict[str, str] = field(default_factory=dict)  # split -> folder (or dataset:split) it was read from
+
+
+def dataset_description(dataset: str, data_dir: Optional[str]) -> Dict[str, str]:
+    """How cards name the data set: ``dataset`` (shown), ``dataset_type``, and ``dataset_id`` only
+    for a Hub data set (``hfds/org/name``); never a local path."""
+    if dataset == EMBEDDED_DATASET or (not dataset and not data_dir):
+        return {'dataset': 'scikit-learn handwritten digits', 'dataset_type': EMBEDDED_DATASET}
+    if dataset.lower() in _FOLDER_DATASETS:
+        return {'dataset': os.path.basename(os.path.realpath(data_dir)), 'dataset_type': 'imagefolder'}
+    prefix, _, name = dataset.partition('/')
+    if prefix.lower() in ('hfds', 'hfids') and name:
+        return {'dataset': name, 'dataset_type': name, 'dataset_id': name}
+    return {'dataset': name or dataset, 'dataset_type': name or dataset}
 
 
 def build_data(args) -> DataBundle:
     """Datasets from timm's factory (or the embedded digits), without transforms yet (``set_transforms``
-    adds them once the model, which decides the input size and normalisation, exists)."""
-    train = _make_dataset(args.dataset, args.data_dir, args.train_split, True, None)
-    val = _make_dataset(args.dataset, args.data_dir, args.val_split, False, None)
-    cluster = _make_dataset(args.dataset, args.data_dir, args.train_split, False, None)
+    adds them once the model, which decides the input size and normalisation, exists).
+
+    Refuses a validation split that is, contains or lies inside the training split's folder."""
+    train = _make_dataset(args.dataset, args.data_dir, args.train_split, True, None, '--train-split')
+    val = _make_dataset(args.dataset, args.data_dir, args.val_split, False, None, '--val-split')
+    if is_folder_dataset(args.dataset, args.data_dir):
+        t, v = os.path.realpath(train.source), os.path.realpath(val.source)
+        if t == v or v.startswith(t + os.sep) or t.startswith(v + os.sep):
+            raise TrainingError(f'the validation split {val.source} overlaps the training split {train.source}; '
+                                'name a held-out folder with --val-split')
+    cluster = _make_dataset(args.dataset, args.data_dir, args.train_split, False, None, '--train-split')
     n_train, n_val = _num_classes(train), _num_classes(val)
     if n_train is not None and n_val is not None and n_train != n_val:
         raise TrainingError(f'the train split has {n_train} classes but the validation split has {n_val}')
-    return DataBundle(train, val, cluster, n_train or args.num_classes, {})
+    return DataBundle(train, val, cluster, n_train or args.num_classes, {},
+                      splits={'train': train.source, 'validation': val.source})
 
 
 def set_transforms(data: DataBundle, args, model: nn.Module) -> Dict[str, Any]:
@@ -158,6 +222,37 @@ def set_transforms(data: DataBundle, args, model: nn.Module) -> Dict[str, Any]:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
+
+
+def check_args(args) -> None:
+    """One-line errors for settings that cannot work, before any setup is spent on them."""
+    def fail(flag, value, expected):
+        raise TrainingError(f'{flag} must be {expected}, got {value:g}')
+
+    for flag, value in (('--drop-cluster', args.drop_cluster), ('--drop-block', args.drop_block),
+                        ('--drop', args.drop), ('--drop-path', args.drop_path), ('--smoothing', args.smoothing),
+                        ('--reprob', args.reprob)):
+        if value is not None and not 0.0 <= value < 1.0:
+            fail(flag, value, 'in [0, 1)')
+    for flag, value in (('--epochs', args.epochs), ('--batch-size', args.batch_size),
+                        ('--grad-accum-steps', args.grad_accum_steps),
+                        ('--drop-cluster-update-batches', args.drop_cluster_update_batches),
+                        ('--cluster-size', args.cluster_size), ('--num-clusters', args.num_clusters),
+                        ('--img-size', args.img_size)):
+        if value is not None and value < 1:
+            fail(flag, value, '>= 1')
+    for flag, value in (('--drop-cluster-start', args.drop_cluster_start),
+                        ('--drop-cluster-warmup', args.drop_cluster_warmup),
+                        ('--drop-cluster-update-freq', args.drop_cluster_update_freq),
+                        ('--warmup-epochs', args.warmup_epochs), ('--workers', args.workers),
+                        ('--checkpoint-steps', args.checkpoint_steps), ('--checkpoint-hist', args.checkpoint_hist),
+                        ('--mixup', args.mixup), ('--cutmix', args.cutmix), ('--min-lr', args.min_lr)):
+        if value is not None and value < 0:
+            fail(flag, value, '>= 0')
+    if not args.lr > 0:
+        fail('--lr', args.lr, '> 0')
+    if args.model_ema and not 0.0 < args.model_ema_decay < 1.0:
+        fail('--model-ema-decay', args.model_ema_decay, 'in (0, 1)')
 
 
 def build_model(args, num_classes: Optional[int]) -> nn.Module:
@@ -255,6 +350,25 @@ def make_schedule(args, steps_per_epoch: int) -> DropClusterSchedule:
     )
 
 
+def schedule_warnings(schedule: DropClusterSchedule, num_epochs: int) -> List[str]:
+    """What a run of ``num_epochs`` epochs with ``schedule`` will not do that a user may expect."""
+    if schedule.target == 0.0:
+        return ['--drop-cluster is 0: the DropCluster layers stay off for the whole run']
+    warnings = []
+    peak = schedule.peak_rate(num_epochs)
+    if peak == 0.0:
+        warnings.append(f'DropCluster never switches on: the rate stays 0 for all {num_epochs} epochs '
+                        f'(--drop-cluster-start {schedule.start_epoch:g} >= --epochs {num_epochs})')
+    elif peak < schedule.target - 1e-12:
+        warnings.append(f'the drop rate reaches only {peak:.4f} of --drop-cluster {schedule.target:g} by the last '
+                        f'epoch (--drop-cluster-start {schedule.start_epoch:g} + --drop-cluster-warmup '
+                        f'{schedule.warmup_epochs:g} > --epochs {num_epochs})')
+    if peak > 0.0 and not schedule.update_epochs(num_epochs):
+        warnings.append(f'the clusters are never re-computed (--drop-cluster-update-freq {schedule.update_freq}): '
+                        'the layers keep their grid maps')
+    return warnings
+
+
 def cluster_state(model: nn.Module) -> Dict[str, torch.Tensor]:
     """``{layer name: cluster_map}`` (CPU copies) of every DropCluster layer."""
     from .model_helpers import _unwrap
@@ -292,8 +406,10 @@ class TrainState:
         self.step_in_epoch = 0  # batches of ``epoch`` already done
         self.global_step = 0  # batches done in all
         self.num_updates = 0  # optimizer steps done
-        self.best_top1 = None
+        self.best_top1 = None  # of the published weights (EMA when EMA is on)
         self.best_epoch = None
+        self.peak_drop_rate = 0.0  # what the run really did with DropCluster, for run.json and cards
+        self.reclusterings = 0
 
     def state_dict(self):
         return dict(self.__dict__)
@@ -317,13 +433,15 @@ def train_one_epoch(
     count = 0
     unwrapped = accelerator.unwrap_model(model)
     crash_at = int(os.environ.get('DROPCLUSTER_TIMM_CRASH_AT_STEP', '0'))  # tests: a real kill
-    bar = tqdm(total=steps, initial=skip, desc=f'epoch {epoch}', leave=False,
-               disable=not (progress and accelerator.is_local_main_process))
+    # A bar only on a terminal: in a log file it is noise; the script prints a line per epoch anyway.
+    show = progress and accelerator.is_local_main_process and sys.stderr.isatty()
+    bar = tqdm(total=steps, initial=skip, desc=f'epoch {epoch}', leave=False, disable=not show)
     for i, (images, targets) in enumerate(loader):
         if i < skip:
             continue  # resumed mid-epoch: these batches were done before the checkpoint
         rate = schedule.step(epoch + i / steps)
         set_drop_prob(unwrapped, rate)
+        state.peak_drop_rate = max(state.peak_drop_rate, rate)
         if mixup_fn is not None:
             images, targets = mixup_fn(images, targets)
         with accelerator.accumulate(model):
@@ -349,8 +467,9 @@ def train_one_epoch(
         if crash_at and state.global_step == crash_at:
             accelerator.wait_for_everyone()
             os.kill(os.getpid(), 9)
-        bar.set_postfix(loss=f'{loss.item():.3f}', drop=f'{rate:.3f}')
-        bar.update(1)
+        if show:  # loss.item() waits for the device
+            bar.set_postfix(loss=f'{loss.item():.3f}', drop=f'{rate:.3f}')
+            bar.update(1)
     bar.close()
     state.step_in_epoch = 0
     state.epoch = epoch + 1
@@ -365,8 +484,8 @@ def evaluate(accelerator, model, loader, loss_fn=None, progress: bool = False) -
     model.eval()
     loss_fn = loss_fn or nn.CrossEntropyLoss()
     loss_sum, top1, top5, n = 0.0, 0.0, 0.0, 0
-    for images, targets in tqdm(loader, desc='eval', leave=False,
-                                disable=not (progress and accelerator.is_local_main_process)):
+    show = progress and accelerator.is_local_main_process and sys.stderr.isatty()
+    for images, targets in tqdm(loader, desc='eval', leave=False, disable=not show):
         output = model(images)
         if isinstance(output, (tuple, list)):
             output = output[0]
@@ -413,16 +532,67 @@ def _read_json(path: str) -> Dict[str, Any]:
         return json.load(f)
 
 
-def find_checkpoint(path: str) -> str:
-    """A checkpoint folder, or the newest completed checkpoint of an output folder."""
+def find_checkpoint(path: str) -> Optional[str]:
+    """A checkpoint folder, or the newest completed checkpoint of an output folder.
+
+    ``None`` for a run folder that has no checkpoint yet (a run stopped in its first epoch): there
+    is nothing to resume, so the run starts over there.
+    """
     if not os.path.exists(path):
         raise TrainingError(f'resume checkpoint {path!r} does not exist')
     if os.path.isfile(os.path.join(path, META_FILE)):
         return path
     found = list_checkpoints(path)
-    if not found:
-        raise TrainingError(f'{path!r} holds no completed checkpoint to resume from')
-    return found[-1]
+    if found:
+        return found[-1]
+    if os.path.isfile(os.path.join(path, RUN_FILE)):
+        return None
+    raise TrainingError(f'{path!r} holds no completed checkpoint to resume from')
+
+
+def check_checkpoint_files(checkpoint: str) -> None:
+    """Read every file of a checkpoint for damage (zip CRCs of torch files, safetensors headers)
+    before any setup, so a broken resume fails at once and names the file."""
+    import zipfile
+    from safetensors import safe_open
+    for name in sorted(os.listdir(checkpoint)):
+        path = os.path.join(checkpoint, name)
+        if not os.path.isfile(path) or name == META_FILE:
+            continue
+        try:
+            if name.endswith('.safetensors'):
+                with safe_open(path, framework='pt') as f:
+                    f.keys()
+            elif name.endswith(('.bin', '.pkl', '.pt', '.pth')):
+                with zipfile.ZipFile(path) as z:  # torch.save writes zip archives
+                    bad = z.testzip()
+                if bad is not None:
+                    raise ValueError(f'checksum mismatch in {bad}')
+        except Exception as e:
+            raise TrainingError(f'cannot resume from {checkpoint}: {name} is damaged or truncated '
+                                f'({type(e).__name__}: {_first_line(e)}); resume from an earlier checkpoint '
+                                f'in {os.path.dirname(checkpoint)}') from e
+
+
+def load_checkpoint(accelerator, checkpoint: str) -> None:
+    """``accelerator.load_state`` with a one-line error."""
+    try:
+        accelerator.load_state(checkpoint)
+    except Exception as e:
+        raise TrainingError(f'cannot resume from {checkpoint}: {type(e).__name__}: {_first_line(e)}') from e
+
+
+def use_cpu_cores(accelerator) -> int:
+    """On the CPU, give each local process its share of the cores (``accelerate launch`` starts
+    processes with one thread each); an affinity mask (``taskset``) limits the share. Returns the
+    thread count."""
+    if accelerator.device.type == 'cpu':
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+        local = int(os.environ.get('LOCAL_WORLD_SIZE', accelerator.num_processes))
+        share = max(1, cores // max(1, local))
+        if torch.get_num_threads() < share:
+            torch.set_num_threads(share)
+    return torch.get_num_threads()
 
 
 def run_identity(args) -> Dict[str, Any]:
@@ -441,20 +611,36 @@ def check_resume(checkpoint: str, identity: Dict[str, Any]) -> Dict[str, Any]:
     return meta
 
 
-def check_output(output: str, resume: Optional[str]) -> None:
-    """Refuse an output folder that holds another run, unless this run resumes from it."""
-    if os.path.exists(os.path.join(output, RUN_FILE)) or list_checkpoints(output):
-        same = resume is not None and os.path.realpath(find_checkpoint(resume)).startswith(
+def check_output(output: str, checkpoint: Optional[str]) -> None:
+    """Refuse an output that is a file, or a folder holding checkpoints of another run unless this
+    run resumes from one of them. A folder with no checkpoint (a run stopped in its first epoch)
+    is reused: it holds nothing to resume."""
+    existing = output
+    while existing and not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if existing and not os.path.isdir(existing):
+        raise TrainingError(f'--output {output}: {existing} is a file, not a folder')
+    if list_checkpoints(output):
+        same = checkpoint is not None and os.path.realpath(checkpoint).startswith(
             os.path.realpath(os.path.join(output, CHECKPOINT_DIR)) + os.sep)
         if not same:
             raise TrainingError(f'output folder {output} already holds another run; '
                                 f'resume it with --resume {output} or choose another --output')
 
 
-def write_run_file(output: str, args_dict: Dict[str, Any]) -> None:
-    """Create the output folder and record the run's arguments in ``run.json`` (main process)."""
+def write_run_file(output: str, args_dict: Dict[str, Any], data_splits: Dict[str, str],
+                   state: Optional['TrainState'] = None, num_dropcluster_layers: int = 0) -> None:
+    """Record the run in ``run.json`` (main process): its arguments, the data it read and, as it goes,
+    what it really did (epochs done, best top-1, peak DropCluster rate, re-clusterings)."""
     os.makedirs(output, exist_ok=True)
-    _write_json_atomic(os.path.join(output, RUN_FILE), args_dict)
+    record = {'args': args_dict, 'data': data_splits}
+    if state is not None:
+        record['progress'] = {'epochs_done': state.epoch, 'best_top1': state.best_top1,
+                              'best_epoch': state.best_epoch}
+        if num_dropcluster_layers:
+            record['dropcluster'] = {'layers': num_dropcluster_layers, 'peak_rate': state.peak_drop_rate,
+                                     'reclusterings': state.reclusterings}
+    _write_json_atomic(os.path.join(output, RUN_FILE), record)
 
 
 def save_checkpoint(accelerator, output: str, name: str, meta: Dict[str, Any], keep: int = 2) -> str:
@@ -513,14 +699,18 @@ def push_folder(folder: str, repo_id: str, private: bool = False) -> str:
 
 
 class MetricsLog:
-    """Per-epoch metrics, rewritten as ``metrics.json`` and ``metrics.csv`` after each epoch."""
+    """Per-epoch metrics, rewritten as ``metrics.json`` and ``metrics.csv`` after each epoch.
 
-    def __init__(self, output: str):
+    Rows of an earlier run in the folder are kept for epochs before ``keep_epochs`` (those of the
+    checkpoint a resume starts from) and dropped from there on; a fresh run keeps none.
+    """
+
+    def __init__(self, output: str, keep_epochs: int = 0):
         self.output = output
         self.rows: List[Dict[str, Any]] = []
         path = os.path.join(output, 'metrics.json')
-        if os.path.exists(path):
-            self.rows = _read_json(path)
+        if keep_epochs > 0 and os.path.exists(path):
+            self.rows = [r for r in _read_json(path) if r.get('epoch', 0) < keep_epochs]
 
     def add(self, row: Dict[str, Any]) -> None:
         self.rows = [r for r in self.rows if r.get('epoch') != row.get('epoch')] + [row]
@@ -536,89 +726,49 @@ class MetricsLog:
             writer.writerows(self.rows)
         os.replace(tmp, os.path.join(self.output, 'metrics.csv'))
 
-    def truncate(self, epochs: int) -> None:
-        """Drop rows of epochs >= ``epochs`` (written after the checkpoint a resume starts from)."""
-        self.rows = [r for r in self.rows if r.get('epoch', 0) < epochs]
+
+def split_name(source: str) -> str:
+    """The split's name from a ``DataBundle.splits`` entry (a folder, or ``dataset:split``)."""
+    return os.path.basename(source.rpartition(':')[2].rstrip(os.sep))
 
 
-def save_model_folder(model: nn.Module, path: str, args, metrics: Dict[str, Any], data_config=None) -> str:
-    """The model in the Hub format (config.json, model.safetensors with the cluster state, README.md).
+def run_card_metrics(args, row: Dict[str, Any], state: 'TrainState', model: nn.Module, data: 'DataBundle',
+                     ema_decay: Optional[float] = None) -> Dict[str, Any]:
+    """Results and description of the weights a run publishes, for ``hub.save_pretrained``'s card:
+    the EMA weights' metrics when EMA is on, the data set without local paths, what DropCluster did."""
+    prefix = 'ema_' if ema_decay is not None else ''
+    metrics = {k: row[prefix + k] for k in ('top1', 'top5', 'eval_loss')}
+    metrics.update(epoch=row['epoch'], epochs=args.epochs, split=split_name(data.splits['validation']),
+                   weights='raw' if ema_decay is None else 'ema')
+    metrics.update(dataset_description(args.dataset, args.data_dir))
+    if ema_decay is not None:
+        metrics['ema_decay'] = ema_decay
+    if 'input_size' in data.data_config:
+        metrics['img_size'] = int(data.data_config['input_size'][-1])
+    base = (getattr(model, 'pretrained_cfg', None) or {}).get('hf_hub_id')
+    if args.pretrained and base:
+        metrics['base_model'] = base  # a fine-tune of these weights
+    if any(True for _ in dropcluster_layers(model)):
+        metrics.update(peak_drop_rate=state.peak_drop_rate, reclusterings=state.reclusterings)
+    if args.drop_block:
+        metrics['drop_block_rate'] = args.drop_block
+    return metrics
 
-    ``*_dropcluster`` models go through the model zoo's ``dropcluster_timm.hub.save_pretrained`` (card
-    with this run's metrics), other timm models through timm's ``save_for_hf`` and a short card. Written into a temporary folder first and renamed into place.
-    """
+
+def save_model_folder(model: nn.Module, path: str, metrics: Dict[str, Any], data_config: Dict[str, Any],
+                      repo_id: Optional[str] = None) -> str:
+    """The model in the Hub format (``hub.save_pretrained``: config.json, model.safetensors with the
+    cluster state, card, cluster-map picture), written into a temporary folder and renamed into place."""
+    from .hub import save_pretrained
     tmp = path + '.tmp'
     shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    from .models import DropClusterResNet
-    if isinstance(model, DropClusterResNet):
-        from .hub import save_pretrained
-        card_metrics = dict(metrics)
-        card_metrics.setdefault('dataset', args.data_dir or args.dataset or EMBEDDED_DATASET)
-        card_metrics.setdefault('epochs', args.epochs)
-        if data_config and 'input_size' in data_config:
-            card_metrics.setdefault('img_size', int(data_config['input_size'][-1]))
-        save_pretrained(model, tmp, metrics=card_metrics, data_config=data_config)
-    else:
-        from timm.models import save_for_hf
-        save_for_hf(model, tmp, safe_serialization=True, data_config=data_config)
-        _write_simple_card(tmp, args, metrics)
-    plot_cluster_maps(model, os.path.join(tmp, 'cluster_maps.png'))
+    save_pretrained(model, tmp, metrics=metrics, data_config=data_config, repo_id=repo_id)
     old = path + '.old'
     if os.path.exists(path):
         shutil.rmtree(old, ignore_errors=True)
         os.replace(path, old)
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
-    return path
-
-
-def _write_simple_card(folder: str, args, metrics: Dict[str, Any]) -> None:
-    lines = [
-        '---', 'library_name: timm', 'tags:', '- image-classification', '- timm', '- dropcluster', '---', '',
-        f'# {args.model} trained with DropCluster', '',
-        'Load it with `import dropcluster_timm` first (it registers the DropCluster models with timm).', '',
-        '## Results', '',
-        '| metric | value |', '|---|---|',
-    ]
-    for key in ('epoch', 'top1', 'top5', 'eval_loss', 'train_loss', 'drop_rate'):
-        if key in metrics:
-            value = metrics[key]
-            lines.append(f'| {key} | {value:.4f} |' if isinstance(value, float) else f'| {key} | {value} |')
-    data = args.data_dir or args.dataset or EMBEDDED_DATASET
-    lines += ['', f'Trained by `train_timm.py` on `{data}` for {args.epochs} epochs.', '']
-    with open(os.path.join(folder, 'README.md'), 'w') as f:
-        f.write('\n'.join(lines))
-
-
-def plot_cluster_maps(model: nn.Module, path: str, channels: int = 4) -> Optional[str]:
-    """A PNG of the cluster maps of the first ``channels`` maps of each DropCluster layer."""
-    from .model_helpers import _unwrap
-    layers = [(n, l) for n, l in dropcluster_layers(_unwrap(model)) if l.cluster_map.numel() > 0 and l.cluster_map.dim() == 3]
-    if not layers:
-        return None
-    try:
-        import matplotlib
-    except ImportError:
-        return None  # optional: pip install matplotlib (or dropcluster-timm[train])
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    cols = min(channels, max(l.cluster_map.shape[0] for _, l in layers))
-    fig, axes = plt.subplots(len(layers), cols, figsize=(2 * cols, 2 * len(layers)), squeeze=False)
-    for r, (name, layer) in enumerate(layers):
-        maps = layer.cluster_map.detach().cpu().long()
-        for c in range(cols):
-            ax = axes[r][c]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if c < maps.shape[0]:
-                ax.imshow(maps[c].numpy() % 20, cmap='tab20', vmin=0, vmax=19, interpolation='nearest')
-                ax.set_title(f'{name} [{c}]', fontsize=7)
-            else:
-                ax.axis('off')
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
     return path
 
 
@@ -652,6 +802,8 @@ def evaluate_checkpoint(
         if not os.path.isfile(os.path.join(checkpoint, 'config.json')):
             raise TrainingError(f'{checkpoint!r} is not a model folder (no config.json)')
         name = 'local-dir:' + checkpoint
+    if not dataset and not data_dir:
+        dataset = _default_eval_dataset(checkpoint)
     try:
         model = timm.create_model(name, pretrained=True)
     except Exception as e:
@@ -662,7 +814,7 @@ def evaluate_checkpoint(
         transform = create_transform(**dict(data_config, mean=(0., 0., 0.), std=(1., 1., 1.)), is_training=False)
     else:
         transform = create_transform(**data_config, is_training=False)
-    ds = _make_dataset(dataset, data_dir, split, False, transform)
+    ds = _make_dataset(dataset, data_dir, split, False, transform, '--split')
     n = _num_classes(ds)
     if n is not None and n != model.num_classes:
         raise TrainingError(f'the model has {model.num_classes} classes but the data set has {n}')
@@ -670,12 +822,25 @@ def evaluate_checkpoint(
     loader = DataLoader(ds, batch_size=batch_size, num_workers=workers)
     model, loader = accelerator.prepare(model, loader)
     if corruptions is None:
-        return evaluate(accelerator, model, loader, progress=True)
+        return dict(evaluate(accelerator, model, loader, progress=True), num_images=len(ds), data=ds.source)
     mean = torch.tensor(data_config['mean'], device=accelerator.device).view(1, -1, 1, 1)
     std = torch.tensor(data_config['std'], device=accelerator.device).view(1, -1, 1, 1)
     return corruption_accuracy(
         model, loader, corruptions, severities, preprocess=lambda x: (x - mean) / std, seed=corruption_seed,
         gather=accelerator.gather_for_metrics)
+
+
+def _default_eval_dataset(checkpoint: str) -> str:
+    """The embedded digits for a model folder trained on them (its ``metrics.json`` says so); any other
+    model needs its evaluation data named, never a silent fallback to the digits."""
+    folder = checkpoint[len('local-dir:'):] if checkpoint.startswith('local-dir:') else checkpoint
+    path = os.path.join(folder, 'metrics.json')
+    metrics = _read_json(path) if not checkpoint.startswith('hf-hub:') and os.path.isfile(path) else {}
+    if metrics.get('dataset_type', metrics.get('dataset')) == EMBEDDED_DATASET:
+        return EMBEDDED_DATASET
+    trained_on = f' was trained on {metrics["dataset"]!r}' if metrics.get('dataset') else ''
+    raise TrainingError(f'{checkpoint}{trained_on}: name its evaluation data with --data-dir DIR '
+                        f'(and --dataset NAME for a timm data set, or --dataset {EMBEDDED_DATASET})')
 
 
 def format_corruption_report(report: Dict[str, Any]) -> str:
@@ -719,7 +884,8 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> int:
     if args.json:
         _write_json_atomic(args.json, result)
     if corruptions is None:
-        print(f"top1 {result['top1']:.2f}  top5 {result['top5']:.2f}  loss {result['eval_loss']:.4f}")
+        print(f"top1 {result['top1']:.2f}  top5 {result['top5']:.2f}  loss {result['eval_loss']:.4f}  "
+              f"({result['num_images']} images of {result['data']})")
     else:
         print(format_corruption_report(result))
     return 0

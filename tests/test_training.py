@@ -314,3 +314,216 @@ def test_error_push_without_credentials(image_folder, tmp_path):
                       env=env, check=False)
     _assert_fails(proc, ['--push-to-hub', 'credentials'])
     assert not os.path.exists(tmp_path / 'o')
+
+
+# ------------------------------------------------------------------------------------------------
+# Correctness for real users (issue 10): splits, schedule defaults, EMA, recovery, early errors
+
+
+def _import_script():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('train_timm_script', SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _relayout(root, renames):
+    """Rename split folders of an ImageFolder root, e.g. {'validation': 'test'}."""
+    for old, new in renames.items():
+        os.rename(os.path.join(root, old), os.path.join(root, new))
+    return root
+
+
+@pytest.fixture(scope='module')
+def train_test_folder(tmp_path_factory):
+    """CIFAR's layout: train/ and test/, no validation/ folder."""
+    return _relayout(make_image_folder(tmp_path_factory.mktemp('cifar_layout')), {'validation': 'test'})
+
+
+def test_validation_split_is_found_by_name_never_the_whole_root(train_test_folder, tmp_path):
+    from types import SimpleNamespace
+    from dropcluster_timm.training import TrainingError, build_data
+    args = SimpleNamespace(dataset='', data_dir=train_test_folder, train_split='train', val_split='validation',
+                           num_classes=None)
+    data = build_data(args)
+    assert os.path.basename(data.splits['validation']) == 'test' and len(data.eval) == 12  # not all 48 images
+    assert os.path.basename(data.splits['train']) == 'train' and len(data.train) == 36
+    # no held-out folder by any known name: refused, listing the folders and the flag
+    other = _relayout(make_image_folder(tmp_path / 'holdout'), {'validation': 'holdout'})
+    with pytest.raises(TrainingError, match=r"folders found: holdout, train\); name one with --val-split"):
+        build_data(SimpleNamespace(**dict(vars(args), data_dir=other)))
+    assert len(build_data(SimpleNamespace(**dict(vars(args), data_dir=other, val_split='holdout'))).eval) == 12
+    with pytest.raises(TrainingError, match='overlaps the training split'):
+        build_data(SimpleNamespace(**dict(vars(args), val_split='train')))
+    # no train folder either: never the root
+    with pytest.raises(TrainingError, match='--train-split'):
+        build_data(SimpleNamespace(**dict(vars(args), data_dir=os.path.join(train_test_folder, 'test'))))
+
+
+def test_train_and_evaluate_use_the_test_folder_of_a_train_test_layout(train_test_folder, tmp_path):
+    out = str(tmp_path / 'run')
+    tiny = list(TINY)
+    tiny[tiny.index('--epochs') + 1] = '1'
+    proc = run_script([train_test_folder, '--output', out] + tiny)
+    assert f'validation {os.path.join(train_test_folder, "test")} (12 images)' in proc.stdout
+    run = json.load(open(os.path.join(out, 'run.json')))
+    assert run['data']['validation'] == os.path.join(train_test_folder, 'test')
+    ev = run_script(['evaluate', os.path.join(out, 'best'), '--data-dir', train_test_folder])
+    assert f'(12 images of {os.path.join(train_test_folder, "test")})' in ev.stdout
+    # without data arguments a model trained on an ImageFolder asks for them (no digits fallback)
+    bad = run_script(['evaluate', os.path.join(out, 'best')], check=False)
+    _assert_fails(bad, ['--data-dir', os.path.basename(train_test_folder)])
+    holdout = _relayout(make_image_folder(tmp_path / 'holdout'), {'validation': 'holdout'})
+    bad = run_script(['evaluate', os.path.join(out, 'best'), '--data-dir', holdout], check=False)
+    _assert_fails(bad, ['holdout, train', '--split'])
+
+
+def test_drop_cluster_defaults_follow_the_run_length(tmp_path):
+    script = _import_script()
+    args = script.parse_args(['--data-dir', str(tmp_path), '--epochs', '10'])
+    assert (args.drop_cluster_start, args.drop_cluster_warmup, args.drop_cluster_update_freq) == (2, 1, 1)
+    args = script.parse_args(['--data-dir', str(tmp_path)])  # 100 epochs: the reference recipe
+    assert (args.drop_cluster_start, args.drop_cluster_warmup, args.drop_cluster_update_freq) == (20, 10, 10)
+    args = script.parse_args([])  # the digits: 12 epochs
+    assert (args.drop_cluster_start, args.drop_cluster_warmup, args.drop_cluster_update_freq) == (3, 3, 3)
+    args = script.parse_args(['--epochs', '4', '--drop-cluster-start', '0'])
+    assert (args.drop_cluster_start, args.drop_cluster_warmup, args.drop_cluster_update_freq) == (0, 1, 1)
+    for epochs in (1, 2, 5, 20, 300):
+        args = script.parse_args(['--data-dir', str(tmp_path), '--epochs', str(epochs)])
+        schedule = DropClusterSchedule(args.drop_cluster, args.drop_cluster_start, args.drop_cluster_warmup,
+                                       update_freq=args.drop_cluster_update_freq, steps_per_epoch=10)
+        assert schedule.peak_rate(epochs) == pytest.approx(args.drop_cluster), epochs
+        # clusters are re-computed at epoch starts: a one-epoch run has none after its start
+        assert bool(schedule.update_epochs(epochs)) == (epochs > 1), epochs
+
+
+def test_schedule_warnings_name_what_never_happens():
+    from dropcluster_timm.training import schedule_warnings
+    never = DropClusterSchedule(0.1, start_epoch=20, warmup_epochs=10, update_freq=10, steps_per_epoch=5)
+    assert never.peak_rate(20) == 0.0 and never.update_epochs(20) == []
+    (warning,) = schedule_warnings(never, 20)
+    assert 'never switches on' in warning and '--drop-cluster-start 20' in warning
+    partial = DropClusterSchedule(0.1, start_epoch=2, warmup_epochs=10, update_freq=0, steps_per_epoch=5)
+    text = ' '.join(schedule_warnings(partial, 4))
+    assert 'reaches only' in text and 'never re-computed' in text
+    assert partial.peak_rate(4) == pytest.approx(partial.rate_at(3.8))
+    fine = DropClusterSchedule(0.1, start_epoch=1, warmup_epochs=1, update_freq=1, steps_per_epoch=5)
+    assert schedule_warnings(fine, 4) == []
+    assert 'stay off' in schedule_warnings(DropClusterSchedule(0.0), 4)[0]
+
+
+def test_run_records_what_dropcluster_really_did(image_folder, tmp_path):
+    # DropCluster starts after the last epoch: a warning, and run.json / the card say it never switched on
+    off = str(tmp_path / 'off')
+    tiny = [a for a in TINY]
+    tiny[tiny.index('--epochs') + 1] = '1'
+    proc = run_script([image_folder, '--output', off] + tiny + ['--drop-cluster-start', '5'])
+    assert 'warning: DropCluster never switches on' in proc.stdout
+    run = json.load(open(os.path.join(off, 'run.json')))
+    assert run['dropcluster']['peak_rate'] == 0.0 and run['dropcluster']['reclusterings'] == 0
+    assert run['progress']['epochs_done'] == 1
+    card_metrics = json.load(open(os.path.join(off, 'best', 'metrics.json')))
+    assert card_metrics['peak_drop_rate'] == 0.0 and card_metrics['reclusterings'] == 0
+    card = open(os.path.join(off, 'best', 'README.md')).read()
+    assert 'never switched on' in card and 'trained with DropCluster' not in card
+
+
+def test_run_record_of_full_run(full_run):
+    run = json.load(open(os.path.join(full_run, 'run.json')))
+    assert run['dropcluster']['peak_rate'] == pytest.approx(0.2) and run['dropcluster']['reclusterings'] == 2
+    assert run['progress']['epochs_done'] == 3 and run['args']['model'] == 'resnet18_dropcluster'
+    card = open(os.path.join(full_run, 'last', 'README.md')).read()
+    assert 'trained with DropCluster' in card
+
+
+def test_ema_weights_are_picked_and_published(image_folder, tmp_path):
+    out = str(tmp_path / 'ema')
+    run_script([image_folder, '--output', out, '--model-ema', '--model-ema-decay', '0.9'] + TINY)
+    rows = json.load(open(os.path.join(out, 'metrics.json')))
+    best_epoch = max(rows, key=lambda r: r['ema_top1'])['epoch']  # first maximum, as the run picks
+    best = json.load(open(os.path.join(out, 'best', 'metrics.json')))
+    assert best['weights'] == 'ema' and best['ema_decay'] == 0.9 and best['epoch'] == best_epoch
+    assert best['top1'] == rows[best_epoch]['ema_top1']
+    # last/ holds the EMA weights of the last checkpoint, not the raw ones
+    from safetensors.torch import load_file
+    published = load_file(os.path.join(out, 'last', 'model.safetensors'))
+    ckpt = os.path.join(out, 'checkpoints', 'epoch_0002')
+    raw = load_file(os.path.join(ckpt, 'model.safetensors'))
+    ema_state = torch.load(os.path.join(ckpt, 'custom_checkpoint_3.pkl'), weights_only=False)  # registered 4th
+    ema_params = {k[len('module.'):]: v for k, v in ema_state.items() if k.startswith('module.')}
+    key = 'fc.weight'
+    assert torch.equal(published[key], ema_params[key]) and not torch.equal(published[key], raw[key])
+    assert 'exponential moving average' in open(os.path.join(out, 'last', 'README.md')).read().lower()
+
+
+def test_run_killed_in_its_first_epoch_can_be_resumed_or_rerun(image_folder, tmp_path):
+    out = str(tmp_path / 'early')
+    tiny = list(TINY)
+    tiny[tiny.index('--epochs') + 1] = '2'
+    proc = run_script([image_folder, '--output', out] + tiny, env={'DROPCLUSTER_TIMM_CRASH_AT_STEP': '2'},
+                      check=False)
+    assert proc.returncode != 0 and os.path.isfile(os.path.join(out, 'run.json'))
+    assert not os.path.exists(os.path.join(out, 'checkpoints'))
+    resumed = run_script([image_folder, '--output', out, '--resume', out] + tiny)
+    assert 'starting over' in resumed.stdout
+    assert [r['epoch'] for r in json.load(open(os.path.join(out, 'metrics.json')))] == [0, 1]
+    # a fresh run may also reuse a folder whose run stopped before its first checkpoint
+    again = str(tmp_path / 'again')
+    run_script([image_folder, '--output', again] + tiny, env={'DROPCLUSTER_TIMM_CRASH_AT_STEP': '2'}, check=False)
+    run_script([image_folder, '--output', again] + tiny)
+    assert sorted(os.listdir(os.path.join(again, 'checkpoints'))) == ['epoch_0000', 'epoch_0001']
+
+
+@pytest.mark.parametrize('extra, words', [
+    (['--drop-cluster', '1.5'], ['--drop-cluster', 'in [0, 1)', '1.5']),
+    (['--drop-cluster', '-0.1'], ['--drop-cluster', '-0.1']),
+    (['--epochs', '0'], ['--epochs', '>= 1']),
+])
+def test_bad_settings_fail_early_with_one_line(image_folder, tmp_path, extra, words):
+    out = tmp_path / 'o'
+    proc = run_script([image_folder, '--output', str(out)] + TINY + extra, check=False)
+    _assert_fails(proc, words)
+    assert not out.exists()
+
+
+def test_output_naming_a_file_fails_with_one_line(image_folder, tmp_path):
+    target = tmp_path / 'taken'
+    target.write_text('keep me')
+    for output in (target, target / 'sub'):
+        proc = run_script([image_folder, '--output', str(output)] + TINY, check=False)
+        _assert_fails(proc, ['--output', 'is a file'])
+    assert target.read_text() == 'keep me'
+
+
+def test_corrupt_checkpoint_file_fails_with_one_line(full_run, image_folder, tmp_path):
+    import shutil
+    out = str(tmp_path / 'copy')
+    shutil.copytree(full_run, out)
+    optimizer = os.path.join(out, 'checkpoints', 'epoch_0002', 'optimizer.bin')
+    data = open(optimizer, 'rb').read()
+    open(optimizer, 'wb').write(data[:len(data) // 2])
+    before = {n: os.path.getmtime(os.path.join(out, n)) for n in ('run.json', 'metrics.json')}
+    proc = run_script([image_folder, '--output', out, '--resume', out] + TINY, check=False)
+    _assert_fails(proc, ['cannot resume', 'optimizer.bin', 'damaged'])
+    assert before == {n: os.path.getmtime(os.path.join(out, n)) for n in before}  # nothing rewritten
+
+
+def test_no_progress_bars_in_logs_and_readable_help(image_folder, tmp_path):
+    tiny = [a for a in TINY if a != '--no-progress']
+    tiny[tiny.index('--epochs') + 1] = '1'
+    proc = run_script([image_folder, '--output', str(tmp_path / 'o')] + tiny)  # stderr is a pipe, not a terminal
+    assert '\r' not in proc.stderr and 'it/s' not in proc.stderr and 's/it' not in proc.stderr
+    assert 'epoch 0 train_loss' in proc.stdout  # the plain line per epoch
+    usage = run_script(['--help']).stdout
+    assert '--input-size C H W' in usage and 'C H W C H W' not in usage
+
+
+def test_single_cpu_process_uses_the_cores():
+    code = ('import os, torch; from accelerate import Accelerator; from dropcluster_timm.training import use_cpu_cores; '
+            'acc = Accelerator(cpu=True); print(use_cpu_cores(acc), len(os.sched_getaffinity(0)))')
+    env = dict(os.environ, OMP_NUM_THREADS='1')  # what `accelerate launch` sets for one process
+    proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    threads, cores = map(int, proc.stdout.split())
+    assert threads == cores
