@@ -527,3 +527,18 @@ def test_single_cpu_process_uses_the_cores():
     assert proc.returncode == 0, proc.stderr
     threads, cores = map(int, proc.stdout.split())
     assert threads == cores
+
+
+def test_plain_timm_model_run_is_not_labelled_dropcluster(image_folder, tmp_path):
+    out = str(tmp_path / 'plain')
+    tiny = [a for a in TINY if a not in ('--num-clusters', '2')]
+    tiny[tiny.index('--epochs') + 1] = '1'
+    tiny[tiny.index('--model') + 1] = 'resnet18'
+    proc = run_script([image_folder, '--output', out] + tiny + ['--drop-block', '0.1'])
+    assert 'no DropCluster layers' in proc.stdout  # the --drop-cluster warning
+    config = json.load(open(os.path.join(out, 'best', 'config.json')))
+    assert config['architecture'] == 'resnet18' and 'drop_cluster_prob' not in config.get('model_args', {})
+    card = open(os.path.join(out, 'best', 'README.md')).read()
+    assert 'DropBlock (rate 0.1)' in card and 'trained with DropCluster' not in card
+    run = json.load(open(os.path.join(out, 'run.json')))
+    assert 'dropcluster' not in run
