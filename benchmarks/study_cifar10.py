@@ -24,7 +24,11 @@ of the test set, and mean corruption top-1 on a smaller subset of it under every
 ``dropcluster_timm.corruptions`` at severities 1 to 5 (applied at the native 32 px, as CIFAR-10-C).
 
 Writes ``OUTPUT.json`` (every run, written as they finish; a re-run with the same settings resumes),
-``OUTPUT.md`` (tables) and ``OUTPUT.png`` (top-1 against training-set size, mean +- std over seeds).
+``OUTPUT.md`` (tables), ``OUTPUT.png`` (top-1 against training-set size, mean +- std over seeds) and
+``OUTPUT_card_table.json``, the results table of the ``resnet18_dropcluster`` model card:
+
+    python benchmarks/study_cifar10.py --card-table-only   # only the card table, from an existing OUTPUT.json
+    dropcluster-timm cards --table resnet18_dropcluster=benchmarks/results/study_cifar10_card_table.json
 """
 import argparse
 import concurrent.futures as cf
@@ -34,7 +38,6 @@ import multiprocessing as mp
 import os
 import platform
 import sys
-import tarfile
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -43,19 +46,24 @@ import torch
 import torch.nn.functional as F
 
 import timm
-from timm.data import create_dataset, resolve_data_config
+from timm.data import resolve_data_config
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 
 import dropcluster_timm  # noqa: F401  registers resnet18_dropcluster
 from dropcluster_timm import DropClusterSchedule, set_drop_prob, update_clusters
 from dropcluster_timm.corruptions import CORRUPTIONS, corruption_accuracy
-from dropcluster_timm.model_card import ARM_LABELS
+from dropcluster_timm.model_card import check_results_table
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the data helpers it shares with regularizer_study
+from regularizer_study.data import balanced_split, load_cifar10  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / 'shared' / 'data' / 'cifar10-jpg.tar.gz'
 BASE_MODEL, DC_MODEL = 'resnet18', 'resnet18_dropcluster'
 ARMS = ('none', 'dropblock', 'dc_stages', 'dc_stem')
+ARM_LABELS = {'none': 'no structured dropout', 'dropblock': 'DropBlock, stages 3-4',
+              'dc_stages': 'DropCluster, stages 3-4', 'dc_stem': 'DropCluster, stem'}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -64,8 +72,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--cache-dir', default=os.path.join(os.environ.get('TMPDIR', '/tmp'), 'dropcluster_cifar10'),
                    help='where the archive is unpacked and the decoded images are cached')
     p.add_argument('--output', default=str(REPO / 'benchmarks' / 'results' / 'study_cifar10'),
-                   help='path stem of the .json, .md and .png results')
+                   help='path stem of the .json, .md, .png and _card_table.json results')
     p.add_argument('--quick', action='store_true', help='tiny settings: checks the pipeline in a few minutes')
+    p.add_argument('--card-table-only', action='store_true',
+                   help='train nothing: write OUTPUT_card_table.json (the model card\'s table) from OUTPUT.json')
     p.add_argument('--arms', nargs='+', default=list(ARMS), choices=ARMS)
     p.add_argument('--train-sizes', nargs='+', type=int, default=[1000, 5000, 10000])
     p.add_argument('--epochs', nargs='+', type=int, default=[30, 8, 6], help='one per training-set size')
@@ -115,50 +125,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 # ----------------------------------------------------------------------------------------------
 # Data: decoded once into uint8 tensors, split into class-balanced subsets
-
-
-def load_cifar10(data: str, cache_dir: str) -> Dict[str, torch.Tensor]:
-    """``{'train_x', 'train_y', 'test_x', 'test_y'}``: uint8 (N, 3, 32, 32) images and int64 labels."""
-    cache = Path(cache_dir) / 'cifar10_uint8.pt'
-    if cache.exists():
-        return torch.load(cache)
-    root = Path(data)
-    if root.is_file():
-        folder = Path(cache_dir) / 'images'
-        if not (folder / 'test').is_dir():
-            folder.mkdir(parents=True, exist_ok=True)
-            with tarfile.open(root) as tar:
-                tar.extractall(folder, filter='data')
-        root = folder
-    out = {}
-    for split in ('train', 'test'):
-        # timm's ImageFolder reader: same sorted class order as timm training on this folder.
-        ds = create_dataset('', root=str(root), split=split)
-        images, labels = [], []
-        for img, label in ds:
-            images.append(torch.frombuffer(bytearray(img.convert('RGB').tobytes()), dtype=torch.uint8).view(32, 32, 3))
-            labels.append(label)
-        out[f'{split}_x'] = torch.stack(images).permute(0, 3, 1, 2).contiguous()
-        out[f'{split}_y'] = torch.tensor(labels)
-    tmp = cache.with_suffix('.tmp')
-    torch.save(out, tmp)
-    os.replace(tmp, cache)
-    return out
-
-
-def balanced_split(labels: torch.Tensor, per_class: int, seed: int, exclude: Optional[torch.Tensor] = None):
-    """``per_class`` indices of every class, drawn by ``seed``; a larger count extends a smaller one."""
-    g = torch.Generator().manual_seed(seed)
-    keep = torch.ones(len(labels), dtype=torch.bool)
-    if exclude is not None:
-        keep[exclude] = False
-    chosen = []
-    for c in range(int(labels.max()) + 1):
-        idx = torch.nonzero((labels == c) & keep).flatten()
-        if len(idx) < per_class:
-            raise ValueError(f'class {c} has {len(idx)} images, {per_class} requested')
-        chosen.append(idx[torch.randperm(len(idx), generator=g)[:per_class]])
-    return torch.stack(chosen, 1).flatten()  # interleaved: any prefix of 10k is class-balanced
 
 
 def splits(labels_train: torch.Tensor, labels_test: torch.Tensor, args) -> Dict[str, torch.Tensor]:
@@ -480,6 +446,39 @@ def render_markdown(results: Dict[str, Any], summary: List[Dict[str, Any]], comm
     return '\n'.join(lines) + '\n'
 
 
+def card_table(results: Dict[str, Any]) -> Dict[str, Any]:
+    """The study's results table for the model card of ``results['models']['dropcluster']``, in the
+    format of ``dropcluster_timm.model_card.load_results_table``."""
+    cfg, models = results['config'], results['models']
+    description = (
+        f'From `benchmarks/study_cifar10.py` (results file `benchmarks/results/study_cifar10.json`): a narrow '
+        f'`{models["dropcluster"]}` (layers {cfg["layers"]}, channels {cfg["channels"]}, output_stride 8, '
+        f'{cfg["img_size"]} px) trained from scratch on class-balanced CIFAR-10 subsets, against the same timm '
+        f'`{models["base"]}` without structured dropout and with DropBlock. Rates chosen on a validation '
+        f'split; test top-1 on {cfg["test_images"]} test images, mean corruption top-1 (mCA) over '
+        f'{len(CORRUPTIONS)} corruptions x 5 severities on {cfg["corruption_images"]} of them; mean +- std over '
+        f'{cfg["seeds"]} seeds. A difference smaller than the standard deviations is not evidence either way; '
+        f'BENCHMARKS.md of the dropcluster-timm repository discusses these figures.')
+    rows = [[e['size'], ARM_LABELS.get(e['arm'], e['arm']), e['rate'],
+             f"{e['test_top1']:.2f} +- {e['test_top1_std']:.2f}",
+             f"{e['mean_corruption_top1']:.2f} +- {e['mean_corruption_top1_std']:.2f}"]
+            for e in results.get('summary') or summarize(results)]
+    return check_results_table({
+        'title': 'CIFAR-10 study (from-scratch runs; no weights published)',
+        'description': description,
+        'columns': ['train images', 'regulariser', 'rate', 'test top-1 (%)', 'mCA (%)'],
+        'align': ['right', 'left', 'right', 'right', 'right'],  # the +- cells are figures too
+        'rows': rows,
+    }, source='card_table')
+
+
+def write_card_table(results: Dict[str, Any], output: str) -> Path:
+    """Write ``card_table(results)`` to ``OUTPUT_card_table.json``."""
+    path = Path(output + '_card_table.json')
+    path.write_text(json.dumps(card_table(results), indent=1) + '\n', encoding='utf-8')
+    return path
+
+
 def plot(summary: List[Dict[str, Any]], path: str) -> Optional[str]:
     try:
         import matplotlib
@@ -511,6 +510,13 @@ def plot(summary: List[Dict[str, Any]], path: str) -> Optional[str]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.card_table_only:
+        results_path = Path(args.output + '.json')
+        if not results_path.is_file():
+            print(f'study_cifar10.py: error: no results at {results_path} (run the study first)', file=sys.stderr)
+            return 2
+        print(write_card_table(json.loads(results_path.read_text()), args.output))
+        return 0
     if not Path(args.data).exists() and not (Path(args.cache_dir) / 'cifar10_uint8.pt').exists():
         print(f'skipped: CIFAR-10 not found at {args.data} (see ../shared/data/README.md; --data PATH)')
         return 0
@@ -521,6 +527,7 @@ def main(argv=None) -> int:
     command = 'python benchmarks/study_cifar10.py ' + ' '.join(argv if argv is not None else sys.argv[1:])
     Path(args.output + '.md').write_text(render_markdown(results, summary, command.strip()))
     plot(summary, args.output + '.png')
+    write_card_table(results, args.output)
     print(Path(args.output + '.md').read_text())
     return 0
 

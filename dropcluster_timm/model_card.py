@@ -17,10 +17,12 @@ Model statistics are measured, not typed in:
 
 Results come only from a metrics file written by a real run (``load_metrics`` lists the keys the
 card reads); without one the card of a ``*_dropcluster`` architecture says that no DropCluster-trained
-weights are published yet. The card of the architecture used by the CIFAR-10 study
-(``benchmarks/study_cifar10.py``) also gets the study's table, read from its JSON results (``load_study``).
+weights are published yet. A card can also carry results tables of other experiments (JSON files read
+by ``load_results_table``), each a section of its comparison: the committed ``resnet18_dropcluster`` card
+carries the table of the CIFAR-10 study, which ``benchmarks/study_cifar10.py`` writes.
 
-Regenerate the committed cards with ``dropcluster-timm cards --study benchmarks/results/study_cifar10.json``.
+Regenerate the committed cards with
+``dropcluster-timm cards --table resnet18_dropcluster=benchmarks/results/study_cifar10_card_table.json``.
 """
 import csv
 import json
@@ -40,8 +42,8 @@ from timm.models._input import get_model_input_config
 from torch.utils.flop_counter import FlopCounterMode
 
 __all__ = ['model_stats', 'format_stat', 'load_metrics', 'check_metrics', 'dataset_name', 'training_notes',
-           'is_dropcluster_architecture', 'load_study', 'build_model_card', 'render_model_card', 'write_model_cards',
-           'CITATIONS', 'PAPERS', 'CARD_MARKER', 'CLUSTER_MAPS_IMAGE']
+           'is_dropcluster_architecture', 'check_results_table', 'load_results_table', 'build_model_card',
+           'render_model_card', 'write_model_cards', 'CITATIONS', 'PAPERS', 'CARD_MARKER', 'CLUSTER_MAPS_IMAGE']
 
 # In every generated card (an HTML comment, invisible on the Hub): push re-renders only cards that carry it.
 CARD_MARKER = '<!-- dropcluster-timm card -->'
@@ -280,44 +282,100 @@ def _size_text(size: Union[int, Sequence[int]]) -> str:
     return f'{h} x {w}'
 
 
-ARM_LABELS = {'none': 'no structured dropout', 'dropblock': 'DropBlock, stages 3-4',
-              'dc_stages': 'DropCluster, stages 3-4', 'dc_stem': 'DropCluster, stem'}
+# The keys of a results table file (see ``load_results_table``): required, then optional.
+_TABLE_KEYS = ('title', 'description', 'columns', 'rows')
+_TABLE_OPTIONAL = ('notes', 'align')
+_ALIGN = {'left': '---', 'right': '---:', 'center': ':---:'}
 
 
-def load_study(path: Union[str, Path]) -> Dict[str, Any]:
-    """Read the JSON results of ``benchmarks/study_cifar10.py`` (needs its ``config``, ``models`` and
-    ``summary``)."""
+def _is_line(value: Any) -> bool:
+    """A string without line breaks: a line break would end a markdown table row or heading."""
+    return isinstance(value, str) and '\n' not in value and '\r' not in value
+
+
+def check_results_table(table: Any, source: str = 'results table') -> Dict[str, Any]:
+    """Check a results table (see ``load_results_table``); returns ``table``.
+
+    Raises ``ValueError`` naming ``source`` and what is wrong.
+    """
+    if not isinstance(table, dict):
+        raise ValueError(f'{source}: expected a JSON object with keys {", ".join(_TABLE_KEYS)}')
+    missing = [k for k in _TABLE_KEYS if k not in table]
+    if missing:
+        raise ValueError(f'{source}: missing key(s) {", ".join(missing)}')
+    unknown = sorted(set(table) - set(_TABLE_KEYS) - set(_TABLE_OPTIONAL))
+    if unknown:  # a misspelt "notes" would otherwise vanish from the card without a word
+        raise ValueError(f'{source}: unknown key(s) {", ".join(unknown)}; '
+                         f'expected {", ".join(_TABLE_KEYS + _TABLE_OPTIONAL)}')
+    for key in ('title', 'description', 'notes'):
+        if key in table and not isinstance(table[key], str):
+            raise ValueError(f'{source}: "{key}" must be a string, got {table[key]!r}')
+    if not (_is_line(table['title']) and table['title'].strip()):
+        raise ValueError(f'{source}: "title" must be one non-empty line (it is the section heading)')
+    columns = table['columns']
+    if not (isinstance(columns, list) and columns and all(_is_line(c) for c in columns)):
+        raise ValueError(f'{source}: "columns" must be a non-empty list of one-line strings, got {columns!r}')
+    if 'align' in table and (not isinstance(table['align'], list) or len(table['align']) != len(columns)
+                             or any(a not in _ALIGN for a in table['align'])):
+        raise ValueError(f'{source}: "align" must list one of {", ".join(_ALIGN)} per column '
+                         f'({len(columns)}), got {table["align"]!r}')
+    if not isinstance(table['rows'], list):
+        raise ValueError(f'{source}: "rows" must be a list of rows, got {table["rows"]!r}')
+    for i, row in enumerate(table['rows']):
+        if not isinstance(row, list):
+            raise ValueError(f'{source}: row {i} must be a list of cells, got {row!r}')
+        if len(row) != len(columns):
+            raise ValueError(f'{source}: row {i} has {len(row)} cells, expected one per column ({len(columns)})')
+        for cell in row:
+            if not (_is_number(cell) or _is_line(cell)):
+                raise ValueError(f'{source}: row {i}: cells must be numbers or one-line strings, got {cell!r}')
+    return table
+
+
+def load_results_table(path: Union[str, Path]) -> Dict[str, Any]:
+    """Read a results table for a card's comparison section, a JSON object:
+
+      * ``title``: heading of the section; ``description``: a markdown paragraph above the table.
+      * ``columns``: column headers; ``rows``: lists of one cell (string or number) per column.
+      * ``notes`` (optional): markdown under the table.
+      * ``align`` (optional): 'left', 'right' or 'center' per column; by default columns of numbers
+        only are right-aligned, the others left.
+
+    ``benchmarks/study_cifar10.py`` writes one (``benchmarks/results/study_cifar10_card_table.json``).
+    Raises ``FileNotFoundError``, or ``ValueError`` naming the file and what is wrong.
+    """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f'study results not found: {path}')
-    study = json.loads(path.read_text())
-    if not isinstance(study, dict) or not all(k in study for k in ('config', 'models', 'summary')):
-        raise ValueError(f'{path}: expected the JSON written by benchmarks/study_cifar10.py '
-                         '(with "config", "models" and "summary")')
-    return study
+        raise FileNotFoundError(f'results table not found: {path}')
+    try:
+        table = json.loads(path.read_text(encoding='utf-8'))
+    except json.JSONDecodeError as e:
+        raise ValueError(f'{path}: not valid JSON ({e})') from None
+    return check_results_table(table, source=str(path))
 
 
-def _study_results(study: Dict[str, Any]) -> str:
-    cfg = study['config']
+def _cell(value: Union[str, int, float]) -> str:
+    if isinstance(value, float):
+        return f'{value:.15g}'  # 0.0 as 0, and no float noise (0.1 + 0.2 as 0.3)
+    return str(value).replace('|', '\\|')  # a bare pipe would split the cell
+
+
+def _results_table(table: Dict[str, Any]) -> str:
+    """A ``### title`` section: description, the markdown table, notes."""
+    columns, rows = table['columns'], table['rows']
+    align = table.get('align') or ['right' if rows and all(_is_number(r[i]) for r in rows) else 'left'
+                                   for i in range(len(columns))]
     lines = [
-        '### CIFAR-10 study (from-scratch runs; no weights published)',
+        f'### {table["title"].strip()}',
         '',
-        f'From `benchmarks/study_cifar10.py` (results file `benchmarks/results/study_cifar10.json`): a narrow '
-        f'`{study["models"]["dropcluster"]}` (layers {cfg["layers"]}, channels {cfg["channels"]}, output_stride 8, '
-        f'{cfg["img_size"]} px) trained from scratch on class-balanced CIFAR-10 subsets, against the same timm '
-        f'`{study["models"]["base"]}` without structured dropout and with DropBlock. Rates chosen on a validation '
-        f'split; test top-1 on {cfg["test_images"]} test images, mean corruption top-1 (mCA) over 8 corruptions x '
-        f'5 severities on {cfg["corruption_images"]} of them; mean +- std over {cfg["seeds"]} seeds. A '
-        f'difference smaller than the standard deviations is not evidence either way; BENCHMARKS.md of the '
-        f'dropcluster-timm repository discusses these figures.',
+        table['description'].strip(),
         '',
-        '| train images | regulariser | rate | test top-1 (%) | mCA (%) |',
-        '|---:|---|---:|---:|---:|',
+        '| ' + ' | '.join(_cell(c) for c in columns) + ' |',
+        '|' + '|'.join(_ALIGN[a] for a in align) + '|',
     ]
-    for e in study['summary']:
-        lines.append(f"| {e['size']} | {ARM_LABELS.get(e['arm'], e['arm'])} | {e['rate']:g} | "
-                     f"{e['test_top1']:.2f} +- {e['test_top1_std']:.2f} | "
-                     f"{e['mean_corruption_top1']:.2f} +- {e['mean_corruption_top1_std']:.2f} |")
+    lines += ['| ' + ' | '.join(_cell(c) for c in row) + ' |' for row in rows]
+    if table.get('notes', '').strip():
+        lines += ['', table['notes'].strip()]
     return '\n'.join(lines) + '\n'
 
 
@@ -491,7 +549,7 @@ def build_model_card(
         model_args: Optional[Dict[str, Any]] = None,
         license: str = 'apache-2.0',
         repo_id: Optional[str] = None,
-        study: Optional[Dict[str, Any]] = None,
+        tables: Optional[Sequence[Dict[str, Any]]] = None,
         cluster_maps: Optional[str] = None,
 ) -> Dict[str, Any]:
     """timm ``model_card`` dict for ``model_name`` (an architecture, optionally ``arch.tag``), plus
@@ -507,7 +565,7 @@ def build_model_card(
             each pretrained tag lists its weights' own.
         repo_id: Hub repo of the weights; the usage examples then load ``hf-hub:<repo_id>``. Trained
             weights without one load ``LOCAL_MODEL_ID``, which ``hub.push`` replaces.
-        study: results of the CIFAR-10 study (``load_study``), shown when they are for ``model_name``.
+        tables: results tables (``load_results_table``), each a section of the comparison, in order.
         cluster_maps: file name of a cluster-map picture next to the card, shown in it.
     """
     if not timm.is_model(model_name.split('.')[0]):
@@ -517,6 +575,7 @@ def build_model_card(
     dropcluster = is_dropcluster_architecture(arch, model_args)
     if metrics:
         check_metrics(metrics)
+    tables = [check_results_table(t) for t in tables or ()]
     stats = model_stats(model_name, img_size=(metrics or {}).get('img_size'), model_args=model_args)
     details = {
         'Model Type': 'Image classification / feature backbone',
@@ -585,8 +644,7 @@ def build_model_card(
         'description': description,
         'details': details,
         'usage': _usage(model_id, dropcluster),
-        'comparison': _results(model_name, metrics, dropcluster) + (
-            '\n' + _study_results(study) if study and study['models']['dropcluster'] == arch else ''),
+        'comparison': '\n'.join([_results(model_name, metrics, dropcluster)] + [_results_table(t) for t in tables]),
         'citation': citations,
         'card_data': _card_data(model_name, metrics, dropcluster, license),
         'cluster_maps': cluster_maps,
@@ -612,20 +670,26 @@ def write_model_cards(
         out_dir: Union[str, Path] = 'model_cards',
         models: Optional[Sequence[str]] = None,
         metrics: Optional[Dict[str, Dict[str, Any]]] = None,
-        study: Optional[Dict[str, Any]] = None,
+        tables: Optional[Dict[str, Sequence[Dict[str, Any]]]] = None,
 ) -> List[Path]:
     """Write ``<out_dir>/<model>.md`` for every registered ``*_dropcluster`` model (or ``models``).
 
     ``metrics`` maps a model name to the results of its run; models without one get the
-    "no DropCluster-trained weights" card. ``study`` (``load_study``) adds the CIFAR-10 study's table
-    to the card of the architecture it used.
+    "no DropCluster-trained weights" card. ``tables`` maps a model name to the results tables
+    (``load_results_table``) of its card; a name that is not written raises ``ValueError``.
     """
+    names = list(models or timm.list_models('*_dropcluster'))
+    metrics, tables = metrics or {}, tables or {}
+    unknown = sorted(set(tables) - set(names))
+    if unknown:  # a misspelt model name would otherwise drop its tables without a word
+        raise ValueError(f'results tables for model(s) without a card here: {", ".join(unknown)} '
+                         f'(cards: {", ".join(names)})')
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    metrics = metrics or {}
     paths = []
-    for name in models or timm.list_models('*_dropcluster'):
+    for name in names:
         path = out_dir / f'{name}.md'
-        path.write_text(render_model_card(name, metrics=metrics.get(name), study=study), encoding='utf-8')
+        path.write_text(render_model_card(name, metrics=metrics.get(name), tables=tables.get(name)),
+                        encoding='utf-8')
         paths.append(path)
     return paths

@@ -203,6 +203,25 @@ def test_cli_cards(tmp_path, capsys):
     assert 'No DropCluster-trained' in (tmp_path / 'cards' / 'resnet34_dropcluster.md').read_text()
     assert cli_main(['cards', '--metrics', 'nofile']) == 2
 
+    table = tmp_path / 't.json'
+    table.write_text(json.dumps({'title': 'My ablation', 'description': 'd', 'columns': ['arm', 'top-1'],
+                                 'rows': [['a', 61.5]]}))
+    argv = ['cards', '--out-dir', str(tmp_path / 'cards'), '--table', f'resnet34_dropcluster={table}']
+    assert cli_main(argv) == 0
+    assert '### My ablation' in (tmp_path / 'cards' / 'resnet34_dropcluster.md').read_text()
+    assert '| a | 61.5 |' in (tmp_path / 'cards' / 'resnet34_dropcluster.md').read_text()
+    assert 'My ablation' not in (tmp_path / 'cards' / 'resnet18_dropcluster.md').read_text()
+    capsys.readouterr()
+    bad = tmp_path / 'bad.json'
+    bad.write_text(json.dumps({'title': 'x', 'description': 'd', 'columns': ['a'], 'rows': [[1, 2]]}))
+    for item, error in ((f'resnet34_dropcluster={bad}', 'row 0 has 2 cells'), (str(table), 'expects MODEL=FILE'),
+                        (f'resnet34_dropclustr={table}', 'without a card here: resnet34_dropclustr')):
+        assert cli_main(['cards', '--out-dir', str(tmp_path / 'other'), '--table', item]) == 2
+        assert 'dropcluster-timm cards: error: ' in (err := capsys.readouterr().err) and error in err, err
+    assert not (tmp_path / 'other').exists()
+    with pytest.raises(SystemExit):
+        cli_main(['cards', '--study', 'x.json'])  # replaced by --table
+
 
 # ----- cards and configs of trained weights
 

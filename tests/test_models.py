@@ -14,13 +14,16 @@ import dropcluster_timm  # noqa: F401  registers the models
 from dropcluster_timm import dropcluster_layers, set_drop_prob, update_clusters
 from dropcluster_timm.clustering import grid_cluster_map
 from dropcluster_timm.model_card import (
-    build_model_card, load_metrics, load_study, model_stats, render_model_card, write_model_cards)
+    build_model_card, load_metrics, load_results_table, model_stats, render_model_card, write_model_cards)
 
 VARIANTS = ['resnet18_dropcluster', 'resnet34_dropcluster', 'resnet50_dropcluster', 'resnet101_dropcluster',
             'resnet152_dropcluster', 'resnet50d_dropcluster']
 BASES = {v: v[:-len('_dropcluster')] for v in VARIANTS}
 REPO_ROOT = Path(__file__).resolve().parents[1]
-STUDY = REPO_ROOT / 'benchmarks' / 'results' / 'study_cifar10.json'
+# The CIFAR-10 study's table in the card of the model it trained (benchmarks/study_cifar10.py writes it).
+STUDY_MODEL = 'resnet18_dropcluster'
+STUDY_TABLE = REPO_ROOT / 'benchmarks' / 'results' / 'study_cifar10_card_table.json'
+CARDS_COMMAND = f'dropcluster-timm cards --table {STUDY_MODEL}={STUDY_TABLE.relative_to(REPO_ROOT).as_posix()}'
 
 
 def layer_shapes(model):
@@ -324,30 +327,78 @@ def test_card_for_a_plain_timm_architecture():
 
 def test_committed_model_cards_are_current(tmp_path):
     """model_cards/ holds one card per registered variant, as the generator writes them today."""
-    written = write_model_cards(tmp_path, study=load_study(STUDY) if STUDY.exists() else None)
+    written = write_model_cards(tmp_path, tables={STUDY_MODEL: [load_results_table(STUDY_TABLE)]})
     assert sorted(p.name for p in written) == sorted(f'{v}.md' for v in VARIANTS)
     committed = REPO_ROOT / 'model_cards'
     assert sorted(p.name for p in committed.glob('*.md')) == sorted(p.name for p in written)
     for p in written:
-        assert (committed / p.name).read_text() == p.read_text(), \
-            f'{p.name} is stale: run `dropcluster-timm cards --study benchmarks/results/study_cifar10.json`'
+        assert (committed / p.name).read_text() == p.read_text(), f'{p.name} is stale: run `{CARDS_COMMAND}`'
 
 
 def test_card_of_the_study_model_carries_the_study_table(tmp_path):
-    """The committed study results (benchmarks/results/study_cifar10.json) become a table in the card
-    of the architecture they used, and only there."""
-    if not STUDY.exists():
-        pytest.skip(f'no study results at {STUDY}')
-    study = load_study(STUDY)
-    arch = study['models']['dropcluster']
-    text = render_model_card(arch, study=study)
-    assert 'CIFAR-10 study' in text and 'No DropCluster-trained weights are published yet' in text
-    for e in study['summary']:
+    """The committed study table (benchmarks/results/study_cifar10_card_table.json) becomes a section
+    of the card it is given to, with every arm's figures of the committed results, and only there."""
+    table = load_results_table(STUDY_TABLE)
+    written = {p.stem: p.read_text() for p in write_model_cards(tmp_path, tables={STUDY_MODEL: [table]})}
+    text = written[STUDY_MODEL]
+    assert '### CIFAR-10 study (from-scratch runs; no weights published)' in text
+    assert 'No DropCluster-trained weights are published yet' in text
+    assert '| train images | regulariser | rate | test top-1 (%) | mCA (%) |\n|---:|---|---:|---:|---:|' in text
+    results = json.loads((STUDY_TABLE.parent / 'study_cifar10.json').read_text())
+    for e in results['summary']:
         assert (f"| {e['size']} | " in text and f"{e['test_top1']:.2f} +- {e['test_top1_std']:.2f}" in text
                 and f"{e['mean_corruption_top1']:.2f} +- {e['mean_corruption_top1_std']:.2f}" in text), e
-    other = next(v for v in VARIANTS if v != arch)
-    assert 'CIFAR-10 study' not in render_model_card(other, study=study)
-    bad = tmp_path / 'bad.json'
-    bad.write_text('{"runs": {}}')
-    with pytest.raises(ValueError, match='study_cifar10'):
-        load_study(bad)
+    assert all('CIFAR-10 study' not in t for name, t in written.items() if name != STUDY_MODEL)
+
+
+def test_results_table_renders_title_description_columns_rows_notes():
+    """Any results table becomes a '### title' section of the comparison: description, a markdown table
+    (numbers as written, numeric columns right-aligned, pipes escaped), notes; several in order."""
+    table = {'title': 'Fine-tuning on flowers', 'description': 'Five runs *per* arm.',
+             'columns': ['arm', 'epochs', 'top-1 (%)'],
+             'rows': [['plain | baseline', 10, 90.25], ['DropCluster', 10, 0.1 + 0.2], ['DropBlock', 20, 0.0]],
+             'notes': 'Seed 0 only.'}
+    second = {'title': 'Second', 'description': 'Other.', 'columns': ['a'], 'rows': [['x']], 'align': ['center']}
+    text = render_model_card('resnet34_dropcluster', tables=[table, second])
+    comparison = text.split('## Model Comparison\n')[1].split('## Citation')[0]
+    assert comparison.startswith('No DropCluster-trained weights are published yet')
+    section = ('### Fine-tuning on flowers\n\nFive runs *per* arm.\n\n'
+               '| arm | epochs | top-1 (%) |\n|---|---:|---:|\n'
+               '| plain \\| baseline | 10 | 90.25 |\n| DropCluster | 10 | 0.3 |\n| DropBlock | 20 | 0 |\n'
+               '\nSeed 0 only.\n'
+               '\n### Second\n\nOther.\n\n| a |\n|:---:|\n| x |\n')
+    assert section in comparison
+    assert 'Fine-tuning on flowers' not in render_model_card('resnet34_dropcluster')
+
+
+@pytest.mark.parametrize('content, message', [
+    ('[1, 2]', 'expected a JSON object'),
+    ('{"title": "t", "columns": ["a"], "rows": []}', 'missing key.* description'),
+    ('{"title": "t", "description": "d", "columns": ["a", "b"], "rows": [[1, 2], [3]]}',
+     'row 1 has 1 cells, expected one per column \\(2\\)'),
+    ('{"title": "t", "description": "d", "columns": ["a"], "rows": [[1]], "note": "x"}', 'unknown key.* note'),
+    ('{"title": "t", "description": "d", "columns": [], "rows": []}', '"columns" must be a non-empty list'),
+    ('{"title": "t", "description": "d", "columns": ["a"], "rows": [[{"x": 1}]]}', 'row 0: cells must be'),
+    ('{"title": "t", "description": "d", "columns": ["a"], "rows": [[true]]}', 'row 0: cells must be'),
+    ('{"title": "t", "description": "d", "columns": ["a"], "rows": [[1]], "align": ["up"]}', '"align" must'),
+    ('{"title": "", "description": "d", "columns": ["a"], "rows": []}', '"title" must be one non-empty line'),
+    ('{"title": "t", "description": "d", "columns": ["a"], "rows": [[1]], "notes": 3}',
+     '"notes" must be a string'),
+    ('{"title": "t",', 'not valid JSON'),
+])
+def test_malformed_results_table_fails_naming_file_and_fault(tmp_path, content, message):
+    path = tmp_path / 'my_table.json'
+    path.write_text(content)
+    with pytest.raises(ValueError, match=f'my_table.json: .*{message}'):
+        load_results_table(path)
+
+
+def test_results_tables_are_checked_where_they_enter(tmp_path):
+    """A missing file, a malformed table given in code, tables for a model without a card: all refused."""
+    with pytest.raises(FileNotFoundError, match='results table not found'):
+        load_results_table(tmp_path / 'absent.json')
+    with pytest.raises(ValueError, match='missing key'):
+        build_model_card('resnet18_dropcluster', tables=[{'title': 't'}])
+    with pytest.raises(ValueError, match='resnet18_dropclustr'):
+        write_model_cards(tmp_path, tables={'resnet18_dropclustr': []})
+    assert not list(tmp_path.iterdir())  # refused before any card is written

@@ -12,6 +12,7 @@ from dropcluster_timm import dropcluster_layers
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR = REPO.parent / 'shared' / 'data' / 'cifar10-jpg.tar.gz'
+RESULTS = REPO / 'benchmarks' / 'results' / 'study_cifar10'  # the committed study: .json and _card_table.json
 
 
 # Imported by name from benchmarks/ (not from a file spec) so that the study's worker processes,
@@ -106,11 +107,38 @@ def test_study_selects_on_validation_resumes_and_reports(tmp_path, capsys):
     md = Path(out + '.md').read_text()
     assert study.ARM_LABELS['dc_stages'] in md and f"{summary['none']['test_top1']:.2f}" in md
     assert Path(out + '.png').stat().st_size > 1000
+    assert json.loads(Path(out + '_card_table.json').read_text()) == study.card_table(results)
     # a second call with the same settings trains nothing
     capsys.readouterr()
     assert study.main(argv) == 0
     assert 'resuming: 5 runs' in capsys.readouterr().out
     assert json.loads(Path(out + '.json').read_text())['runs'] == runs
+
+
+def test_card_table_reproduces_the_committed_table_from_the_committed_results():
+    """benchmarks/results/study_cifar10_card_table.json (the resnet18_dropcluster card's table) is
+    card_table() of the committed results, one row per summary entry with its figures."""
+    results = json.loads(RESULTS.with_suffix('.json').read_text())
+    table = study.card_table(results)
+    assert table == json.loads(RESULTS.with_name(RESULTS.name + '_card_table.json').read_text()), \
+        'stale: run `python benchmarks/study_cifar10.py --card-table-only`'
+    assert table['columns'] == ['train images', 'regulariser', 'rate', 'test top-1 (%)', 'mCA (%)']
+    assert [r[:4] for r in table['rows']] == [
+        [e['size'], study.ARM_LABELS[e['arm']], e['rate'], f"{e['test_top1']:.2f} +- {e['test_top1_std']:.2f}"]
+        for e in results['summary']]
+
+
+def test_card_table_only_writes_the_table_without_training(tmp_path, capsys):
+    out = tmp_path / 'res'
+    assert study.main(['--card-table-only', '--output', str(out)]) == 2  # no results yet: nothing to tabulate
+    assert 'no results at' in capsys.readouterr().err and not list(tmp_path.iterdir())
+    results = json.loads(RESULTS.with_suffix('.json').read_text())
+    del results['summary']  # results saved mid-run have none: it is computed from the runs
+    Path(f'{out}.json').write_text(json.dumps(results))
+    assert study.main(['--card-table-only', '--output', str(out), '--data', str(tmp_path / 'missing')]) == 0
+    written = Path(f'{out}_card_table.json')
+    assert capsys.readouterr().out.strip() == str(written)
+    assert json.loads(written.read_text()) == study.card_table(json.loads(RESULTS.with_suffix('.json').read_text()))
 
 
 def test_study_skips_cleanly_without_data(tmp_path, capsys):

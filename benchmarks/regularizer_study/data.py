@@ -1,0 +1,96 @@
+""" CIFAR-10 for the study: decoded once into uint8 tensors, class-balanced splits, augmentation on
+the device that holds the images (GPU or CPU), so no per-image PIL pipeline sits in the loop."""
+import os
+import tarfile
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from timm.data import create_dataset
+
+__all__ = ['load_cifar10', 'balanced_split', 'augment', 'cutout']
+
+
+def load_cifar10(data: str, cache_dir: str) -> Dict[str, torch.Tensor]:
+    """``{'train_x', 'train_y', 'test_x', 'test_y'}``: uint8 ``(N, 3, 32, 32)`` images and int64 labels.
+
+    ``data`` is ``cifar10-jpg.tar.gz`` or its unpacked ImageFolder root (``train/``, ``test/``); the
+    decoded tensors are cached in ``cache_dir``.
+    """
+    cache = Path(cache_dir) / 'cifar10_uint8.pt'
+    if cache.exists():
+        return torch.load(cache)
+    root = Path(data)
+    if not root.exists():
+        raise FileNotFoundError(f'CIFAR-10 not found at {data} (see ../shared/data/README.md)')
+    if root.is_file():
+        folder = Path(cache_dir) / 'images'
+        if not (folder / 'test').is_dir():
+            folder.mkdir(parents=True, exist_ok=True)
+            with tarfile.open(root) as tar:
+                tar.extractall(folder, filter='data')
+        root = folder
+    out = {}
+    for split in ('train', 'test'):
+        # timm's ImageFolder reader: the same sorted class order as timm training on this folder.
+        ds = create_dataset('', root=str(root / split), search_split=False)
+        images, labels = [], []
+        for img, label in ds:
+            images.append(torch.frombuffer(bytearray(img.convert('RGB').tobytes()), dtype=torch.uint8).view(32, 32, 3))
+            labels.append(label)
+        out[f'{split}_x'] = torch.stack(images).permute(0, 3, 1, 2).contiguous()
+        out[f'{split}_y'] = torch.tensor(labels)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix('.tmp')
+    torch.save(out, tmp)
+    os.replace(tmp, cache)
+    return out
+
+
+def balanced_split(labels: torch.Tensor, per_class: int, seed: int, exclude: Optional[torch.Tensor] = None):
+    """``per_class`` indices of every class drawn by ``seed``, interleaved by class, so that every
+    prefix of a multiple of 10 is class-balanced and a larger count extends a smaller one."""
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.ones(len(labels), dtype=torch.bool)
+    if exclude is not None:
+        keep[exclude] = False
+    chosen = []
+    for c in range(int(labels.max()) + 1):
+        idx = torch.nonzero((labels == c) & keep).flatten()
+        if len(idx) < per_class:
+            raise ValueError(f'class {c} has {len(idx)} images, {per_class} requested')
+        chosen.append(idx[torch.randperm(len(idx), generator=g)[:per_class]])
+    return torch.stack(chosen, 1).flatten()
+
+
+def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """The standard CIFAR augmentation of a uint8 batch, on the batch's device: a random 32 px crop
+    of the 4 px reflect-padded image and a horizontal flip; returns float images in [0, 1].
+    ``g`` lives on the same device, so the draws do not depend on the host."""
+    B, C, H, W = x.shape
+    dev = x.device
+    padded = F.pad(x.float(), (4, 4, 4, 4), mode='reflect')
+    dy = torch.randint(0, 9, (B,), generator=g, device=dev)
+    dx = torch.randint(0, 9, (B,), generator=g, device=dev)
+    rows = (dy[:, None] + torch.arange(H, device=dev))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(W, device=dev))[:, None, None, :]
+    out = padded[torch.arange(B, device=dev)[:, None, None, None], torch.arange(C, device=dev)[None, :, None, None],
+                 rows, cols]
+    flip = torch.rand(B, generator=g, device=dev) < 0.5
+    out = torch.where(flip[:, None, None, None], out.flip(-1), out)
+    return out / 255.0
+
+
+def cutout(x: torch.Tensor, size: int, g: torch.Generator, fill: float = 0.5) -> torch.Tensor:
+    """Cutout (DeVries and Taylor 2017): one ``size`` x ``size`` square per image, centred anywhere
+    (clipped at the border), set to ``fill`` (mid-grey of [0, 1] images, about the data mean)."""
+    B, _, H, W = x.shape
+    dev = x.device
+    cy = torch.randint(0, H, (B,), generator=g, device=dev)[:, None, None]
+    cx = torch.randint(0, W, (B,), generator=g, device=dev)[:, None, None]
+    yy = torch.arange(H, device=dev)[None, :, None]
+    xx = torch.arange(W, device=dev)[None, None, :]
+    y0, x0 = cy - size // 2, cx - size // 2
+    box = (yy >= y0) & (yy < y0 + size) & (xx >= x0) & (xx < x0 + size)
+    return torch.where(box[:, None], torch.full_like(x, fill), x)
