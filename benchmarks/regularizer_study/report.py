@@ -245,6 +245,10 @@ def _plan_section(plan: Dict) -> List[str]:
     if not plan:
         return ['## Plan', '', 'No `plan.json`: the chosen regime and rates are unknown.', '']
     lines = ['## Plan', '', f'Chosen regime: {plan.get("chosen_regime") or "none yet"}.', '']
+    if plan.get('forced_regime'):
+        lines[-2] = (f'Regime: {plan["forced_regime"]}, forced with `run.py --regime`, not chosen by the rule '
+                     '(Cutout beating no regularisation with a 95% interval above 0); results in it cannot show '
+                     'that a regulariser helps.')
     rates = plan.get('chosen_rates') or {}
     if rates:
         lines += _table(['arm', 'chosen rate'], [[label(a), _rate(rates[a])] for a in _ordered(rates)]) + ['']

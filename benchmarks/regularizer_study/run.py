@@ -207,6 +207,8 @@ def make_jobs(phase: str, plan: Dict[str, Any], rows: List[Dict[str, Any]]) -> L
 
 def update_choices(plan: Dict[str, Any], rows: List[Dict[str, Any]], forced_regime: Optional[str]) -> None:
     cfg = plan['config']
+    if forced_regime:  # recorded: a forced regime did not come from the choice rule
+        plan['forced_regime'] = forced_regime
     plan['chosen_regime'] = forced_regime or plan['chosen_regime'] or choose_regime(
         rows, cfg['regimes'], cfg['regime_seeds'])
     if plan['chosen_regime']:
@@ -311,7 +313,8 @@ def run_one(job: Dict[str, Any]) -> Dict[str, Any]:
 
     row = {k: job[k] for k in ('key', 'phase', 'regime', 'arm', 'rate', 'seed')}
     row.update(train_size=size, epochs=epochs, reclusters=reclusters, final_loss=float(loss.detach()),
-               train_time_s=round(train_time, 2), images_per_s=round(size * epochs / train_time, 1),
+               train_time_s=round(train_time, 2),
+               images_per_s=round(steps * cfg['batch_size'] * epochs / train_time, 1),
                device=str(device) if device.type == 'cpu' else torch.cuda.get_device_name(device),
                deterministic=deterministic)
     val_x, val_y = data['train_x'][val_idx.to(device)], data['train_y'][val_idx.to(device)].cpu()
