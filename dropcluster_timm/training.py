@@ -7,11 +7,9 @@ reason; the script prints it and exits with status 2.
 """
 import csv
 import json
-import math
 import os
 import shutil
 import sys
-import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 

@@ -1,7 +1,6 @@
 """ train_timm.py and dropcluster_timm.training: schedule, distributed re-clustering, end-to-end runs,
 resume after a kill, error cases. The runs are real processes on tiny generated ImageFolder data."""
 import json
-import math
 import os
 import socket
 import subprocess

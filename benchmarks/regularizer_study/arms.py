@@ -24,7 +24,7 @@ from timm.layers import DropBlock2d
 
 import timm
 import dropcluster_timm  # noqa: F401  registers resnet18_dropcluster
-from dropcluster_timm import dropcluster_layers, set_drop_prob
+from dropcluster_timm import set_drop_prob
 from dropcluster_timm.drop_cluster import _DropClusterNd
 
 __all__ = ['ARMS', 'REGULARISED', 'DC_ARMS', 'build_model', 'set_rate', 'regulariser_layers',
