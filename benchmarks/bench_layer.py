@@ -4,11 +4,10 @@
 Everything is measured side by side in one process and printed as ratios (CI machines are noisy, so
 no timing is asserted anywhere). Runs on CPU, and on CUDA too when a GPU is present.
 
-    python benchmarks/bench_layer.py            # full run (the Ward loop at 112x112 takes ~40 s)
-    python benchmarks/bench_layer.py --quick    # smaller repeat counts, skips the largest Ward case
+    python -m benchmarks.bench_layer            # full run (the Ward loop at 112x112 takes ~40 s)
+    python -m benchmarks.bench_layer --quick    # smaller repeat counts, skips the largest Ward case
 """
 import argparse
-import statistics
 import time
 
 import torch
@@ -18,31 +17,12 @@ from dropcluster_timm import DropCluster2d
 from dropcluster_timm.clustering import activation_features, cluster_features, within_cluster_variance
 from dropcluster_timm.testing import smooth_region_fields
 
+from .timing import synchronize, time_interleaved
+
 # ResNet-50 shapes (batch, channels, size) where DropBlock / DropCluster sit.
 LAYER_SHAPES = [(64, 256, 14), (64, 64, 56), (32, 64, 112)]
 # (batch, channels, size, num_clusters): cluster size 49 (a 7x7 block).
 CLUSTER_SHAPES = [(64, 256, 14, 4), (64, 64, 56, 64), (64, 64, 112, 256)]
-
-
-def _sync(device):
-    if device.type == 'cuda':
-        torch.cuda.synchronize()
-
-
-def time_interleaved(fns, device, repeats, warmup=2):
-    """Median seconds per call of each fn, calls interleaved round-robin so drift hits all alike."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            _sync(device)
-            t = time.perf_counter()
-            fn()
-            _sync(device)
-            times[name].append(time.perf_counter() - t)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def bench_layers(device, repeats, drop_prob=0.1, block_size=7):
@@ -96,10 +76,10 @@ def bench_clustering(device, quick):
         x = smooth_region_fields(b, c, s, s, k, g).to(device)
         feats = activation_features(x)
         cluster_features(feats, [s, s], k, 'rena')  # warm-up
-        _sync(device)
+        synchronize(device)
         t = time.perf_counter()
         rena = cluster_features(feats, [s, s], k, 'rena')
-        _sync(device)
+        synchronize(device)
         t_rena = time.perf_counter() - t
         v_rena = within_cluster_variance(feats, rena).mean().item()
         if have_ward and not (quick and s > 56):

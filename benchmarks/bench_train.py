@@ -4,8 +4,8 @@ cost of one full re-clustering amortised over an epoch.
 All models are timed side by side in one process (steps interleaved round-robin) and reported as
 ratios. On a 2-core CPU use a small resolution and batch; on a GPU use ImageNet settings:
 
-    python benchmarks/bench_train.py                                  # CPU default: 128 px, batch 16
-    python benchmarks/bench_train.py --device cuda --img-size 224 --batch-size 128 --amp
+    python -m benchmarks.bench_train                                  # CPU default: 128 px, batch 16
+    python -m benchmarks.bench_train --device cuda --img-size 224 --batch-size 128 --amp
 """
 import argparse
 import statistics
@@ -18,12 +18,9 @@ import torch.nn.functional as F
 import dropcluster_timm  # noqa: F401  registers *_dropcluster with timm
 from dropcluster_timm import dropcluster_layers, update_clusters
 
+from .timing import synchronize, time_interleaved
+
 IMAGENET_TRAIN_IMAGES = 1_281_167
-
-
-def _sync(device):
-    if device.type == 'cuda':
-        torch.cuda.synchronize()
 
 
 def main():
@@ -72,25 +69,15 @@ def main():
         loss.backward()
         opt.step()
 
-    for name in models:  # warm-up
-        step(name)
-        step(name)
-    times = {name: [] for name in models}
-    for _ in range(args.steps):
-        for name in models:
-            _sync(device)
-            t = time.perf_counter()
-            step(name)
-            _sync(device)
-            times[name].append(time.perf_counter() - t)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    # two warm-up steps per model, then timed steps interleaved round-robin
+    med = time_interleaved({name: (lambda name=name: step(name)) for name in models}, device, args.steps)
 
     update_times = []
     for _ in range(3):
-        _sync(device)
+        synchronize(device)
         t = time.perf_counter()
         update_clusters(dc_model, update_batch)
-        _sync(device)
+        synchronize(device)
         update_times.append(time.perf_counter() - t)
     t_update = statistics.median(update_times)
     steps_per_epoch = args.epoch_images / args.batch_size

@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """ Evidence study on CIFAR-10: no structured dropout vs DropBlock vs DropCluster, clean and corrupted.
 
-    python benchmarks/study_cifar10.py            # the default study (44 min on the 2-core CPU machine)
-    python benchmarks/study_cifar10.py --quick    # a few minutes: the same pipeline, tiny settings
-    python benchmarks/study_cifar10.py --device cuda --train-sizes 1000 5000 49000 --epochs 60 30 15 \\
+    python -m benchmarks.study_cifar10            # the default study (44 min on the 2-core CPU machine)
+    python -m benchmarks.study_cifar10 --quick    # a few minutes: the same pipeline, tiny settings
+    python -m benchmarks.study_cifar10 --device cuda --train-sizes 1000 5000 49000 --epochs 60 30 15 \\
         --channels 64 128 256 512 --layers 2 2 2 2 --seeds 5 --jobs 1       # scaled up on a GPU
 
 Arms (same model family, recipe, epochs and seeds; only the regulariser differs):
@@ -27,7 +27,7 @@ Writes ``OUTPUT.json`` (every run, written as they finish; a re-run with the sam
 ``OUTPUT.md`` (tables), ``OUTPUT.png`` (top-1 against training-set size, mean +- std over seeds) and
 ``OUTPUT_card_table.json``, the results table of the ``resnet18_dropcluster`` model card:
 
-    python benchmarks/study_cifar10.py --card-table-only   # only the card table, from an existing OUTPUT.json
+    python -m benchmarks.study_cifar10 --card-table-only   # only the card table, from an existing OUTPUT.json
     dropcluster-timm cards --table resnet18_dropcluster=benchmarks/results/study_cifar10_card_table.json
 """
 import argparse
@@ -53,10 +53,9 @@ from timm.scheduler import create_scheduler_v2
 import dropcluster_timm  # noqa: F401  registers resnet18_dropcluster
 from dropcluster_timm import DropClusterSchedule, set_drop_prob, update_clusters
 from dropcluster_timm.corruptions import CORRUPTIONS, corruption_accuracy
-from dropcluster_timm.model_card import check_results_table
+from dropcluster_timm.run_results import check_results_table
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the data helpers it shares with regularizer_study
-from regularizer_study.data import balanced_split, load_cifar10  # noqa: E402
+from .regularizer_study.data import balanced_split, load_cifar10  # the data helpers it shares with regularizer_study
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / 'shared' / 'data' / 'cifar10-jpg.tar.gz'
@@ -448,7 +447,7 @@ def render_markdown(results: Dict[str, Any], summary: List[Dict[str, Any]], comm
 
 def card_table(results: Dict[str, Any]) -> Dict[str, Any]:
     """The study's results table for the model card of ``results['models']['dropcluster']``, in the
-    format of ``dropcluster_timm.model_card.load_results_table``."""
+    format of ``dropcluster_timm.run_results.load_results_table``."""
     cfg, models = results['config'], results['models']
     description = (
         f'From `benchmarks/study_cifar10.py` (results file `benchmarks/results/study_cifar10.json`): a narrow '
@@ -524,7 +523,7 @@ def main(argv=None) -> int:
     summary = summarize(results)
     results['summary'] = summary
     Path(args.output + '.json').write_text(json.dumps(results, indent=1))
-    command = 'python benchmarks/study_cifar10.py ' + ' '.join(argv if argv is not None else sys.argv[1:])
+    command = 'python -m benchmarks.study_cifar10 ' + ' '.join(argv if argv is not None else sys.argv[1:])
     Path(args.output + '.md').write_text(render_markdown(results, summary, command.strip()))
     plot(summary, args.output + '.png')
     write_card_table(results, args.output)

@@ -1,22 +1,31 @@
 """ DropCluster for timm: learned structured dropout layers, a batched clustering engine and helpers.
 
-``import dropcluster_timm`` also registers the DropCluster layers as FX leaf modules with timm.
+``import dropcluster_timm`` registers the ``*_dropcluster`` models with timm and the DropCluster
+layers as FX leaf modules. The Hub functions (``save_pretrained``, ``push``) load on first use;
+training lives in ``dropcluster_timm.train``, evaluation in ``dropcluster_timm.evaluate``.
 """
 from .clustering import CLUSTER_METHODS, cluster_activations, within_cluster_variance
 from .drop_cluster import DropCluster1d, DropCluster2d, DropCluster3d, drop_cluster, resample_cluster_map
 from .model_helpers import (
-    copy_cluster_state, ddp_ignore_cluster_buffers, dropcluster_layers, set_drop_prob, update_clusters)
+    cluster_state, copy_cluster_state, ddp_ignore_cluster_buffers, dropcluster_layers, init_cluster_maps,
+    set_drop_prob, update_clusters)
 from .schedules import SCHEDULE_SHAPES, DropClusterSchedule
-from . import models  # registers the *_dropcluster models with timm
-from .hub import push, save_pretrained
+from . import models  # noqa: F401  registers the *_dropcluster models with timm
 
 __version__ = '0.1.0'
 
 __all__ = [
     'CLUSTER_METHODS', 'cluster_activations', 'within_cluster_variance',
     'DropCluster1d', 'DropCluster2d', 'DropCluster3d', 'drop_cluster', 'resample_cluster_map',
-    'dropcluster_layers', 'set_drop_prob', 'update_clusters', 'copy_cluster_state',
-    'ddp_ignore_cluster_buffers',
+    'dropcluster_layers', 'set_drop_prob', 'init_cluster_maps', 'update_clusters', 'copy_cluster_state',
+    'cluster_state', 'ddp_ignore_cluster_buffers',
     'DropClusterSchedule', 'SCHEDULE_SHAPES',
+    'save_pretrained', 'push',
 ]
-__all__ += ['save_pretrained', 'push']
+
+
+def __getattr__(name):
+    if name in ('save_pretrained', 'push'):  # the Hub code (model cards, matplotlib) only when used
+        from . import hub
+        return getattr(hub, name)
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

@@ -10,7 +10,7 @@ Every function takes float images ``(B, C, H, W)`` in [0, 1] (before mean/std no
 severity 1..5, and is deterministic for a given ``torch.Generator``.
 """
 import io
-from typing import Any, Callable, Dict, Iterable, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-__all__ = ['CORRUPTIONS', 'SEVERITIES', 'corrupt', 'corruption_accuracy']
+__all__ = ['CORRUPTIONS', 'SEVERITIES', 'corrupt', 'check_corruptions', 'corruption_accuracy']
 
 SEVERITIES = (1, 2, 3, 4, 5)
 
@@ -109,7 +109,7 @@ def corrupt(images: Tensor, name: str, severity: int, generator: Optional[torch.
     """
     if name not in CORRUPTIONS:
         raise ValueError(f'unknown corruption {name!r}, expected one of {sorted(CORRUPTIONS)}')
-    if severity not in (1, 2, 3, 4, 5):
+    if severity not in SEVERITIES:
         raise ValueError(f'severity must be an integer from 1 to 5, got {severity!r}')
     if images.ndim != 4 or not images.is_floating_point():
         raise ValueError(f'expected float images (B, C, H, W), got {images.dtype} {tuple(images.shape)}')
@@ -117,7 +117,8 @@ def corrupt(images: Tensor, name: str, severity: int, generator: Optional[torch.
     return out.clamp(0, 1).to(images.dtype)
 
 
-def _check_names(corruptions: Optional[Sequence[str]], severities: Sequence[int]):
+def check_corruptions(corruptions: Optional[Sequence[str]], severities: Sequence[int]) -> Tuple[List[str], List[int]]:
+    """The corruption names (None: all) and severities to run; ``ValueError`` naming what is unknown."""
     names = list(CORRUPTIONS) if corruptions is None else list(corruptions)
     unknown = [n for n in names if n not in CORRUPTIONS]
     if unknown or not names:
@@ -155,7 +156,7 @@ def corruption_accuracy(
     Returns ``{'top1': clean, 'corruptions': {name: [top1 per severity]}, 'mean_per_corruption':
     {name: mean over severities}, 'mean_corruption_top1': mean over all (corruption, severity)}``.
     """
-    names, sevs = _check_names(corruptions, severities)
+    names, sevs = check_corruptions(corruptions, severities)
     model.eval()
     device = next(model.parameters()).device
     preprocess = preprocess or (lambda x: x)

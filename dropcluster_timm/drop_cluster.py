@@ -28,7 +28,7 @@ from timm.layers import register_notrace_module
 
 from .clustering import CLUSTER_METHODS, cluster_activations, grid_cluster_map
 
-__all__ = ['drop_cluster', 'resample_cluster_map', 'DropCluster1d', 'DropCluster2d', 'DropCluster3d']
+__all__ = ['drop_cluster', 'resample_cluster_map', 'DropClusterNd', 'DropCluster1d', 'DropCluster2d', 'DropCluster3d']
 
 
 def resample_cluster_map(cluster_map: Tensor, size: List[int]) -> Tensor:
@@ -140,7 +140,7 @@ def drop_cluster(
 LABEL_DTYPE = torch.int32
 
 
-class _DropClusterNd(nn.Module):
+class DropClusterNd(nn.Module):
     """Shared implementation of DropCluster1d/2d/3d (``spatial_dims`` set by the subclass).
 
     Args:
@@ -215,7 +215,12 @@ class _DropClusterNd(nn.Module):
                 raise ValueError(f'feat_size must have {self.spatial_dims} dims, got {feat_size}')
             # Built on the CPU, where label values can be read, then moved: the device may be 'meta', also
             # implicitly through a `with torch.device('meta')` block (timm's factory tests use one).
-            self.set_cluster_map(grid_cluster_map(size, self.target_clusters(size), torch.device('cpu')))
+            self.set_cluster_map(self.grid_map(size, torch.device('cpu')))
+
+    def grid_map(self, spatial: List[int], device: torch.device) -> Tensor:
+        """The map a layer starts from, for inputs of this spatial size: ``target_clusters`` regular
+        blocks (DropBlock's non-overlapping blocks), shape ``(1, *spatial)``."""
+        return grid_cluster_map(spatial, self.target_clusters(spatial), device)
 
     def target_clusters(self, spatial: List[int]) -> int:
         """Clusters per map for inputs of this spatial size.
@@ -252,8 +257,7 @@ class _DropClusterNd(nn.Module):
         if self.cluster_map.numel() > 0:
             cluster_map, k = self.cluster_map, self.max_clusters
         else:
-            k = self.target_clusters(spatial)
-            cluster_map = grid_cluster_map(spatial, k, x.device)
+            cluster_map, k = self.grid_map(spatial, x.device), self.target_clusters(spatial)
         return drop_cluster(
             x,
             cluster_map,
@@ -372,18 +376,18 @@ class _DropClusterNd(nn.Module):
 
 
 @register_notrace_module
-class DropCluster1d(_DropClusterNd):
-    __doc__ = """DropCluster for ``(B, C, L)`` inputs; clusters are runs of the sequence.""" + _DropClusterNd.__doc__.split('\n', 1)[1]
+class DropCluster1d(DropClusterNd):
+    __doc__ = """DropCluster for ``(B, C, L)`` inputs; clusters are runs of the sequence.""" + DropClusterNd.__doc__.split('\n', 1)[1]
     spatial_dims = 1
 
 
 @register_notrace_module
-class DropCluster2d(_DropClusterNd):
-    __doc__ = """DropCluster for ``(B, C, H, W)`` inputs, a drop-in for timm's ``DropBlock2d``.""" + _DropClusterNd.__doc__.split('\n', 1)[1]
+class DropCluster2d(DropClusterNd):
+    __doc__ = """DropCluster for ``(B, C, H, W)`` inputs, a drop-in for timm's ``DropBlock2d``.""" + DropClusterNd.__doc__.split('\n', 1)[1]
     spatial_dims = 2
 
 
 @register_notrace_module
-class DropCluster3d(_DropClusterNd):
-    __doc__ = """DropCluster for ``(B, C, D, H, W)`` inputs (video, volumes).""" + _DropClusterNd.__doc__.split('\n', 1)[1]
+class DropCluster3d(DropClusterNd):
+    __doc__ = """DropCluster for ``(B, C, D, H, W)`` inputs (video, volumes).""" + DropClusterNd.__doc__.split('\n', 1)[1]
     spatial_dims = 3

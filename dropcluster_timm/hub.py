@@ -13,6 +13,7 @@ argument, the ``HF_TOKEN`` environment variable or the ``hf auth login`` cache, 
 ``huggingface_hub``.
 """
 import json
+import os
 import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
@@ -22,10 +23,8 @@ from huggingface_hub import HfApi, get_token
 from safetensors import safe_open
 from timm.models import save_for_hf
 
-from .model_card import (
-    CARD_MARKER, CLUSTER_MAPS_IMAGE, check_metrics, is_dropcluster_architecture, load_metrics, render_model_card,
-    training_notes)
-from .model_helpers import dropcluster_layers
+from .model_card import CARD_MARKER, CLUSTER_MAPS_IMAGE, is_dropcluster_architecture, render_model_card, training_notes
+from .run_results import check_metrics, load_metrics
 from .models import dropcluster_model_args
 from .visualization import plot_cluster_maps
 
@@ -62,7 +61,7 @@ def save_pretrained(
             other timm architecture.
         save_directory: output folder (created).
         metrics: results of the run that trained the weights: a dict, or a metrics file path
-            (keys: ``model_card.load_metrics``); saved as ``metrics.json``, and config.json's
+            (keys: ``run_results.load_metrics``); saved as ``metrics.json``, and config.json's
             pretrained_cfg then describes these weights instead of the ones the model was created
             with. None: the card of the architecture (no DropCluster-trained weights published).
         data_config: preprocessing of the weights, as timm's ``save_for_hf`` takes it.
@@ -79,19 +78,26 @@ def save_pretrained(
         metrics = check_metrics(dict(metrics))  # before anything is written
     if repo_id is not None:
         _check_repo_id(repo_id)
-    has_dropcluster = any(True for _ in dropcluster_layers(model))
-    # the current drop rate, which set_drop_prob may have changed; timm records a plain model's own args
-    model_args = dropcluster_model_args(model) if has_dropcluster else None
+    # the current drop rate, which set_drop_prob may have changed; timm records the other arguments
+    model_args = dropcluster_model_args(model)
     save_directory = Path(save_directory)
-    save_for_hf(model, save_directory, model_args=model_args, safe_serialization=True, data_config=data_config)
-    for name in ('metrics.json', CLUSTER_MAPS_IMAGE):  # this function's own files from an earlier save
-        (save_directory / name).unlink(missing_ok=True)
-    if metrics:
-        _describe_trained_weights(save_directory / 'config.json', metrics)
-        (save_directory / 'metrics.json').write_text(json.dumps(metrics, indent=2))
-    if has_dropcluster:
-        plot_cluster_maps(model, str(save_directory / CLUSTER_MAPS_IMAGE))
-    (save_directory / 'README.md').write_text(_folder_card(save_directory, repo_id), encoding='utf-8')
+    save_directory.mkdir(parents=True, exist_ok=True)
+    # Written beside the folder, then each file renamed into place: a reader (or a crash) never
+    # meets a half-written file, and files of an earlier save stay usable until replaced.
+    with tempfile.TemporaryDirectory(dir=save_directory.parent, prefix=f'.{save_directory.name}.') as tmp:
+        staging = Path(tmp)
+        save_for_hf(model, staging, model_args=model_args, safe_serialization=True, data_config=data_config)
+        if metrics:
+            _describe_trained_weights(staging / 'config.json', metrics)
+            (staging / 'metrics.json').write_text(json.dumps(metrics, indent=2))
+        plot_cluster_maps(model, str(staging / CLUSTER_MAPS_IMAGE))  # writes nothing without 2-D cluster maps
+        (staging / 'README.md').write_text(_folder_card(staging, repo_id), encoding='utf-8')
+        for name in ('metrics.json', CLUSTER_MAPS_IMAGE):  # this function's own files from an earlier save
+            if not (staging / name).exists():
+                (save_directory / name).unlink(missing_ok=True)
+        for name in ('model.safetensors', 'config.json', 'metrics.json', CLUSTER_MAPS_IMAGE, 'README.md'):
+            if (staging / name).exists():
+                os.replace(staging / name, save_directory / name)
     return save_directory
 
 

@@ -1,19 +1,24 @@
-""" Model-level DropCluster helpers: find the layers, set their rate, re-cluster them from data."""
-from typing import Any, Iterator, List, Optional, Tuple
+""" Model-level DropCluster helpers: find the layers, set their rate, give them their first maps,
+re-cluster them from data, copy and snapshot their state."""
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 from timm.layers import DropBlock2d
+from timm.utils import unwrap_model
 
-from .drop_cluster import _DropClusterNd
+from .drop_cluster import LABEL_DTYPE, DropClusterNd
 
-__all__ = ['dropcluster_layers', 'set_drop_prob', 'update_clusters', 'copy_cluster_state', 'ddp_ignore_cluster_buffers']
+__all__ = [
+    'dropcluster_layers', 'set_drop_prob', 'init_cluster_maps', 'update_clusters', 'copy_cluster_state',
+    'cluster_state', 'ddp_ignore_cluster_buffers',
+]
 
 
-def dropcluster_layers(model: nn.Module) -> Iterator[Tuple[str, _DropClusterNd]]:
+def dropcluster_layers(model: nn.Module) -> Iterator[Tuple[str, DropClusterNd]]:
     """(name, layer) for every DropCluster layer of ``model``."""
     for name, module in model.named_modules():
-        if isinstance(module, _DropClusterNd):
+        if isinstance(module, DropClusterNd):
             yield name, module
 
 
@@ -34,21 +39,54 @@ def set_drop_prob(model: nn.Module, drop_prob: float, drop_block: bool = False) 
     return count
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The module inside DDP / FSDP-style / compiled wrappers (``.module`` / ``._orig_mod`` chains)."""
-    while True:
-        if hasattr(model, '_orig_mod') and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod
-        elif isinstance(model, nn.parallel.DistributedDataParallel) or (
-                type(model).__name__ in ('DistributedDataParallel', 'DataParallel') and hasattr(model, 'module')):
-            model = model.module
-        else:
-            return model
-
-
 def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized() \
         and torch.distributed.get_world_size() > 1
+
+
+def _forward_with_pre_hook(model: nn.Module, layers: Sequence[nn.Module], hook: Callable, batch: Any) -> None:
+    """One forward of ``batch`` in eval mode with ``hook`` as a forward pre-hook of ``layers``.
+
+    Eval mode: DropCluster layers pass activations through and BatchNorm statistics are left alone.
+    Every module's train/eval mode is restored and the hooks removed afterwards, also on error.
+    """
+    handles = [layer.register_forward_pre_hook(hook) for layer in layers]
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        if isinstance(batch, dict):
+            model(**batch)
+        elif isinstance(batch, (tuple, list)):
+            model(*batch)
+        else:
+            model(batch)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, training in modes.items():
+            m.training = training
+
+
+@torch.no_grad()
+def init_cluster_maps(model: nn.Module, input_size: Sequence[int]) -> int:
+    """Give every DropCluster layer whose map is still empty its grid map (``grid_map``) for inputs
+    of ``input_size`` (C, H, W), found with one forward of a zero image.
+
+    So that every checkpoint carries the cluster state (empty buffers are not saved by safetensors).
+    Returns the number of layers given a map.
+    """
+    model = unwrap_model(model)
+    empty = [layer for _, layer in dropcluster_layers(model) if layer.cluster_map.numel() == 0]
+    if not empty:
+        return 0
+
+    def hook(layer, args):
+        if layer.cluster_map.numel() == 0:
+            layer.set_cluster_map(layer.grid_map(list(args[0].shape[2:]), layer.cluster_map.device))
+
+    p = next(model.parameters())
+    _forward_with_pre_hook(model, empty, hook, torch.zeros((1, *input_size), device=p.device, dtype=p.dtype))
+    return sum(1 for layer in empty if layer.cluster_map.numel() > 0)
 
 
 @torch.no_grad()
@@ -83,13 +121,12 @@ def update_clusters(
     Returns:
         the number of layers re-clustered.
     """
-    model = _unwrap(model)
+    model = unwrap_model(model)
     layers = list(dropcluster_layers(model))
     if not layers:
         raise ValueError('update_clusters: the model has no DropCluster layers')
     distributed = _distributed()
     clusters_here = not distributed or torch.distributed.get_rank() == src
-    modes = {m: m.training for m in model.modules()}
     shapes = {}  # layer -> (map shape, device) seen in the forward
 
     def hook(layer, args):
@@ -99,20 +136,7 @@ def update_clusters(
         m = 1 if layer.couple_channels else x.shape[1]
         shapes[layer] = ((m,) + tuple(x.shape[2:]), x.device)
 
-    handles = [layer.register_forward_pre_hook(hook) for _, layer in layers]
-    try:
-        model.eval()
-        if isinstance(batch, dict):
-            model(**batch)
-        elif isinstance(batch, (tuple, list)):
-            model(*batch)
-        else:
-            model(batch)
-    finally:
-        for h in handles:
-            h.remove()
-        for m, training in modes.items():
-            m.training = training
+    _forward_with_pre_hook(model, [layer for _, layer in layers], hook, batch)
     missed = [name for name, layer in layers if layer not in shapes]
     if missed:
         # Every rank runs the same model, so every rank raises here before any broadcast.
@@ -127,9 +151,9 @@ def update_clusters(
             elif device.type != 'cuda' or 'nccl' not in str(backend):
                 device = torch.device('cpu')
             if clusters_here:
-                labels = layer.cluster_map.to(device=device, dtype=torch.int32)
+                labels = layer.cluster_map.to(device=device, dtype=LABEL_DTYPE)
             else:
-                labels = torch.empty(shape, dtype=torch.int32, device=device)
+                labels = torch.empty(shape, dtype=LABEL_DTYPE, device=device)
             torch.distributed.broadcast(labels, src=src)
             if not clusters_here:
                 layer.set_cluster_map(labels)
@@ -142,8 +166,8 @@ def copy_cluster_state(src: nn.Module, dst: nn.Module) -> int:
     For model copies such as timm's ``ModelEmaV3``, whose update copies integer buffers in place and
     so cannot follow a change of map shape. Returns the number of layers copied.
     """
-    src_layers = list(dropcluster_layers(_unwrap(src)))
-    dst_layers = list(dropcluster_layers(_unwrap(dst)))
+    src_layers = list(dropcluster_layers(unwrap_model(src)))
+    dst_layers = list(dropcluster_layers(unwrap_model(dst)))
     if [n for n, _ in src_layers] != [n for n, _ in dst_layers]:
         raise ValueError('copy_cluster_state: the models have different DropCluster layers')
     count = 0
@@ -152,6 +176,11 @@ def copy_cluster_state(src: nn.Module, dst: nn.Module) -> int:
             b.set_cluster_map(a.cluster_map)
             count += 1
     return count
+
+
+def cluster_state(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """``{layer name: cluster_map}`` (CPU copies) of every DropCluster layer of ``model`` (unwrapped)."""
+    return {name: layer.cluster_map.detach().cpu().clone() for name, layer in dropcluster_layers(unwrap_model(model))}
 
 
 def ddp_ignore_cluster_buffers(model: nn.Module) -> List[str]:

@@ -3,7 +3,9 @@ from typing import Optional
 
 import torch.nn as nn
 
-from .model_helpers import _unwrap, dropcluster_layers
+from timm.utils import unwrap_model
+
+from .model_helpers import dropcluster_layers
 
 __all__ = ['plot_cluster_maps']
 
@@ -14,7 +16,7 @@ def plot_cluster_maps(model: nn.Module, path: str, channels: int = 4) -> Optiona
     Returns ``path``, or None (nothing written) when the model has no layer with 2-D maps or
     matplotlib is not installed.
     """
-    layers = [(n, l) for n, l in dropcluster_layers(_unwrap(model)) if l.cluster_map.numel() > 0 and l.cluster_map.dim() == 3]
+    layers = [(n, l) for n, l in dropcluster_layers(unwrap_model(model)) if l.cluster_map.numel() > 0 and l.cluster_map.dim() == 3]
     if not layers:
         return None
     try:

@@ -38,3 +38,26 @@ def hf_cache(tmp_path, monkeypatch) -> HfCache:
     monkeypatch.setattr(huggingface_hub.constants, 'HF_HOME', str(root.parent))
     monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_CACHE', str(root))
     return HfCache(root)
+
+
+@pytest.fixture(scope='session')
+def image_folder(tmp_path_factory):
+    """A small ImageFolder root with train/ and validation/ (3 classes, 36 + 12 images)."""
+    from run_helpers import make_image_folder
+    return make_image_folder(tmp_path_factory.mktemp('data'))
+
+
+@pytest.fixture(scope='session')
+def full_run(image_folder, tmp_path_factory):
+    """The output folder of a complete 3-epoch DropCluster run on ``image_folder``."""
+    from run_helpers import TINY, run_script
+    out = str(tmp_path_factory.mktemp('runs') / 'full')
+    run_script([image_folder, '--output', out] + TINY)
+    return out
+
+
+@pytest.fixture(scope='session')
+def train_test_folder(tmp_path_factory):
+    """CIFAR's layout: train/ and test/, no validation/ folder."""
+    from run_helpers import make_image_folder, relayout
+    return relayout(make_image_folder(tmp_path_factory.mktemp('cifar_layout')), {'validation': 'test'})

@@ -1,20 +1,18 @@
-""" Run by tests/test_training.py under `accelerate launch` with two CPU processes (gloo).
+""" Run by tests/test_train_runs.py under `accelerate launch` with two CPU processes (gloo).
 
-Trains with train_timm.main (gradient accumulation on), then re-clusters once more from a batch that
-differs per rank, and saves each rank's cluster maps for the test to compare.
+Trains with ``dropcluster_timm.train.train`` (gradient accumulation on), then re-clusters once more
+from a batch that differs per rank, and saves each rank's cluster maps for the test to compare.
 """
 import os
 import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import train_timm  # noqa: E402
-from dropcluster_timm import update_clusters  # noqa: E402
-from dropcluster_timm.training import cluster_state  # noqa: E402
+from dropcluster_timm import cluster_state, update_clusters
+from dropcluster_timm.train import parse_train_args, train
 
 dump = sys.argv[1]
-run = train_timm.main(train_timm.parse_args(sys.argv[2:]))
+run = train(parse_train_args(sys.argv[2:]))
 acc = run.accelerator
 rank = acc.process_index
 after_training = cluster_state(run.model)

@@ -3,7 +3,10 @@ import timm
 import torch
 from timm.layers import DropBlock2d
 
-from dropcluster_timm import DropCluster2d, dropcluster_layers, set_drop_prob, update_clusters
+from dropcluster_timm import (
+    DropCluster2d, cluster_state, copy_cluster_state, dropcluster_layers, init_cluster_maps, set_drop_prob,
+    update_clusters)
+from dropcluster_timm.clustering import grid_cluster_map
 
 
 def _timm_resnet_with_dropcluster():
@@ -93,3 +96,53 @@ def test_set_drop_prob_ramps_timm_dropblock_only_when_asked():
     assert len(blocks) == 4  # stages 3 and 4, two blocks each
     assert set_drop_prob(model, 0.05) == 0 and {b.drop_prob for b in blocks} == {0.1}
     assert set_drop_prob(model, 0.05, drop_block=True) == 4 and {b.drop_prob for b in blocks} == {0.05}
+
+
+def test_cluster_maps_update_in_place_when_shape_is_unchanged():
+    layer = DropCluster2d(0.1, block_size=2, feat_size=(8, 8))
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), layer)
+    update_clusters(net, torch.randn(6, 3, 8, 8))  # grid (1, 8, 8) -> per channel (4, 8, 8): replaced
+    buf_map, buf_counts = layer.cluster_map, layer.cluster_counts
+    before = buf_map.clone()
+    update_clusters(net, torch.randn(6, 3, 8, 8) * 5)
+    assert layer.cluster_map is buf_map and layer.cluster_counts is buf_counts  # DDP's references stay valid
+    assert not torch.equal(before, layer.cluster_map)
+    # load_state_dict of same-shaped maps also copies in place
+    layer.load_state_dict({'cluster_map': before, 'cluster_counts': before.flatten(1).amax(1) + 1})
+    assert layer.cluster_map is buf_map and torch.equal(layer.cluster_map, before.to(buf_map.dtype))
+
+
+def test_copy_cluster_state_follows_shape_changes():
+    a = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), DropCluster2d(0.1, block_size=2))
+    b = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), DropCluster2d(0.1, block_size=2))
+    update_clusters(a, torch.randn(6, 3, 8, 8))
+    assert copy_cluster_state(a, b) == 1
+    assert torch.equal(a[1].cluster_map, b[1].cluster_map) and b[1].max_clusters == a[1].max_clusters
+    assert b[1].cluster_map.data_ptr() != a[1].cluster_map.data_ptr()  # a copy, not an alias
+    before = b[1].cluster_map.clone()
+    update_clusters(a, torch.randn(6, 3, 8, 8) * 3)
+    assert torch.equal(b[1].cluster_map, before)
+
+
+def test_init_cluster_maps_gives_empty_layers_their_grid_once():
+    """Layers built without a feature size get the grid of the size their input has; layers that
+    have a map keep it; train/eval modes are restored."""
+    model = _timm_resnet_with_dropcluster().train()
+    layers = [layer for _, layer in dropcluster_layers(model)]
+    assert all(layer.cluster_map.numel() == 0 for layer in layers)
+    assert init_cluster_maps(model, (3, 64, 64)) == len(layers)
+    assert model.training and all(m.training for m in model.modules())
+    for name, layer in dropcluster_layers(model):
+        spatial = list(layer.cluster_map.shape[1:])
+        assert layer.cluster_map.shape[0] == 1 and spatial in ([4, 4], [2, 2]), name  # stages 3 and 4 at 64 px
+        assert torch.equal(layer.cluster_map, grid_cluster_map(spatial, layer.target_clusters(spatial)).int())
+    before = cluster_state(model)
+    assert init_cluster_maps(model, (3, 32, 32)) == 0  # nothing empty: nothing changes
+    assert all(torch.equal(before[k], v) for k, v in cluster_state(model).items())
+    # a re-clustered model is left alone too
+    update_clusters(model, torch.randn(4, 3, 64, 64))
+    after = cluster_state(model)
+    assert init_cluster_maps(model, (3, 64, 64)) == 0
+    assert all(torch.equal(after[k], v) for k, v in cluster_state(model).items())
+    assert all(v.device.type == 'cpu' and v.dtype == torch.int32 for v in after.values())
+

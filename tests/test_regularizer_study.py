@@ -1,18 +1,18 @@
 """ benchmarks/regularizer_study: matched arms, deterministic paired runs, resumable phases, choice rules.
 The real CIFAR-10 --quick pipeline is a slow test that skips where the data is absent."""
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from benchmarks.regularizer_study import arms as A
+from benchmarks.regularizer_study import protocol, run
+from benchmarks.regularizer_study.data import augment, cutout
+from run_helpers import tiny_cifar_cache
+
 REPO = Path(__file__).resolve().parents[1]
 CIFAR = REPO.parent / 'shared' / 'data' / 'cifar10-jpg.tar.gz'
-sys.path.insert(0, str(REPO / 'benchmarks'))
-from regularizer_study import arms as A  # noqa: E402
-from regularizer_study import protocol, run  # noqa: E402
-from regularizer_study.data import augment, cutout  # noqa: E402
 
 CFG = dict(run.QUICK)
 
@@ -69,21 +69,11 @@ def test_augment_and_cutout_on_the_batch_device():
     assert area.max() == 256 and area.min() >= 64  # a 16x16 square, clipped at the border down to 8x8
 
 
-def _tiny_cache(tmp_path, n_train=400, n_test=100):
-    g = torch.Generator().manual_seed(0)
-    data = {'train_x': torch.randint(0, 256, (n_train, 3, 32, 32), dtype=torch.uint8, generator=g),
-            'train_y': torch.arange(n_train) % 10,
-            'test_x': torch.randint(0, 256, (n_test, 3, 32, 32), dtype=torch.uint8, generator=g),
-            'test_y': torch.arange(n_test) % 10}
-    path = tmp_path / 'cifar10_uint8.pt'
-    torch.save(data, path)
-    return str(path)
-
-
 def _job(tmp_path, calibration, **kw):
     cfg = dict(CFG, val_images=100, test_images=100, corruption_images=20, cluster_images=16)
     job = dict(phase='final', regime='n200_e2', arm='dc_stem', rate=0.2, seed=3, config=cfg, device='cpu',
-               threads=1, calibration=calibration, cache=_tiny_cache(tmp_path))
+               threads=1, calibration=calibration, cache=str(tmp_path / 'cifar10_uint8.pt'))
+    tiny_cifar_cache(tmp_path, n_train=400, n_test=100)
     job.update(kw)
     job['key'] = f"{job['phase']}/{job['arm']}/{job['seed']}"
     return job
@@ -151,7 +141,7 @@ def test_jobs_resume_and_need_earlier_choices(tmp_path):
 @pytest.mark.skipif(not CIFAR.exists(), reason=f'CIFAR-10 archive not found at {CIFAR}')
 def test_quick_pipeline_on_cifar10(tmp_path):
     """--quick on the real CIFAR-10: every phase, a resumed second command, and the report."""
-    from regularizer_study import report
+    from benchmarks.regularizer_study import report
     results = tmp_path / 'results'
     argv = ['--quick', '--results', str(results), '--cache-dir', str(tmp_path / 'cache'), '--parallel', '2',
             '--regime', 'n200_e2', '--budget-minutes', '60']  # at 2 epochs Cutout need not help: the regime is forced for the pipeline

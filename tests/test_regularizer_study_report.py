@@ -1,7 +1,6 @@
 """ benchmarks/regularizer_study: the statistics (stats.py) and the report (report.py) on synthetic results."""
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,9 +8,7 @@ import pytest
 
 scipy_stats = pytest.importorskip('scipy.stats')
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / 'benchmarks'))
-from regularizer_study import report, stats  # noqa: E402
+from benchmarks.regularizer_study import report, stats  # noqa: E402  (after the scipy skip)
 
 ARMS = ('none', 'cutout', 'dropblock_timm', 'dropblock_matched', 'dropblock_stem', 'dc_stages', 'dc_stem',
         'dc_grid_stages', 'dc_grid_stem', 'dc_random_stages', 'dc_random_stem')

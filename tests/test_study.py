@@ -2,7 +2,6 @@
 CIFAR-10 quick study is a slow test that skips where the data is absent."""
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -10,15 +9,14 @@ import torch
 
 from dropcluster_timm import dropcluster_layers
 
+# Imported as a module of the benchmarks package (not from a file spec) so that the study's worker
+# processes, started with 'spawn', can import it again to unpickle run_one.
+from benchmarks import study_cifar10 as study
+from run_helpers import tiny_cifar_cache
+
 REPO = Path(__file__).resolve().parents[1]
 CIFAR = REPO.parent / 'shared' / 'data' / 'cifar10-jpg.tar.gz'
 RESULTS = REPO / 'benchmarks' / 'results' / 'study_cifar10'  # the committed study: .json and _card_table.json
-
-
-# Imported by name from benchmarks/ (not from a file spec) so that the study's worker processes,
-# started with 'spawn', can import it again to unpickle run_one.
-sys.path.insert(0, str(REPO / 'benchmarks'))
-import study_cifar10 as study  # noqa: E402
 
 
 def test_balanced_split_is_balanced_nested_and_excludes():
@@ -49,15 +47,6 @@ def test_augment_crops_padded_images_and_flips():
     assert 0 < flipped < 16
 
 
-def _tiny_cache(tmp_path, n_train=60, n_test=40):
-    """A CIFAR-shaped cache file of random images (only the pipeline is under test)."""
-    g = torch.Generator().manual_seed(0)
-    data = {'train_x': torch.randint(0, 256, (n_train, 3, 32, 32), dtype=torch.uint8, generator=g),
-            'train_y': torch.arange(n_train) % 10,
-            'test_x': torch.randint(0, 256, (n_test, 3, 32, 32), dtype=torch.uint8, generator=g),
-            'test_y': torch.arange(n_test) % 10}
-    torch.save(data, tmp_path / 'cifar10_uint8.pt')
-    return data
 
 
 TINY = ['--train-sizes', '20', '--epochs', '2', '--seeds', '2', '--rates', '0.1', '0.3', '--val-images', '10',
@@ -67,7 +56,7 @@ TINY = ['--train-sizes', '20', '--epochs', '2', '--seeds', '2', '--rates', '0.1'
 
 
 def test_run_one_trains_reclusters_and_evaluates(tmp_path):
-    data = _tiny_cache(tmp_path)
+    data = tiny_cifar_cache(tmp_path)
     args = study.parse_args(TINY + ['--cache-dir', str(tmp_path)])
     splits = study.splits(data['train_y'], data['test_y'], args)
     cfg = dict(study.study_config(args), device='cpu', cache_dir=str(tmp_path), threads=1)
@@ -88,7 +77,7 @@ def test_run_one_trains_reclusters_and_evaluates(tmp_path):
 
 
 def test_study_selects_on_validation_resumes_and_reports(tmp_path, capsys):
-    _tiny_cache(tmp_path)
+    tiny_cifar_cache(tmp_path)
     out = str(tmp_path / 'res')
     argv = TINY + ['--cache-dir', str(tmp_path), '--output', out, '--arms', 'none', 'dc_stages']
     assert study.main(argv) == 0
@@ -121,7 +110,7 @@ def test_card_table_reproduces_the_committed_table_from_the_committed_results():
     results = json.loads(RESULTS.with_suffix('.json').read_text())
     table = study.card_table(results)
     assert table == json.loads(RESULTS.with_name(RESULTS.name + '_card_table.json').read_text()), \
-        'stale: run `python benchmarks/study_cifar10.py --card-table-only`'
+        'stale: run `python -m benchmarks.study_cifar10 --card-table-only`'
     assert table['columns'] == ['train images', 'regulariser', 'rate', 'test top-1 (%)', 'mCA (%)']
     assert [r[:4] for r in table['rows']] == [
         [e['size'], study.ARM_LABELS[e['arm']], e['rate'], f"{e['test_top1']:.2f} +- {e['test_top1_std']:.2f}"]

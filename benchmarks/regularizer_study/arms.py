@@ -25,7 +25,7 @@ from timm.layers import DropBlock2d
 import timm
 import dropcluster_timm  # noqa: F401  registers resnet18_dropcluster
 from dropcluster_timm import set_drop_prob
-from dropcluster_timm.drop_cluster import _DropClusterNd
+from dropcluster_timm.drop_cluster import DropClusterNd
 
 __all__ = ['ARMS', 'REGULARISED', 'DC_ARMS', 'build_model', 'set_rate', 'regulariser_layers',
            'calibrate_dropblock', 'measure_dropped_fraction']
@@ -117,7 +117,7 @@ def set_rate(model: nn.Module, rate: float) -> None:
 
 
 def regulariser_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (DropBlock2d, _DropClusterNd))]
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (DropBlock2d, DropClusterNd))]
 
 
 @torch.no_grad()

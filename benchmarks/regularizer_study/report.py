@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """ The regularizer study's report: tables, paired comparisons and what they establish.
 
-    python benchmarks/regularizer_study/report.py RESULTS_DIR
+    python -m benchmarks.regularizer_study.report RESULTS_DIR
 
 reads ``RESULTS_DIR/runs*.jsonl`` (and ``plan.json`` if present) and writes ``report.md``,
 ``card_table.json`` (a results table for a model card, see ``dropcluster_timm.model_card``) and
@@ -15,12 +15,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
-HERE = Path(__file__).resolve().parent
-try:
-    from . import stats
-except ImportError:  # run as a script: the study's package lives in benchmarks/
-    sys.path.insert(0, str(HERE.parent))
-    from regularizer_study import stats
+from . import stats
 
 __all__ = ['ARM_LABELS', 'REFERENCE', 'REQUIRED_SEEDS', 'MARGIN', 'ALPHA', 'load_rows', 'load_plan', 'label',
            'final_regime', 'arm_summaries', 'comparisons', 'build_report', 'plot', 'main']

@@ -2,13 +2,13 @@
 """ Do learned clusters beat fixed blocks? The study's runner: trains and evaluates the arms of
 ``arms.py`` on CIFAR-10 in three phases, in chunks that resume from the results file.
 
-    python benchmarks/regularizer_study/run.py --phase regime    # where does the positive control help?
-    python benchmarks/regularizer_study/run.py --phase tune      # phase A: each arm's rate on validation
-    python benchmarks/regularizer_study/run.py --phase final     # phase B: >= 16 paired seeds per arm
-    python benchmarks/regularizer_study/run.py --phase auto --budget-minutes 9 --parallel 4 --device cuda
-    python benchmarks/regularizer_study/run.py --quick           # the whole pipeline on the CPU, minutes
-    python benchmarks/regularizer_study/run.py --reference-schedule  # secondary: start late, ramp to the end
-    python benchmarks/regularizer_study/report.py benchmarks/results/regularizer_study
+    python -m benchmarks.regularizer_study.run --phase regime    # where does the positive control help?
+    python -m benchmarks.regularizer_study.run --phase tune      # phase A: each arm's rate on validation
+    python -m benchmarks.regularizer_study.run --phase final     # phase B: >= 16 paired seeds per arm
+    python -m benchmarks.regularizer_study.run --phase auto --budget-minutes 9 --parallel 4 --device cuda
+    python -m benchmarks.regularizer_study.run --quick           # the whole pipeline on the CPU, minutes
+    python -m benchmarks.regularizer_study.run --reference-schedule  # secondary: start late, ramp to the end
+    python -m benchmarks.regularizer_study.report benchmarks/results/regularizer_study
 
 Protocol (``--help`` lists the settings): every arm trains the same timm ResNet with the same recipe,
 schedule and epochs; runs are paired by seed (same training subset, data order, augmentation draws
@@ -41,18 +41,17 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
+from timm.data import resolve_data_config
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from dropcluster_timm import DropClusterSchedule, update_clusters
+from dropcluster_timm.corruptions import corruption_accuracy
+
+from . import arms as A
+from .data import augment, balanced_split, cutout, load_cifar10
+from .protocol import choose_rate, choose_regime
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))  # run as a script: the study's package lives in benchmarks/
-from regularizer_study import arms as A  # noqa: E402
-from regularizer_study.data import augment, balanced_split, cutout, load_cifar10  # noqa: E402
-from regularizer_study.protocol import choose_rate, choose_regime  # noqa: E402
-
-from timm.data import resolve_data_config  # noqa: E402
-from timm.optim import create_optimizer_v2  # noqa: E402
-from timm.scheduler import create_scheduler_v2  # noqa: E402
-from dropcluster_timm import DropClusterSchedule, update_clusters  # noqa: E402
-from dropcluster_timm.corruptions import corruption_accuracy  # noqa: E402
-
 REPO = HERE.parents[1]
 DEFAULT_DATA = REPO.parent / 'shared' / 'data' / 'cifar10-jpg.tar.gz'
 PHASES = ('regime', 'tune', 'final')

@@ -36,11 +36,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrai
     resolve_pretrained_cfg
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
-try:
-    from timm.models._input import update_model_args
-except ImportError:  # timm without recorded reconstruction arguments: nothing to record
-    def update_model_args(model: nn.Module, **model_args: Any) -> None:
-        pass
+from timm.models._input import update_model_args  # timm has no public name for it (timm >= 1.0.31)
 
 from ..drop_cluster import DropCluster2d
 from ..model_helpers import dropcluster_layers
@@ -172,15 +168,16 @@ class DropClusterResNet(ResNet):
 
 def dropcluster_model_args(model: nn.Module) -> Dict[str, Any]:
     """The DropCluster model arguments of ``model`` with its current drop rate (as set by
-    ``set_drop_prob`` or a schedule), for ``config.json``."""
-    args = dict(getattr(model, '_model_args', {}))
+    ``set_drop_prob`` or a schedule), for ``config.json``; empty for a model without DropCluster
+    layers, whose recorded arguments timm writes as they are."""
     layers = [layer for _, layer in dropcluster_layers(model)]
     if not layers:
-        raise ValueError(f'{type(model).__name__} has no DropCluster layers')
+        return {}
     rates = sorted({layer.drop_prob for layer in layers})
     if len(rates) > 1:
         raise ValueError(f'DropCluster layers have different drop rates {rates}; config.json records one '
                          'drop_cluster_prob, set a common rate with dropcluster_timm.set_drop_prob first')
+    args = dict(getattr(model, '_model_args', {}))
     dc_args = {k: v for k, v in args.items() if k == 'drop_cluster_prob' or k.startswith('dc_')}
     dc_args['drop_cluster_prob'] = rates[0]
     return dc_args

@@ -1,0 +1,231 @@
+""" The run folder: checkpoints (atomic, resumable, checked before use), ``run.json``, the per-epoch
+metrics files, and the results a published model's card shows.
+
+    OUTPUT/checkpoints/epoch_0003/   accelerator.save_state + meta.json (the completion marker)
+    OUTPUT/run.json                  settings, data read, progress, what DropCluster did
+    OUTPUT/metrics.json, metrics.csv one row per epoch
+"""
+import csv
+import json
+import os
+import shutil
+import zipfile
+from typing import Any, Dict, List, Optional
+
+import torch.nn as nn
+from safetensors import safe_open
+
+from ..data import DataBundle, dataset_description, split_name
+from ..errors import TrainingError, first_line
+from ..model_helpers import dropcluster_layers
+from .config import TrainConfig
+from .loop import TrainState
+
+__all__ = [
+    'CHECKPOINT_DIR', 'RUN_FILE', 'META_FILE', 'write_json_atomic', 'list_checkpoints', 'find_checkpoint',
+    'check_checkpoint_files', 'load_checkpoint', 'run_identity', 'check_resume', 'check_output', 'write_run_file',
+    'save_checkpoint', 'MetricsLog', 'run_card_metrics',
+]
+
+CHECKPOINT_DIR = 'checkpoints'
+RUN_FILE = 'run.json'
+META_FILE = 'meta.json'
+
+
+def write_json_atomic(path: str, data: Any) -> None:
+    """Write JSON to a temporary file renamed into place, so a reader never sees half a file."""
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+        json.dump(data, f, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+def _read_json(path: str) -> Dict[str, Any]:
+    with open(path) as f:
+        return json.load(f)
+
+
+def list_checkpoints(output: str) -> List[str]:
+    """Completed checkpoints of an output folder, oldest first (by global step)."""
+    root = os.path.join(output, CHECKPOINT_DIR)
+    if not os.path.isdir(root):
+        return []
+    names = [n for n in os.listdir(root) if not n.startswith('.') and os.path.isfile(os.path.join(root, n, META_FILE))]
+    paths = [os.path.join(root, n) for n in names]
+    return sorted(paths, key=lambda p: _read_json(os.path.join(p, META_FILE)).get('global_step', -1))
+
+
+def find_checkpoint(path: str) -> Optional[str]:
+    """A checkpoint folder, or the newest completed checkpoint of an output folder.
+
+    ``None`` for a run folder that has no checkpoint yet (a run stopped in its first epoch): there
+    is nothing to resume, so the run starts over there.
+    """
+    if not os.path.exists(path):
+        raise TrainingError(f'resume checkpoint {path!r} does not exist')
+    if os.path.isfile(os.path.join(path, META_FILE)):
+        return path
+    found = list_checkpoints(path)
+    if found:
+        return found[-1]
+    if os.path.isfile(os.path.join(path, RUN_FILE)):
+        return None
+    raise TrainingError(f'{path!r} holds no completed checkpoint to resume from')
+
+
+def check_checkpoint_files(checkpoint: str) -> None:
+    """Read every file of a checkpoint for damage (zip CRCs of torch files, safetensors headers)
+    before any setup, so a broken resume fails at once and names the file."""
+    for name in sorted(os.listdir(checkpoint)):
+        path = os.path.join(checkpoint, name)
+        if not os.path.isfile(path) or name == META_FILE:
+            continue
+        try:
+            if name.endswith('.safetensors'):
+                with safe_open(path, framework='pt') as f:
+                    f.keys()
+            elif name.endswith(('.bin', '.pkl', '.pt', '.pth')):
+                with zipfile.ZipFile(path) as z:  # torch.save writes zip archives
+                    bad = z.testzip()
+                if bad is not None:
+                    raise ValueError(f'checksum mismatch in {bad}')
+        except Exception as e:
+            raise TrainingError(f'cannot resume from {checkpoint}: {name} is damaged or truncated '
+                                f'({type(e).__name__}: {first_line(e)}); resume from an earlier checkpoint '
+                                f'in {os.path.dirname(checkpoint)}') from e
+
+
+def load_checkpoint(accelerator, checkpoint: str) -> None:
+    """``accelerator.load_state`` with a one-line error."""
+    try:
+        accelerator.load_state(checkpoint)
+    except Exception as e:
+        raise TrainingError(f'cannot resume from {checkpoint}: {type(e).__name__}: {first_line(e)}') from e
+
+
+def run_identity(model_name: str, num_classes: int) -> Dict[str, Any]:
+    """What must match for a resume: the model and the classes."""
+    return {'model': model_name, 'num_classes': num_classes}
+
+
+def check_resume(checkpoint: str, identity: Dict[str, Any]) -> Dict[str, Any]:
+    """Read a checkpoint's meta and check it belongs to a run of this model; returns the meta."""
+    meta = _read_json(os.path.join(checkpoint, META_FILE))
+    theirs = meta.get('identity', {})
+    for key, value in identity.items():
+        if theirs.get(key) != value:
+            raise TrainingError(f'cannot resume from {checkpoint}: it was trained with {key}={theirs.get(key)!r}, '
+                                f'this run has {key}={value!r}')
+    return meta
+
+
+def check_output(output: str, checkpoint: Optional[str]) -> None:
+    """Refuse an output that is a file, or a folder holding checkpoints of another run unless this
+    run resumes from one of them. A folder with no checkpoint (a run stopped in its first epoch)
+    is reused: it holds nothing to resume."""
+    existing = output
+    while existing and not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if existing and not os.path.isdir(existing):
+        raise TrainingError(f'--output {output}: {existing} is a file, not a folder')
+    if list_checkpoints(output):
+        same = checkpoint is not None and os.path.realpath(checkpoint).startswith(
+            os.path.realpath(os.path.join(output, CHECKPOINT_DIR)) + os.sep)
+        if not same:
+            raise TrainingError(f'output folder {output} already holds another run; '
+                                f'resume it with --resume {output} or choose another --output')
+
+
+def write_run_file(output: str, config: Dict[str, Any], data_splits: Dict[str, str],
+                   state: Optional[TrainState] = None, num_dropcluster_layers: int = 0) -> None:
+    """Record the run in ``run.json`` (main process): its settings, the data it read and, as it goes,
+    what it really did (epochs done, best top-1, peak DropCluster rate, re-clusterings)."""
+    os.makedirs(output, exist_ok=True)
+    record = {'config': config, 'data': data_splits}
+    if state is not None:
+        record['progress'] = {'epochs_done': state.epoch, 'best_top1': state.best_top1,
+                              'best_epoch': state.best_epoch}
+        if num_dropcluster_layers:
+            record['dropcluster'] = {'layers': num_dropcluster_layers, 'peak_rate': state.peak_drop_rate,
+                                     'reclusterings': state.reclusterings}
+    write_json_atomic(os.path.join(output, RUN_FILE), record)
+
+
+def save_checkpoint(accelerator, output: str, name: str, meta: Dict[str, Any], keep: int = 2) -> str:
+    """``accelerator.save_state`` into a hidden temporary folder, renamed into place when complete.
+
+    A crash mid-save leaves only the temporary folder, which is ignored (and cleared next time), so
+    the previous checkpoint stays the newest usable one. Keeps the newest ``keep`` checkpoints.
+    """
+    root = os.path.join(output, CHECKPOINT_DIR)
+    final = os.path.join(root, name)
+    tmp = os.path.join(root, '.tmp-' + name)
+    if accelerator.is_main_process:
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_json_atomic(os.path.join(tmp, META_FILE), meta)  # the completion marker
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        if keep > 0:
+            for old in list_checkpoints(output)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+class MetricsLog:
+    """Per-epoch metrics, rewritten as ``metrics.json`` and ``metrics.csv`` after each epoch.
+
+    Rows of an earlier run in the folder are kept for epochs before ``keep_epochs`` (those of the
+    checkpoint a resume starts from) and dropped from there on; a fresh run keeps none.
+    """
+
+    def __init__(self, output: str, keep_epochs: int = 0):
+        self.output = output
+        self.rows: List[Dict[str, Any]] = []
+        path = os.path.join(output, 'metrics.json')
+        if keep_epochs > 0 and os.path.exists(path):
+            self.rows = [r for r in _read_json(path) if r.get('epoch', 0) < keep_epochs]
+
+    def add(self, row: Dict[str, Any]) -> None:
+        self.rows = [r for r in self.rows if r.get('epoch') != row.get('epoch')] + [row]
+        self.rows.sort(key=lambda r: r.get('epoch', 0))
+        write_json_atomic(os.path.join(self.output, 'metrics.json'), self.rows)
+        keys: List[str] = []
+        for r in self.rows:
+            keys += [k for k in r if k not in keys]
+        tmp = os.path.join(self.output, 'metrics.csv.tmp')
+        with open(tmp, 'w', newline='') as f:
+            writer = csv.DictWriter(f, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(self.rows)
+        os.replace(tmp, os.path.join(self.output, 'metrics.csv'))
+
+
+def run_card_metrics(cfg: TrainConfig, row: Dict[str, Any], state: TrainState, model: nn.Module, data: DataBundle,
+                     ema_decay: Optional[float] = None) -> Dict[str, Any]:
+    """Results and description of the weights a run publishes, for ``hub.save_pretrained``'s card:
+    the EMA weights' metrics when EMA is on, the data set without local paths, what DropCluster did."""
+    prefix = 'ema_' if ema_decay is not None else ''
+    metrics = {k: row[prefix + k] for k in ('top1', 'top5', 'eval_loss')}
+    metrics.update(epoch=row['epoch'], epochs=cfg.optim.epochs, split=split_name(data.splits['validation']),
+                   weights='raw' if ema_decay is None else 'ema')
+    metrics.update(dataset_description(cfg.data.dataset, cfg.data.data_dir))
+    if ema_decay is not None:
+        metrics['ema_decay'] = ema_decay
+    if 'input_size' in data.data_config:
+        metrics['img_size'] = int(data.data_config['input_size'][-1])
+    base = (getattr(model, 'pretrained_cfg', None) or {}).get('hf_hub_id')
+    if cfg.model.pretrained and base:
+        metrics['base_model'] = base  # a fine-tune of these weights
+    if any(True for _ in dropcluster_layers(model)):
+        metrics.update(peak_drop_rate=state.peak_drop_rate, reclusterings=state.reclusterings)
+    if cfg.model.drop_block_rate:
+        metrics['drop_block_rate'] = cfg.model.drop_block_rate
+    return metrics

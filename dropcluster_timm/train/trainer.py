@@ -1,0 +1,187 @@
+""" ``train``: a DropCluster (or any timm) model trained with Accelerate, from a ``TrainConfig``.
+
+Build, loop, save, on one or many processes (``accelerate launch``) or the CPU. The pieces live
+beside it: ``builders`` (model, loss, schedule), ``loop`` (one epoch), ``run_folder`` (checkpoints,
+resume, run.json, metrics); data and evaluation in ``dropcluster_timm.data`` / ``.evaluate``, model
+folders and the Hub in ``dropcluster_timm.hub``.
+"""
+import os
+import time
+from types import SimpleNamespace
+from typing import Callable, Optional
+
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.utils import set_seed
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
+from torch.utils.data import DataLoader
+
+from .. import hub
+from ..data import build_data, set_transforms
+from ..errors import TrainingError, first_line
+from ..evaluate import evaluate
+from ..model_helpers import ddp_ignore_cluster_buffers, dropcluster_layers, init_cluster_maps, set_drop_prob
+from ..visualization import plot_cluster_maps
+from . import run_folder as rf
+from .builders import build_loss, build_model, make_schedule, recluster, schedule_warnings, use_cpu_cores
+from .config import TrainConfig
+from .loop import TrainState, train_one_epoch
+
+__all__ = ['train']
+
+
+def _check_push(repo_id: str) -> None:
+    """Fail before training, with a one-line reason, when pushing cannot work."""
+    try:
+        hub.resolve_push_token(repo_id)
+    except ValueError as e:
+        raise TrainingError(f'--push-to-hub: {e}') from e
+    except RuntimeError as e:
+        raise TrainingError(f'--push-to-hub needs Hugging Face credentials: {e}') from e
+
+
+def train(cfg: TrainConfig, on_step: Optional[Callable[[TrainState], None]] = None) -> SimpleNamespace:
+    """Train as ``cfg`` says; returns the accelerator, model, EMA, schedule, state and metric rows.
+
+    ``on_step(state)`` runs after every training batch. Errors a user can fix raise ``TrainingError``
+    before anything is written.
+    """
+    d, o, out = cfg.data, cfg.optim, cfg.output
+    cfg.check()  # one-line errors before any setup
+    checkpoint = rf.find_checkpoint(out.resume) if out.resume else None
+    if checkpoint:
+        rf.check_checkpoint_files(checkpoint)
+    rf.check_output(out.output, checkpoint)  # refuses a file, or a folder holding another run
+    if out.push_to_hub:
+        _check_push(out.push_to_hub)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=o.grad_accum_steps,
+        log_with=out.log_with,
+        project_dir=out.output,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    use_cpu_cores(accelerator)
+    set_seed(o.seed)
+    if out.resume and checkpoint is None:
+        accelerator.print(f'{out.resume} holds no checkpoint yet (its run stopped in the first epoch): starting over')
+
+    # Build: data, model, optimisation.
+    data = build_data(d.dataset, d.data_dir, d.train_split, d.val_split, d.num_classes)
+    img_size = tuple(d.input_size[-2:]) if d.input_size else d.img_size
+    model = build_model(cfg.model, data.num_classes, img_size)
+    identity = rf.run_identity(cfg.model.name, data.num_classes)
+    data_config = set_transforms(data, model, d.input_args(), d.train_transform_args())
+    init_cluster_maps(model, data_config['input_size'])  # grid maps, so every checkpoint carries them
+    if checkpoint:
+        rf.check_resume(checkpoint, identity)
+    num_dropcluster = sum(1 for _ in dropcluster_layers(model))
+    if cfg.dropcluster.rate > 0 and not num_dropcluster:
+        accelerator.print(f'warning: {cfg.model.name} has no DropCluster layers, --drop-cluster is ignored')
+
+    train_loader = DataLoader(data.train, batch_size=o.batch_size, shuffle=True, drop_last=True,
+                              num_workers=d.workers, persistent_workers=d.workers > 0)
+    eval_loader = DataLoader(data.eval, batch_size=o.batch_size, num_workers=d.workers)
+    optimizer = create_optimizer_v2(model, opt=o.opt, lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum)
+    ddp_ignore_cluster_buffers(model)  # the maps are synchronised by update_clusters, not by DDP
+    model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
+    steps_per_epoch = len(train_loader)
+    lr_scheduler, _ = create_scheduler_v2(
+        optimizer, sched=o.sched, num_epochs=o.epochs, warmup_epochs=o.warmup_epochs, warmup_lr=o.warmup_lr,
+        min_lr=o.min_lr, step_on_epochs=False, updates_per_epoch=max(1, steps_per_epoch // o.grad_accum_steps))
+    schedule = make_schedule(cfg.dropcluster, steps_per_epoch)
+    if num_dropcluster:
+        for warning in schedule_warnings(schedule, o.epochs):
+            accelerator.print(f'warning: {warning}')
+    ema = ModelEmaV3(accelerator.unwrap_model(model), decay=o.model_ema_decay) if o.model_ema else None
+    mixup_fn, loss_fn = build_loss(o, data.num_classes)
+
+    state = TrainState()
+    for obj in (lr_scheduler, schedule, state) + ((ema,) if ema is not None else ()):
+        accelerator.register_for_checkpointing(obj)
+    if checkpoint:
+        rf.load_checkpoint(accelerator, checkpoint)
+        lr_scheduler.step_update(num_updates=state.num_updates)
+        accelerator.print(f'resumed from {checkpoint}: epoch {state.epoch}, step {state.global_step}, '
+                          f'drop rate {schedule.rate:.4f}')
+    metrics = rf.MetricsLog(out.output, keep_epochs=state.epoch)
+    accelerator.wait_for_everyone()  # every process has checked the output folder before it is written
+    if accelerator.is_main_process:
+        rf.write_run_file(out.output, cfg.to_dict(), data.splits)  # all checks passed
+    if out.log_with:
+        accelerator.init_trackers('train_timm', config=_flat(cfg.to_dict()))
+
+    def checkpoint_fn(name):
+        meta = {'identity': identity, 'epoch': state.epoch, 'global_step': state.global_step,
+                'step_in_epoch': state.step_in_epoch}
+        return rf.save_checkpoint(accelerator, out.output, name, meta, keep=out.checkpoint_hist)
+
+    # Loop. With EMA, the EMA weights are evaluated, picked as best and published, as in timm's train.py.
+    accelerator.print(f'training {cfg.model.name} ({data.num_classes} classes) for {o.epochs} epochs, '
+                      f'{steps_per_epoch} batches per epoch on {accelerator.num_processes} process(es); '
+                      f'train {data.splits["train"]} ({len(data.train)} images), '
+                      f'validation {data.splits["validation"]} ({len(data.eval)} images); {schedule}')
+    best_key = 'top1' if ema is None else 'ema_top1'
+    while state.epoch < o.epochs:
+        epoch, start = state.epoch, time.time()
+        train_loader.set_epoch(epoch)
+        reclustered = bool(num_dropcluster) and state.step_in_epoch == 0 and schedule.is_update_epoch(epoch)
+        if reclustered:
+            recluster(accelerator, model, ema, data.cluster, o.batch_size, cfg.dropcluster.update_batches,
+                      seed=o.seed * 1000 + epoch)
+            state.reclusterings += 1
+        row = {'epoch': epoch}
+        row.update(train_one_epoch(
+            accelerator, model, train_loader, optimizer, loss_fn, lr_scheduler, schedule, state, ema=ema,
+            mixup_fn=mixup_fn, clip_grad=o.clip_grad, checkpoint_fn=checkpoint_fn,
+            checkpoint_steps=out.checkpoint_steps, progress=out.progress, on_step=on_step))
+        lr_scheduler.step(epoch + 1)
+        row.update(evaluate(accelerator, model, eval_loader))
+        if ema is not None:
+            row.update({'ema_' + k: v for k, v in evaluate(accelerator, ema.module, eval_loader).items()})
+        row.update({'reclustered': reclustered, 'epoch_time': time.time() - start})
+        is_best = state.best_top1 is None or row[best_key] > state.best_top1
+        if is_best:
+            state.best_top1, state.best_epoch = row[best_key], epoch
+        accelerator.print(' '.join(f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}' for k, v in row.items()))
+        if accelerator.is_main_process:
+            metrics.add(row)
+            published = accelerator.unwrap_model(model) if ema is None else ema.module
+            if ema is not None and num_dropcluster:
+                set_drop_prob(published, schedule.rate)  # config.json records the rate of the run
+            card = rf.run_card_metrics(cfg, row, state, published, data,
+                                       ema_decay=o.model_ema_decay if ema is not None else None)
+            for folder in ('last', 'best') if is_best else ('last',):
+                hub.save_pretrained(published, os.path.join(out.output, folder), metrics=card,
+                                    data_config=data.data_config, repo_id=out.push_to_hub)
+            plot_cluster_maps(published, os.path.join(out.output, 'cluster_maps.png'))
+            rf.write_run_file(out.output, cfg.to_dict(), data.splits, state, num_dropcluster)
+        if out.log_with:
+            accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=epoch)
+        checkpoint_fn(f'epoch_{epoch:04d}')
+
+    # Save: the model folders are written every epoch; publish the best one.
+    if out.log_with:
+        accelerator.end_training()
+    if accelerator.is_main_process:
+        accelerator.print(f'best {best_key} {state.best_top1:.2f} at epoch {state.best_epoch}; outputs in {out.output}')
+        if out.push_to_hub:
+            try:
+                hub.push(os.path.join(out.output, 'best'), out.push_to_hub,
+                         commit_message='Add DropCluster model trained with train_timm.py')
+            except Exception as e:
+                raise TrainingError(f'push to {out.push_to_hub} failed: {first_line(e)}') from e
+    accelerator.wait_for_everyone()
+    return SimpleNamespace(accelerator=accelerator, model=model, ema=ema, schedule=schedule, state=state,
+                           metrics=metrics.rows)
+
+
+def _flat(tree, prefix: str = ''):
+    """``{'optim.lr': 0.1, ...}``: the scalar settings, as trackers take them."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f'{prefix}{key}.'))
+        elif isinstance(value, (int, float, str, bool)):
+            flat[prefix + key] = value
+    return flat

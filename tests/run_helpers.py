@@ -1,0 +1,91 @@
+""" Data and runs for the tests: small generated ImageFolder data and CIFAR-shaped caches,
+``train_timm.py`` in a subprocess, and the one-line error check."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, 'train_timm.py')
+CRASH_SCRIPT = os.path.join(ROOT, 'tests', 'crash_run.py')
+
+TINY = ['--img-size', '32', '--batch-size', '8', '--epochs', '3', '--lr', '0.01', '--warmup-epochs', '0',
+        '--drop-cluster', '0.2', '--drop-cluster-start', '1', '--drop-cluster-warmup', '1',
+        '--drop-cluster-update-freq', '1', '--drop-cluster-update-batches', '1', '--model', 'resnet18_dropcluster',
+        '--num-clusters', '2',
+        '--workers', '0', '--no-progress']
+
+
+def make_image_folder(root, classes=3, train_per_class=12, val_per_class=4, size=16, seed=0):
+    """ImageFolder train/ and validation/ splits of small PNG and JPEG images, classes by colour."""
+    from PIL import Image
+    rng = np.random.RandomState(seed)
+    colours = [(220, 40, 40), (40, 220, 40), (40, 40, 220), (220, 220, 40)][:classes]
+    for split, n in (('train', train_per_class), ('validation', val_per_class)):
+        for c, colour in enumerate(colours):
+            folder = os.path.join(root, split, f'class_{c}')
+            os.makedirs(folder, exist_ok=True)
+            for i in range(n):
+                img = np.clip(np.array(colour) + rng.randn(size, size, 3) * 40, 0, 255).astype(np.uint8)
+                ext = 'png' if i % 2 else 'jpg'
+                Image.fromarray(img).save(os.path.join(folder, f'{i}.{ext}'))
+    return str(root)
+
+
+def relayout(root, renames):
+    """Rename split folders of an ImageFolder root, e.g. {'validation': 'test'}."""
+    for old, new in renames.items():
+        os.rename(os.path.join(root, old), os.path.join(root, new))
+    return root
+
+
+def with_epochs(args, epochs):
+    args = list(args)
+    args[args.index('--epochs') + 1] = str(epochs)
+    return args
+
+
+def run_script(args, env=None, check=True, timeout=300, crash_at_step=None, command=None):
+    """``train_timm.py ARGS`` (or ``command`` + ARGS) in a subprocess; with ``crash_at_step``, the run
+    is killed (SIGKILL) after that many batches, through the test-only ``tests/crash_run.py``."""
+    full_env = dict(os.environ, PYTHONUNBUFFERED='1')
+    full_env.update(env or {})
+    if command is None:
+        command = [sys.executable, SCRIPT] if crash_at_step is None else \
+            [sys.executable, CRASH_SCRIPT, str(crash_at_step)]
+    proc = subprocess.run(command + list(args), capture_output=True, text=True, env=full_env, timeout=timeout,
+                          cwd=ROOT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f'{command} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}')
+    return proc
+
+
+def assert_fails(proc, words, out=None):
+    """Exit status 2 with a one-line ``error: ...`` naming ``words``, no traceback, no half-written checkpoint."""
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert lines and lines[-1].startswith('error: ') and 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+    assert all(w in lines[-1] for w in words), lines[-1]
+    if out is not None:
+        ckpt = os.path.join(out, 'checkpoints')
+        assert not os.path.exists(ckpt) or not any(n.startswith('.tmp') for n in os.listdir(ckpt))
+
+
+def load_checkpoint_clusters(folder):
+    from safetensors.torch import load_file
+    sd = load_file(os.path.join(folder, 'model.safetensors'))
+    return {k: v for k, v in sd.items() if 'cluster' in k}, sd
+
+
+def tiny_cifar_cache(folder, n_train=60, n_test=40):
+    """A CIFAR-shaped cache file ``folder/cifar10_uint8.pt`` of random images (for pipeline tests);
+    returns its content."""
+    g = torch.Generator().manual_seed(0)
+    data = {'train_x': torch.randint(0, 256, (n_train, 3, 32, 32), dtype=torch.uint8, generator=g),
+            'train_y': torch.arange(n_train) % 10,
+            'test_x': torch.randint(0, 256, (n_test, 3, 32, 32), dtype=torch.uint8, generator=g),
+            'test_y': torch.arange(n_test) % 10}
+    torch.save(data, os.path.join(folder, 'cifar10_uint8.pt'))
+    return data

@@ -1,0 +1,39 @@
+""" Evaluation of saved models: ``dropcluster-timm evaluate``, clean and under corruptions."""
+import json
+import os
+import sys
+
+import pytest
+
+from run_helpers import assert_fails, run_script
+
+EVALUATE = [sys.executable, '-m', 'dropcluster_timm', 'evaluate']
+
+
+def test_evaluate_entry_point_reports_corruptions(full_run, image_folder, tmp_path):
+    """``dropcluster-timm evaluate FOLDER --corruptions``: clean top-1 as the plain evaluation, a full
+    corruption table, JSON output, and a one-line error for an unknown corruption."""
+    best = os.path.join(full_run, 'best')
+    plain = run_script([best, '--data-dir', image_folder], command=EVALUATE)
+    plain_top1 = float(plain.stdout.split()[1])
+    out = str(tmp_path / 'corruptions.json')
+    proc = run_script([best, '--data-dir', image_folder, '--corruptions', 'all', '--json', out], command=EVALUATE)
+    report = json.load(open(out))
+    assert report['top1'] == pytest.approx(plain_top1, abs=0.01)
+    assert report['num_images'] == 12 and len(report['corruptions']) == 8
+    assert 'mean corruption top1' in proc.stdout and 'gaussian_noise' in proc.stdout
+    again = str(tmp_path / 'again.json')
+    run_script([best, '--data-dir', image_folder, '--corruptions', 'all', '--json', again], command=EVALUATE)
+    assert json.load(open(again)) == report  # deterministic for the default seed
+    bad = run_script([best, '--data-dir', image_folder, '--corruptions', 'fog'], command=EVALUATE, check=False)
+    assert_fails(bad, ['unknown corruption', 'fog'])
+
+
+def test_old_spellings_of_evaluate_still_work(full_run, image_folder):
+    """``train_timm.py evaluate`` and ``python -m dropcluster_timm.training``: deprecated, same result."""
+    best = os.path.join(full_run, 'best')
+    new = run_script([best, '--data-dir', image_folder], command=EVALUATE)
+    old = run_script(['evaluate', best, '--data-dir', image_folder])
+    module = run_script([best, '--data-dir', image_folder], command=[sys.executable, '-m', 'dropcluster_timm.training'])
+    assert old.stdout == new.stdout == module.stdout and new.stdout.startswith('top1 ')
+    assert 'deprecated' in old.stderr and 'deprecated' in module.stderr and 'deprecated' not in new.stderr

@@ -1,0 +1,52 @@
+""" The parts of a run: schedule warnings, CPU threads, the model."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from dropcluster_timm import DropClusterSchedule
+from dropcluster_timm.train import schedule_warnings
+
+
+def test_schedule_warnings_name_what_never_happens():
+    never = DropClusterSchedule(0.1, start_epoch=20, warmup_epochs=10, update_freq=10, steps_per_epoch=5)
+    assert never.peak_rate(20) == 0.0 and never.update_epochs(20) == []
+    (warning,) = schedule_warnings(never, 20)
+    assert 'never switches on' in warning and '--drop-cluster-start 20' in warning
+    partial = DropClusterSchedule(0.1, start_epoch=2, warmup_epochs=10, update_freq=0, steps_per_epoch=5)
+    text = ' '.join(schedule_warnings(partial, 4))
+    assert 'reaches only' in text and 'never re-computed' in text
+    assert partial.peak_rate(4) == pytest.approx(partial.rate_at(3.8))
+    fine = DropClusterSchedule(0.1, start_epoch=1, warmup_epochs=1, update_freq=1, steps_per_epoch=5)
+    assert schedule_warnings(fine, 4) == []
+    assert 'stay off' in schedule_warnings(DropClusterSchedule(0.0), 4)[0]
+
+
+def test_single_cpu_process_uses_the_cores():
+    code = ('import os, torch; from accelerate import Accelerator; from dropcluster_timm.train import use_cpu_cores; '
+            'acc = Accelerator(cpu=True); print(use_cpu_cores(acc), len(os.sched_getaffinity(0)))')
+    env = dict(os.environ, OMP_NUM_THREADS='1')  # what `accelerate launch` sets for one process
+    proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    threads, cores = map(int, proc.stdout.split())
+    assert threads == cores
+
+
+def test_build_model_applies_the_cluster_settings_once_and_checks_the_name():
+    from dropcluster_timm import dropcluster_layers
+    from dropcluster_timm.errors import TrainingError
+    from dropcluster_timm.train import ModelConfig, build_model
+    model = build_model(ModelConfig('resnet18_dropcluster', cluster_method='kmeans', num_clusters=3), 4, (32, 32))
+    layers = [layer for _, layer in dropcluster_layers(model)]
+    assert layers and all(layer.cluster_method == 'kmeans' and layer.num_clusters == 3 for layer in layers)
+    assert all(layer.drop_prob == 0.0 for layer in layers)  # the schedule drives the rate
+    assert model.num_classes == 4 and model.pretrained_cfg['architecture'] == 'resnet18_dropcluster'
+    default = build_model(ModelConfig('resnet18_dropcluster'), 4)
+    assert all(layer.cluster_method == 'rena' and layer.num_clusters == 0 for _, layer in dropcluster_layers(default))
+    plain = build_model(ModelConfig('resnet18', drop_block_rate=0.1), 4)
+    assert not list(dropcluster_layers(plain))
+    with pytest.raises(TrainingError, match="unknown model 'resnet18_dropclustr'"):
+        build_model(ModelConfig('resnet18_dropclustr'), 4)
+    with pytest.raises(TrainingError, match="cannot create model 'resnet18'"):
+        build_model(ModelConfig('resnet18', num_clusters=3), 4)  # a plain model takes no cluster settings

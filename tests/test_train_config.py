@@ -1,0 +1,64 @@
+""" The train command line and its typed configuration."""
+import pytest
+
+from dropcluster_timm import DropClusterSchedule
+from dropcluster_timm.errors import TrainingError
+from dropcluster_timm.train import parse_train_args
+
+
+def test_drop_cluster_defaults_follow_the_run_length(tmp_path):
+    cfg = parse_train_args(['--data-dir', str(tmp_path), '--epochs', '10'])
+    assert (cfg.dropcluster.start_epoch, cfg.dropcluster.warmup_epochs, cfg.dropcluster.update_freq) == (2, 1, 1)
+    cfg = parse_train_args(['--data-dir', str(tmp_path)])  # 100 epochs: the reference recipe
+    assert (cfg.dropcluster.start_epoch, cfg.dropcluster.warmup_epochs, cfg.dropcluster.update_freq) == (20, 10, 10)
+    cfg = parse_train_args([])  # the digits: 12 epochs
+    assert (cfg.dropcluster.start_epoch, cfg.dropcluster.warmup_epochs, cfg.dropcluster.update_freq) == (3, 3, 3)
+    cfg = parse_train_args(['--epochs', '4', '--drop-cluster-start', '0'])
+    assert (cfg.dropcluster.start_epoch, cfg.dropcluster.warmup_epochs, cfg.dropcluster.update_freq) == (0, 1, 1)
+    for epochs in (1, 2, 5, 20, 300):
+        cfg = parse_train_args(['--data-dir', str(tmp_path), '--epochs', str(epochs)])
+        schedule = DropClusterSchedule(cfg.dropcluster.rate, cfg.dropcluster.start_epoch, cfg.dropcluster.warmup_epochs,
+                                       update_freq=cfg.dropcluster.update_freq, steps_per_epoch=10)
+        assert schedule.peak_rate(epochs) == pytest.approx(cfg.dropcluster.rate), epochs
+        # clusters are re-computed at epoch starts: a one-epoch run has none after its start
+        assert bool(schedule.update_epochs(epochs)) == (epochs > 1), epochs
+
+
+def test_config_is_typed_and_the_namespace_is_read_once(tmp_path):
+    cfg = parse_train_args([str(tmp_path), '--model', 'resnet34_dropcluster', '--drop-cluster', '0.15',
+                            '--input-size', '3', '40', '48', '--mean', '0.5', '0.5', '0.5', '--aa', 'rand-m9',
+                            '--model-kwargs', 'dc_stem=True', '--no-progress', '--cluster-size', '9'])
+    assert cfg.data.data_dir == str(tmp_path) and cfg.data.dataset == ''  # positional DATA_DIR: an ImageFolder
+    assert cfg.data.input_size == (3, 40, 48) and cfg.data.mean == (0.5, 0.5, 0.5)
+    assert cfg.data.train_transform_args()['auto_augment'] == 'rand-m9'
+    assert cfg.data.input_args()['input_size'] == (3, 40, 48)
+    assert cfg.model.name == 'resnet34_dropcluster' and cfg.model.kwargs == {'dc_stem': True}
+    assert cfg.model.cluster_size == 9 and cfg.model.num_clusters is None
+    assert cfg.dropcluster.rate == 0.15 and cfg.output.progress is False
+    assert (cfg.optim.opt, cfg.optim.lr, cfg.optim.epochs) == ('sgd', 0.1, 100)  # the general defaults
+    record = cfg.to_dict()
+    assert record['model']['name'] == 'resnet34_dropcluster' and record['dropcluster']['rate'] == 0.15
+    digits = parse_train_args([])
+    assert digits.data.dataset == 'digits' and digits.model.kwargs == {'dc_stem': True}
+    assert (digits.optim.opt, digits.data.img_size, digits.model.cluster_size) == ('adamw', 32, 16)
+
+
+@pytest.mark.parametrize('argv, words', [
+    (['--drop-cluster', '1.5'], ['--drop-cluster', 'in [0, 1)', '1.5']),
+    (['--drop-block', '-0.1'], ['--drop-block', 'in [0, 1)']),
+    (['--epochs', '0'], ['--epochs', '>= 1']),
+    (['--num-clusters', '0'], ['--num-clusters', '>= 1']),
+    (['--drop-cluster-warmup', '-1'], ['--drop-cluster-warmup', '>= 0']),
+    (['--lr', '0'], ['--lr', '> 0']),
+    (['--model-ema', '--model-ema-decay', '1'], ['--model-ema-decay', 'in (0, 1)']),
+])
+def test_check_names_the_flag_and_the_value(argv, words):
+    cfg = parse_train_args(argv)
+    with pytest.raises(TrainingError) as e:
+        cfg.check()
+    assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_defaults_pass_the_check():
+    parse_train_args([]).check()
+    parse_train_args(['--data-dir', 'somewhere', '--epochs', '1']).check()
