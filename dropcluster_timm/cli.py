@@ -19,6 +19,8 @@ see ``dropcluster_timm.run_results.load_results_table``) to a model's card, e.g.
 
     dropcluster-timm cards --table resnet18_dropcluster=benchmarks/results/study_cifar10_card_table.json
 """
+# The subcommands import their modules when they run: `push` and `cards` never load Accelerate, and
+# `--help` stays quick.
 import argparse
 import sys
 from typing import Any, Dict, List, Optional, Tuple

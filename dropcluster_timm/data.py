@@ -10,6 +10,7 @@ from typing import Any, Dict, Optional
 import numpy as np
 import torch
 import torch.nn as nn
+from PIL import Image
 from torch.utils.data import Dataset
 
 from timm.data import create_dataset, create_transform, resolve_data_config
@@ -36,7 +37,6 @@ class DigitsDataset(Dataset):
             from sklearn.datasets import load_digits
         except ImportError as e:  # pragma: no cover
             raise TrainingError('the embedded digits data set needs scikit-learn: pip install scikit-learn') from e
-        from PIL import Image
         digits = load_digits()
         images = (digits.images * (255.0 / 16.0)).round().clip(0, 255).astype(np.uint8)
         targets = digits.target.astype(np.int64)

@@ -26,9 +26,9 @@ from timm.models import get_pretrained_cfg, list_pretrained
 # timm's card writer has no public name; its README layout is the one timm's own weights show on the Hub.
 from timm.models._hub import generate_readme
 
+from .model_stats import format_stat, model_stats
 from .run_results import (
-    check_metrics, check_results_table, dataset_name, format_results_table, format_stat, load_metrics,
-    load_results_table, model_stats)
+    check_metrics, check_results_table, dataset_name, format_results_table, load_metrics, load_results_table)
 
 __all__ = ['model_stats', 'format_stat', 'load_metrics', 'check_metrics', 'dataset_name', 'training_notes',
            'is_dropcluster_architecture', 'check_results_table', 'load_results_table', 'build_model_card',

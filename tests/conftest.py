@@ -1,10 +1,16 @@
-""" Shared fixtures: a Hugging Face cache folder laid out by the test, read offline."""
+""" Shared fixtures: a Hugging Face cache folder read offline, a Hub with faked network calls, a
+re-clustered model, and small training runs."""
 import shutil
 from pathlib import Path
 from typing import Dict
 
 import huggingface_hub.constants
 import pytest
+import timm
+import torch
+from huggingface_hub import HfApi
+
+from dropcluster_timm import set_drop_prob, update_clusters
 
 
 class HfCache:
@@ -61,3 +67,41 @@ def train_test_folder(tmp_path_factory):
     """CIFAR's layout: train/ and test/, no validation/ folder."""
     from run_helpers import make_image_folder, relayout
     return relayout(make_image_folder(tmp_path_factory.mktemp('cifar_layout')), {'validation': 'test'})
+
+
+@pytest.fixture
+def trained(tmp_path):
+    """A resnet18_dropcluster with learned per-channel maps at another resolution and a changed rate."""
+    torch.manual_seed(0)
+    model = timm.create_model('resnet18_dropcluster', num_classes=10, img_size=64, dc_stem=True,
+                              dc_cluster_method='kmeans')
+    update_clusters(model, torch.randn(4, 3, 96, 80))  # maps at 96 x 80, the model's grids are 64 x 64
+    set_drop_prob(model, 0.15)
+    return model.eval()
+
+
+@pytest.fixture
+def fake_hub(monkeypatch, tmp_path):
+    """Replace only HfApi's network methods; upload_folder keeps a copy of what it would upload."""
+    calls = {}
+    uploaded = tmp_path / 'uploaded'
+
+    def create_repo(self, repo_id, private=False, exist_ok=False, **kwargs):
+        calls['create_repo'] = dict(repo_id=repo_id, private=private, token=self.token)
+        return type('RepoUrl', (), {'repo_id': repo_id})()
+
+    def create_branch(self, repo_id, branch, exist_ok=False, **kwargs):
+        calls['create_branch'] = dict(repo_id=repo_id, branch=branch)
+
+    def upload_folder(self, repo_id, folder_path, revision=None, commit_message=None, allow_patterns=None, **kwargs):
+        calls['upload_folder'] = dict(repo_id=repo_id, revision=revision, allow_patterns=allow_patterns)
+        uploaded.mkdir()
+        for p in Path(folder_path).iterdir():
+            if allow_patterns is None or p.name in allow_patterns:
+                shutil.copyfile(p, uploaded / p.name)
+        return type('CommitInfo', (), {'commit_url': f'https://huggingface.co/{repo_id}/commit/abc'})()
+
+    monkeypatch.setattr(HfApi, 'create_repo', create_repo)
+    monkeypatch.setattr(HfApi, 'create_branch', create_branch)
+    monkeypatch.setattr(HfApi, 'upload_folder', upload_folder)
+    return calls, uploaded

@@ -1,31 +1,17 @@
 """ Hub format: save, reload through local-dir and a real (offline) HF cache, push with faked network calls."""
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import safetensors.torch
 import timm
 import torch
-from huggingface_hub import HfApi
 
 import dropcluster_timm  # noqa: F401  registers the models
-from dropcluster_timm import dropcluster_layers, set_drop_prob, update_clusters
+from dropcluster_timm import dropcluster_layers
 from dropcluster_timm.cli import main as cli_main
 from dropcluster_timm.hub import UPLOAD_FILES, push, save_pretrained
-
-TOKEN = 'hf_testtoken_do_not_leak_0123456789'
-
-
-@pytest.fixture
-def trained(tmp_path):
-    """A resnet18_dropcluster with learned per-channel maps at another resolution and a changed rate."""
-    torch.manual_seed(0)
-    model = timm.create_model('resnet18_dropcluster', num_classes=10, img_size=64, dc_stem=True,
-                              dc_cluster_method='kmeans')
-    update_clusters(model, torch.randn(4, 3, 96, 80))  # maps at 96 x 80, the model's grids are 64 x 64
-    set_drop_prob(model, 0.15)
-    return model.eval()
+from hub_helpers import TOKEN, assert_no_token
 
 
 def assert_same_dropcluster(a, b):
@@ -93,41 +79,6 @@ def test_save_refuses_mixed_rates_and_wrappers(trained, tmp_path):
         save_pretrained(features, tmp_path / 'b')
 
 
-@pytest.fixture
-def fake_hub(monkeypatch, tmp_path):
-    """Replace only HfApi's network methods; upload_folder keeps a copy of what it would upload."""
-    calls = {}
-    uploaded = tmp_path / 'uploaded'
-
-    def create_repo(self, repo_id, private=False, exist_ok=False, **kwargs):
-        calls['create_repo'] = dict(repo_id=repo_id, private=private, token=self.token)
-        return type('RepoUrl', (), {'repo_id': repo_id})()
-
-    def create_branch(self, repo_id, branch, exist_ok=False, **kwargs):
-        calls['create_branch'] = dict(repo_id=repo_id, branch=branch)
-
-    def upload_folder(self, repo_id, folder_path, revision=None, commit_message=None, allow_patterns=None, **kwargs):
-        calls['upload_folder'] = dict(repo_id=repo_id, revision=revision, allow_patterns=allow_patterns)
-        uploaded.mkdir()
-        for p in Path(folder_path).iterdir():
-            if allow_patterns is None or p.name in allow_patterns:
-                shutil.copyfile(p, uploaded / p.name)
-        return type('CommitInfo', (), {'commit_url': f'https://huggingface.co/{repo_id}/commit/abc'})()
-
-    monkeypatch.setattr(HfApi, 'create_repo', create_repo)
-    monkeypatch.setattr(HfApi, 'create_branch', create_branch)
-    monkeypatch.setattr(HfApi, 'upload_folder', upload_folder)
-    return calls, uploaded
-
-
-def _assert_no_token(path: Path, *texts):
-    for p in path.rglob('*'):
-        if p.is_file():
-            assert TOKEN.encode() not in p.read_bytes(), p
-    for t in texts:
-        assert TOKEN not in t
-
-
 def test_push_model(trained, fake_hub, monkeypatch, capsys, tmp_path):
     calls, uploaded = fake_hub
     monkeypatch.setenv('HF_TOKEN', TOKEN)
@@ -146,25 +97,7 @@ def test_push_model(trained, fake_hub, monkeypatch, capsys, tmp_path):
     assert '| resnet18_dropcluster | imagenette |  | 55.500 | 80.250 |' in card
     assert "create_model('hf-hub:someorg/r18-dc', pretrained=True)" in card
     out = capsys.readouterr()
-    _assert_no_token(uploaded, out.out, out.err)
-
-
-def test_cli_push_folder(trained, fake_hub, monkeypatch, capsys, tmp_path):
-    calls, uploaded = fake_hub
-    monkeypatch.setenv('HF_TOKEN', TOKEN)
-    out = save_pretrained(trained, tmp_path / 'out')
-    (out / 'README.md').unlink()  # the card is generated at push, from the run's summary.csv
-    (out / 'summary.csv').write_text('epoch,eval_top1,eval_top5\n0,30.0,60.0\n1,33.5,61.0\n')
-    torch.save(trained.state_dict(), out / 'pytorch_model.bin')  # a pickle file that must stay behind
-    assert cli_main(['push', str(out), '--repo-id', 'someorg/r18-dc']) == 0
-    assert calls['upload_folder']['revision'] is None and 'create_branch' not in calls
-    assert sorted(p.name for p in uploaded.iterdir()) == ['README.md', 'cluster_maps.png', 'config.json',
-                                                          'model.safetensors']
-    assert '| resnet18_dropcluster |  |  | 33.500 | 61.000 |' in (uploaded / 'README.md').read_text()
-    assert not (out / 'README.md').exists()  # the folder itself is left as it was
-    captured = capsys.readouterr()
-    assert 'someorg/r18-dc' in captured.out
-    _assert_no_token(uploaded, captured.out, captured.err)
+    assert_no_token(uploaded, out.out, out.err)
 
 
 def test_push_errors(trained, tmp_path, monkeypatch, capsys):
@@ -191,36 +124,6 @@ def test_push_errors(trained, tmp_path, monkeypatch, capsys):
         push(tmp_path, 'someorg/r18-dc')
     with pytest.raises(SystemExit):
         cli_main(['push', str(out), '--repo-id', 'someorg/x', '--token', TOKEN])  # no token on the command line
-
-
-def test_cli_cards(tmp_path, capsys):
-    metrics = tmp_path / 'm.json'
-    metrics.write_text(json.dumps({'top1': 60.0}))
-    assert cli_main(['cards', '--out-dir', str(tmp_path / 'cards'), '--metrics', f'resnet18_dropcluster={metrics}']) == 0
-    cards = sorted(p.name for p in (tmp_path / 'cards').iterdir())
-    assert cards == sorted(f'{m}.md' for m in timm.list_models('*_dropcluster'))
-    assert '60.000' in (tmp_path / 'cards' / 'resnet18_dropcluster.md').read_text()
-    assert 'No DropCluster-trained' in (tmp_path / 'cards' / 'resnet34_dropcluster.md').read_text()
-    assert cli_main(['cards', '--metrics', 'nofile']) == 2
-
-    table = tmp_path / 't.json'
-    table.write_text(json.dumps({'title': 'My ablation', 'description': 'd', 'columns': ['arm', 'top-1'],
-                                 'rows': [['a', 61.5]]}))
-    argv = ['cards', '--out-dir', str(tmp_path / 'cards'), '--table', f'resnet34_dropcluster={table}']
-    assert cli_main(argv) == 0
-    assert '### My ablation' in (tmp_path / 'cards' / 'resnet34_dropcluster.md').read_text()
-    assert '| a | 61.5 |' in (tmp_path / 'cards' / 'resnet34_dropcluster.md').read_text()
-    assert 'My ablation' not in (tmp_path / 'cards' / 'resnet18_dropcluster.md').read_text()
-    capsys.readouterr()
-    bad = tmp_path / 'bad.json'
-    bad.write_text(json.dumps({'title': 'x', 'description': 'd', 'columns': ['a'], 'rows': [[1, 2]]}))
-    for item, error in ((f'resnet34_dropcluster={bad}', 'row 0 has 2 cells'), (str(table), 'expects MODEL=FILE'),
-                        (f'resnet34_dropclustr={table}', 'without a card here: resnet34_dropclustr')):
-        assert cli_main(['cards', '--out-dir', str(tmp_path / 'other'), '--table', item]) == 2
-        assert 'dropcluster-timm cards: error: ' in (err := capsys.readouterr().err) and error in err, err
-    assert not (tmp_path / 'other').exists()
-    with pytest.raises(SystemExit):
-        cli_main(['cards', '--study', 'x.json'])  # replaced by --table
 
 
 # ----- cards and configs of trained weights
@@ -419,3 +322,21 @@ def test_push_reports_the_folder_before_the_token(tmp_path, monkeypatch, capsys)
     assert cli_main(['push', str(out), '--repo-id', 'someorg/r18-dc']) == 1
     err = capsys.readouterr().err
     assert 'No Hugging Face token' in err and 'HF_TOKEN' in err and 'hf auth login' in err and 'token=' not in err
+
+
+def test_saving_again_replaces_its_own_files_only(trained, tmp_path):
+    """A second save into the folder replaces the files it writes (each renamed into place, no
+    temporary folder left beside it), removes its own files the new save does not have, and
+    leaves other files alone."""
+    out = tmp_path / 'out'
+    save_pretrained(trained, out, metrics={'top1': 50.0, 'top5': 90.0, 'epochs': 3})
+    (out / 'notes.txt').write_text('mine')
+    assert (out / 'metrics.json').is_file()
+    plain = timm.create_model('resnet18', num_classes=10)
+    save_pretrained(plain, out)
+    assert sorted(p.name for p in out.iterdir()) == ['README.md', 'config.json', 'model.safetensors', 'notes.txt']
+    assert (out / 'notes.txt').read_text() == 'mine'
+    assert json.loads((out / 'config.json').read_text())['architecture'] == 'resnet18'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['out']  # no staging folder left
+    reloaded = timm.create_model(f'local-dir:{out}', pretrained=True)
+    assert torch.equal(reloaded.fc.weight, plain.fc.weight)

@@ -7,7 +7,8 @@ import pytest
 
 import dropcluster_timm  # noqa: F401  registers the models
 from dropcluster_timm.model_card import build_model_card, render_model_card, write_model_cards
-from dropcluster_timm.run_results import load_metrics, load_results_table, model_stats
+from dropcluster_timm.model_stats import model_stats
+from dropcluster_timm.run_results import load_metrics, load_results_table
 
 VARIANTS = ['resnet18_dropcluster', 'resnet34_dropcluster', 'resnet50_dropcluster', 'resnet101_dropcluster',
             'resnet152_dropcluster', 'resnet50d_dropcluster']

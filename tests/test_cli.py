@@ -1,0 +1,58 @@
+""" The ``dropcluster-timm`` command line: push and cards (train and evaluate: test_train_runs.py, test_evaluate.py)."""
+import json
+
+import pytest
+import timm
+import torch
+
+from dropcluster_timm.cli import main as cli_main
+from dropcluster_timm.hub import save_pretrained
+from hub_helpers import TOKEN, assert_no_token
+
+
+def test_cli_push_folder(trained, fake_hub, monkeypatch, capsys, tmp_path):
+    calls, uploaded = fake_hub
+    monkeypatch.setenv('HF_TOKEN', TOKEN)
+    out = save_pretrained(trained, tmp_path / 'out')
+    (out / 'README.md').unlink()  # the card is generated at push, from the run's summary.csv
+    (out / 'summary.csv').write_text('epoch,eval_top1,eval_top5\n0,30.0,60.0\n1,33.5,61.0\n')
+    torch.save(trained.state_dict(), out / 'pytorch_model.bin')  # a pickle file that must stay behind
+    assert cli_main(['push', str(out), '--repo-id', 'someorg/r18-dc']) == 0
+    assert calls['upload_folder']['revision'] is None and 'create_branch' not in calls
+    assert sorted(p.name for p in uploaded.iterdir()) == ['README.md', 'cluster_maps.png', 'config.json',
+                                                          'model.safetensors']
+    assert '| resnet18_dropcluster |  |  | 33.500 | 61.000 |' in (uploaded / 'README.md').read_text()
+    assert not (out / 'README.md').exists()  # the folder itself is left as it was
+    captured = capsys.readouterr()
+    assert 'someorg/r18-dc' in captured.out
+    assert_no_token(uploaded, captured.out, captured.err)
+
+
+def test_cli_cards(tmp_path, capsys):
+    metrics = tmp_path / 'm.json'
+    metrics.write_text(json.dumps({'top1': 60.0}))
+    assert cli_main(['cards', '--out-dir', str(tmp_path / 'cards'), '--metrics', f'resnet18_dropcluster={metrics}']) == 0
+    cards = sorted(p.name for p in (tmp_path / 'cards').iterdir())
+    assert cards == sorted(f'{m}.md' for m in timm.list_models('*_dropcluster'))
+    assert '60.000' in (tmp_path / 'cards' / 'resnet18_dropcluster.md').read_text()
+    assert 'No DropCluster-trained' in (tmp_path / 'cards' / 'resnet34_dropcluster.md').read_text()
+    assert cli_main(['cards', '--metrics', 'nofile']) == 2
+
+    table = tmp_path / 't.json'
+    table.write_text(json.dumps({'title': 'My ablation', 'description': 'd', 'columns': ['arm', 'top-1'],
+                                 'rows': [['a', 61.5]]}))
+    argv = ['cards', '--out-dir', str(tmp_path / 'cards'), '--table', f'resnet34_dropcluster={table}']
+    assert cli_main(argv) == 0
+    assert '### My ablation' in (tmp_path / 'cards' / 'resnet34_dropcluster.md').read_text()
+    assert '| a | 61.5 |' in (tmp_path / 'cards' / 'resnet34_dropcluster.md').read_text()
+    assert 'My ablation' not in (tmp_path / 'cards' / 'resnet18_dropcluster.md').read_text()
+    capsys.readouterr()
+    bad = tmp_path / 'bad.json'
+    bad.write_text(json.dumps({'title': 'x', 'description': 'd', 'columns': ['a'], 'rows': [[1, 2]]}))
+    for item, error in ((f'resnet34_dropcluster={bad}', 'row 0 has 2 cells'), (str(table), 'expects MODEL=FILE'),
+                        (f'resnet34_dropclustr={table}', 'without a card here: resnet34_dropclustr')):
+        assert cli_main(['cards', '--out-dir', str(tmp_path / 'other'), '--table', item]) == 2
+        assert 'dropcluster-timm cards: error: ' in (err := capsys.readouterr().err) and error in err, err
+    assert not (tmp_path / 'other').exists()
+    with pytest.raises(SystemExit):
+        cli_main(['cards', '--study', 'x.json'])  # replaced by --table

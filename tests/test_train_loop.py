@@ -1,0 +1,47 @@
+""" One training epoch: the rate stepped per batch, the step callback, resuming mid-epoch."""
+import pytest
+import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader, TensorDataset
+
+from dropcluster_timm import DropCluster2d, DropClusterSchedule
+from dropcluster_timm.train import TrainState, train_one_epoch
+
+
+class _Sched:
+    def step_update(self, num_updates):
+        pass
+
+
+def _setup(seed=0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), DropCluster2d(0.0, block_size=2),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    data = TensorDataset(torch.randn(20, 3, 8, 8), torch.arange(20) % 2)
+    accelerator = Accelerator(cpu=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, DataLoader(data, batch_size=4))
+    schedule = DropClusterSchedule(0.2, start_epoch=0, warmup_epochs=1, steps_per_epoch=len(loader))
+    return accelerator, model, optimizer, loader, schedule
+
+
+def test_rate_stepped_per_batch_and_callback_after_each():
+    accelerator, model, optimizer, loader, schedule = _setup()
+    state, seen = TrainState(), []
+    row = train_one_epoch(accelerator, model, loader, optimizer, torch.nn.CrossEntropyLoss(), _Sched(), schedule,
+                          state, progress=False,
+                          on_step=lambda s: seen.append((s.global_step, model[1].drop_prob)))
+    assert [step for step, _ in seen] == [1, 2, 3, 4, 5]
+    assert [rate for _, rate in seen] == pytest.approx([0.2 * i / 5 for i in range(5)])  # epoch + i / steps
+    assert state.epoch == 1 and state.step_in_epoch == 0 and state.num_updates == 5
+    assert state.peak_drop_rate == seen[-1][1] and row['drop_rate'] == seen[-1][1]
+    assert row['train_loss'] > 0 and row['lr'] == 0.1
+
+
+def test_resume_mid_epoch_skips_the_batches_done():
+    accelerator, model, optimizer, loader, schedule = _setup()
+    state, seen = TrainState(), []
+    state.step_in_epoch, state.global_step = 3, 3
+    train_one_epoch(accelerator, model, loader, optimizer, torch.nn.CrossEntropyLoss(), _Sched(), schedule, state,
+                    progress=False, on_step=lambda s: seen.append(s.global_step))
+    assert seen == [4, 5] and state.epoch == 1
