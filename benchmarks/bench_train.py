@@ -50,7 +50,7 @@ def main():
     models = {
         'resnet50': build(args.model),
         'resnet50 + DropBlock': build(args.model, drop_block_rate=args.drop_rate),
-        'resnet50_dropcluster': build(f'{args.model}_dropcluster', drop_cluster_prob=args.drop_rate, img_size=size),
+        'resnet50_dropcluster': build(f'{args.model}_dropcluster', drop_cluster_rate=args.drop_rate, img_size=size),
     }
     dc_model = models['resnet50_dropcluster']
     update_batch = torch.randn(args.update_batch_size, 3, *size, device=device)

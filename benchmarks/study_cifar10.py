@@ -174,7 +174,7 @@ def build_model(arm: str, rate: float, cfg: Dict[str, Any]) -> torch.nn.Module:
     if arm == 'dropblock':
         return timm.create_model(BASE_MODEL, drop_block_rate=rate, **kwargs)
     placement = dict(dc_stages=(3, 4), dc_stem=False) if arm == 'dc_stages' else dict(dc_stages=(), dc_stem=True)
-    return timm.create_model(DC_MODEL, drop_cluster_prob=rate, img_size=cfg['img_size'],
+    return timm.create_model(DC_MODEL, drop_cluster_rate=rate, img_size=cfg['img_size'],
                              dc_block_size=cfg.get('dc_block_size'), **placement, **kwargs)
 
 

@@ -5,6 +5,7 @@ layers as FX leaf modules. The Hub functions (``save_pretrained``, ``push``) loa
 training lives in ``dropcluster_timm.train``, evaluation in ``dropcluster_timm.evaluate``.
 """
 from .clustering import CLUSTER_METHODS, cluster_activations, within_cluster_variance
+from .convert import convert_drop_blocks
 from .drop_cluster import DropCluster1d, DropCluster2d, DropCluster3d, drop_cluster, resample_cluster_map
 from .model_helpers import (
     cluster_state, copy_cluster_state, ddp_ignore_cluster_buffers, dropcluster_layers, init_cluster_maps,
@@ -19,13 +20,13 @@ __all__ = [
     'DropCluster1d', 'DropCluster2d', 'DropCluster3d', 'drop_cluster', 'resample_cluster_map',
     'dropcluster_layers', 'set_drop_prob', 'init_cluster_maps', 'update_clusters', 'copy_cluster_state',
     'cluster_state', 'ddp_ignore_cluster_buffers',
-    'DropClusterSchedule', 'SCHEDULE_SHAPES',
-    'save_pretrained', 'push',
+    'DropClusterSchedule', 'SCHEDULE_SHAPES', 'convert_drop_blocks',
+    'save_pretrained', 'export_plain', 'push',
 ]
 
 
 def __getattr__(name):
-    if name in ('save_pretrained', 'push'):  # the Hub code (model cards, matplotlib) only when used
+    if name in ('save_pretrained', 'export_plain', 'push'):  # the Hub code (model cards, matplotlib) only when used
         from . import hub
         return getattr(hub, name)
     raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

@@ -2,7 +2,8 @@
 
     accelerate launch -m dropcluster_timm train [DATA_DIR] [--model resnet50_dropcluster] ...
     dropcluster-timm evaluate OUTPUT/best [--data-dir DIR] [--corruptions all] [--json PATH]
-    dropcluster-timm push OUTPUT_DIR --repo-id org/name [--private] [--revision BRANCH]
+    dropcluster-timm push OUTPUT_DIR --repo-id org/name [--private] [--revision BRANCH] [--push-plain]
+    dropcluster-timm export-plain OUTPUT_DIR OUT     # the base timm architecture, loadable without this package
     dropcluster-timm cards [--out-dir model_cards] [--metrics MODEL=FILE ...] [--table MODEL=FILE ...]
 
 ``train`` takes the options of ``train_timm.py`` (which runs it) and trains with Accelerate, on one
@@ -23,6 +24,8 @@ see ``dropcluster_timm.run_results.load_results_table``) to a model's card, e.g.
 # `--help` stays quick.
 import argparse
 import sys
+import tempfile
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from .corruptions import CORRUPTIONS, SEVERITIES
@@ -60,6 +63,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument('--private', action='store_true', help='create the repo private')
     p.add_argument('--revision', default=None, help='branch to push to (created if needed)')
     p.add_argument('--commit-message', default='Add DropCluster model')
+    p.add_argument('--push-plain', action='store_true',
+                   help='push the base timm architecture instead (export-plain): loads in stock timm')
+
+    x = sub.add_parser('export-plain', help='write a *_dropcluster model folder as its base timm architecture, '
+                                            'loadable without this package')
+    x.add_argument('folder', metavar='FOLDER', help='folder written by dropcluster_timm.hub.save_pretrained')
+    x.add_argument('out', metavar='OUT', help='output folder')
+    x.add_argument('--repo-id', default=None, help='the Hub repo the folder is meant for (card usage)')
 
     c = sub.add_parser('cards', help='regenerate the model cards of the registered *_dropcluster models')
     c.add_argument('--out-dir', default='model_cards')
@@ -80,14 +91,26 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f'error: {e}', file=sys.stderr)
             return 2
     if args.command == 'push':
-        from .hub import push
+        from .hub import export_plain, push
         try:
-            info = push(args.output_dir, args.repo_id, private=args.private, revision=args.revision,
-                        commit_message=args.commit_message)
+            with tempfile.TemporaryDirectory() as tmp:
+                folder = export_plain(args.output_dir, Path(tmp) / 'plain', repo_id=args.repo_id) \
+                    if args.push_plain else args.output_dir
+                info = push(folder, args.repo_id, private=args.private, revision=args.revision,
+                            commit_message=args.commit_message)
         except (RuntimeError, ValueError, FileNotFoundError) as e:
             print(f'dropcluster-timm push: error: {e}', file=sys.stderr)
             return 1
-        print(f'pushed {args.output_dir} to {getattr(info, "commit_url", None) or args.repo_id}')
+        print(f'pushed {args.output_dir}{" (plain)" if args.push_plain else ""} to '
+              f'{getattr(info, "commit_url", None) or args.repo_id}')
+        return 0
+    if args.command == 'export-plain':
+        from .hub import export_plain
+        try:
+            print(export_plain(args.folder, args.out, repo_id=args.repo_id))
+        except (ValueError, FileNotFoundError) as e:
+            print(f'dropcluster-timm export-plain: error: {e}', file=sys.stderr)
+            return 1
         return 0
 
     from .model_card import write_model_cards

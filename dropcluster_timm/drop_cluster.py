@@ -155,6 +155,13 @@ class DropClusterNd(nn.Module):
         inplace: modify the input in place.
         scale_by_keep: rescale kept elements like timm's DropBlock.
         cluster_method: method of ``update_clusters``, one of ``CLUSTER_METHODS``.
+        gamma_scale: scales the rate, as in timm's ``DropBlock2d`` (whose expected dropped fraction is
+            ``gamma_scale * drop_prob``; timm uses 0.25 in a ResNet's third stage): clusters are
+            dropped with probability ``gamma_scale * drop_prob``. ``drop_prob`` stays the nominal
+            rate that schedules and ``set_drop_prob`` set.
+        batchwise, fast: accepted so that ``DropCluster2d(**kwargs_of_a_DropBlock2d)`` works; like
+            timm's ``DropBlock2d`` since 1.0.23, they have no effect (one decision per cluster and
+            sample, one implementation).
         feat_size: spatial size of the input, if known: the grid map buffer is then created
             here (and so saved in every checkpoint); otherwise the buffer stays empty until the
             first clustering or load and a grid is made on the fly.
@@ -181,6 +188,9 @@ class DropClusterNd(nn.Module):
             cluster_method: str = 'rena',
             feat_size: Optional[Tuple[int, ...]] = None,
             num_channels: Optional[int] = None,
+            gamma_scale: float = 1.0,
+            batchwise: bool = False,
+            fast: bool = True,
             device=None,
             dtype=None,
     ):
@@ -192,11 +202,14 @@ class DropClusterNd(nn.Module):
         for name, value in (('block_size', block_size), ('cluster_size', cluster_size), ('num_clusters', num_clusters)):
             if value is not None and int(value) < 1:
                 raise ValueError(f'{name} must be >= 1, got {value}')
+        if not 0.0 < gamma_scale <= 1.0:
+            raise ValueError(f'gamma_scale must be in (0, 1], got {gamma_scale}')
         if num_channels is not None and int(num_channels) < 1:
             raise ValueError(f'num_channels must be >= 1, got {num_channels}')
         self.spatial_dims = type(self).spatial_dims  # TorchScript only sees instance attributes
         self.drop_prob = float(drop_prob)
         self.block_size = int(block_size)
+        self.gamma_scale = float(gamma_scale)
         self.cluster_size = int(cluster_size) if cluster_size is not None else self.block_size ** self.spatial_dims
         self.num_clusters = int(num_clusters) if num_clusters is not None else 0  # 0: from cluster_size
         self.couple_channels = couple_channels
@@ -261,7 +274,7 @@ class DropClusterNd(nn.Module):
         return drop_cluster(
             x,
             cluster_map,
-            drop_prob=self.drop_prob,
+            drop_prob=self.drop_prob * self.gamma_scale,
             num_clusters=k,
             couple_channels=self.couple_channels,
             with_noise=self.with_noise,
@@ -371,7 +384,8 @@ class DropClusterNd(nn.Module):
     def extra_repr(self) -> str:
         k = f'num_clusters={self.num_clusters}' if self.num_clusters else f'cluster_size={self.cluster_size}'
         c = f'num_channels={self.num_channels}, ' if self.num_channels is not None else ''
-        return (f'{c}drop_prob={self.drop_prob}, {k}, couple_channels={self.couple_channels}, '
+        g = f', gamma_scale={self.gamma_scale}' if self.gamma_scale != 1.0 else ''
+        return (f'{c}drop_prob={self.drop_prob}{g}, {k}, couple_channels={self.couple_channels}, '
                 f'cluster_method={self.cluster_method!r}, map={tuple(self.cluster_map.shape)}')
 
 

@@ -18,17 +18,19 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
+import timm
 import torch.nn as nn
 from huggingface_hub import HfApi, get_token
 from safetensors import safe_open
-from timm.models import save_for_hf
+from timm.models import get_model_args, save_for_hf
 
 from .model_card import CARD_MARKER, CLUSTER_MAPS_IMAGE, is_dropcluster_architecture, render_model_card, training_notes
 from .run_results import check_metrics, load_metrics
 from .models import dropcluster_model_args
+from .models.variants import plain_architecture
 from .visualization import plot_cluster_maps
 
-__all__ = ['save_pretrained', 'push', 'resolve_push_token', 'UPLOAD_FILES']
+__all__ = ['save_pretrained', 'export_plain', 'push', 'resolve_push_token', 'UPLOAD_FILES']
 
 # Everything push uploads; pickle-based weight files are never among them.
 UPLOAD_FILES = ('config.json', 'model.safetensors', 'README.md', 'metrics.json', CLUSTER_MAPS_IMAGE)
@@ -87,6 +89,8 @@ def save_pretrained(
     with tempfile.TemporaryDirectory(dir=save_directory.parent, prefix=f'.{save_directory.name}.') as tmp:
         staging = Path(tmp)
         save_for_hf(model, staging, model_args=model_args, safe_serialization=True, data_config=data_config)
+        if model_args:
+            _drop_former_names(staging / 'config.json')
         if metrics:
             _describe_trained_weights(staging / 'config.json', metrics)
             (staging / 'metrics.json').write_text(json.dumps(metrics, indent=2))
@@ -99,6 +103,55 @@ def save_pretrained(
             if (staging / name).exists():
                 os.replace(staging / name, save_directory / name)
     return save_directory
+
+
+def _drop_former_names(config_path: Path) -> None:
+    """A model created from a config saved before ``drop_cluster_prob`` became ``drop_cluster_rate``
+    recorded both; config.json keeps the current one."""
+    config = json.loads(config_path.read_text())
+    if config.get('model_args', {}).pop('drop_cluster_prob', None) is not None:
+        config_path.write_text(json.dumps(config, indent=2))
+
+
+def export_plain(
+        model_or_folder: Union[nn.Module, str, Path],
+        save_directory: Union[str, Path],
+        repo_id: Optional[str] = None,
+) -> Path:
+    """Write a ``*_dropcluster`` model as its base timm architecture: the same weights without the
+    DropCluster layers and cluster buffers, a folder that stock timm loads without this package
+    (``timm.create_model('local-dir:...')`` / ``hf-hub:``) and that gives the same eval-mode outputs
+    (DropCluster is the identity at inference).
+
+    Args:
+        model_or_folder: a ``*_dropcluster`` model, or a folder written by ``save_pretrained`` (its
+            ``metrics.json`` goes along).
+        save_directory: output folder.
+        repo_id: the Hub repo the folder is meant for (the card's usage examples).
+
+    Returns:
+        the folder.
+    """
+    metrics = None
+    if isinstance(model_or_folder, nn.Module):
+        model = model_or_folder
+    else:
+        folder = Path(model_or_folder)
+        _check_folder(folder)
+        model = timm.create_model(f'local-dir:{folder}', pretrained=True)
+        if (folder / 'metrics.json').is_file():
+            metrics = load_metrics(folder / 'metrics.json')
+    arch = _architecture(model)
+    base, args = plain_architecture(arch, get_model_args(model))
+    plain = timm.create_model(base, pretrained=False, **args)
+    state = {}
+    for key, value in model.state_dict().items():
+        if key.endswith(('.cluster_map', '.cluster_counts')):
+            continue
+        state['maxpool.' + key[len('maxpool.pool.'):] if key.startswith('maxpool.pool.') else key] = value
+    plain.load_state_dict(state)  # strict: the base has exactly these parameters and buffers
+    plain.pretrained_cfg = dict(model.pretrained_cfg, architecture=base)  # preprocessing of these weights
+    return save_pretrained(plain, save_directory, metrics=metrics, repo_id=repo_id)
 
 
 def _describe_trained_weights(config_path: Path, metrics: Dict[str, Any]) -> None:

@@ -30,7 +30,7 @@ from .model_stats import format_stat, model_stats
 from .run_results import (
     check_metrics, check_results_table, dataset_name, format_results_table, load_metrics, load_results_table)
 
-__all__ = ['model_stats', 'format_stat', 'load_metrics', 'check_metrics', 'dataset_name', 'training_notes',
+__all__ = ['CARD_MODELS', 'model_stats', 'format_stat', 'load_metrics', 'check_metrics', 'dataset_name', 'training_notes',
            'is_dropcluster_architecture', 'check_results_table', 'load_results_table', 'build_model_card',
            'render_model_card', 'write_model_cards', 'CITATIONS', 'PAPERS', 'CARD_MARKER', 'CLUSTER_MAPS_IMAGE']
 
@@ -39,6 +39,14 @@ CARD_MARKER = '<!-- dropcluster-timm card -->'
 # The picture of the cluster maps that hub.save_pretrained writes next to the weights.
 CLUSTER_MAPS_IMAGE = 'cluster_maps.png'
 PIP_PACKAGE = 'dropcluster-timm'  # the distribution name in pyproject.toml
+# The cards model_cards/ holds: the ResNets of the reference, and one model of each architecture
+# family with DropBlock slots that users asked for (every *_dropcluster model renders on demand).
+CARD_MODELS = (
+    'resnet18_dropcluster', 'resnet34_dropcluster', 'resnet50_dropcluster', 'resnet101_dropcluster',
+    'resnet152_dropcluster', 'resnet50d_dropcluster', 'resnext50_32x4d_dropcluster', 'seresnet50_dropcluster',
+    'wide_resnet50_2_dropcluster', 'skresnet18_dropcluster', 'resnest14d_dropcluster', 'gernet_s_dropcluster',
+    'resnet33ts_dropcluster', 'regnetz_b16_dropcluster',
+)
 # Usage examples of weights not on the Hub yet; hub.push replaces it with hf-hub:<repo_id> before uploading.
 LOCAL_MODEL_ID = 'local-dir:path/to/this/folder'
 # YAML header keys in the order of timm's own cards; model-index comes last.
@@ -84,7 +92,7 @@ _CITATIONS = {
 CITATIONS = list(_CITATIONS.values())
 
 NO_RESULTS = ('No DropCluster-trained weights are published yet, so there are no results for this model. '
-              'The pretrained tags listed above are timm\'s ImageNet-1k weights of the base ResNet with '
+              'The pretrained tags listed above are timm\'s ImageNet weights of the base architecture with '
               'grid-initialised cluster maps, a starting point for fine-tuning with DropCluster; their '
               'accuracy is that of the base timm weights.')
 NO_RUN_RESULTS = 'No results of a training run were given for these weights.'
@@ -93,7 +101,8 @@ NO_RUN_RESULTS = 'No results of a training run were given for these weights.'
 def is_dropcluster_architecture(architecture: str, model_args: Optional[Dict[str, Any]] = None) -> bool:
     """Whether ``architecture`` (with the ``model_args`` of its config.json) is a DropCluster model,
     i.e. its checkpoints carry cluster maps; any other timm architecture is a plain model."""
-    return 'drop_cluster_prob' in (model_args or {}) or architecture.split('.')[0].endswith('_dropcluster')
+    args = model_args or {}
+    return 'drop_cluster_rate' in args or 'drop_cluster_prob' in args or architecture.split('.')[0].endswith('_dropcluster')
 
 
 def training_notes(model_name: str, metrics: Dict[str, Any], dropcluster: bool) -> str:
@@ -148,7 +157,7 @@ import timm
 import torch
 import dropcluster_timm
 
-model = timm.create_model('{model_id}', pretrained=True, drop_cluster_prob=0.1)
+model = timm.create_model('{model_id}', pretrained=True, drop_cluster_rate=0.1)
 images = torch.randn(32, 3, 224, 224)  # a batch of training images
 # re-cluster the DropCluster layers from the batch, e.g. every few epochs
 dropcluster_timm.update_clusters(model, images)
@@ -351,11 +360,8 @@ def build_model_card(
     }
     if dropcluster:
         dc = {
-            'Rate (drop_cluster_prob)': f"{model_args.get('drop_cluster_prob', 0.0):g}",
-            'Placement': ('stages ' + ', '.join(str(s) for s in model_args.get('dc_stages', (3, 4)))
-                          + ' (every block, in the DropBlock slot)'
-                          + ('; stem (after conv, norm and activation, before max-pooling)'
-                             if model_args.get('dc_stem') else '')),
+            'Rate (drop_cluster_rate)': f"{model_args.get('drop_cluster_rate', model_args.get('drop_cluster_prob', 0.0)):g}",
+            'Placement': _placement(model_name, model_args),
             'Cluster maps': 'saved in the checkpoint (`cluster_map`, `cluster_counts` buffers of every layer)',
         }
         if metrics and metrics.get('peak_drop_rate') is not None:
@@ -387,14 +393,15 @@ def build_model_card(
     elif dropcluster:
         tags = [t.split('.', 1)[1] for t in list_pretrained(f'{arch}.*')]
         bases = sorted({get_pretrained_cfg(f'{arch}.{t}').hf_hub_id for t in tags})
-        details['Dataset'] = 'ImageNet-1k'
+        details['Dataset'] = 'ImageNet-1k' if all(t.endswith('in1k') for t in tags) else 'ImageNet (see the tags)'
         details['Pretrained tags'] = [
             f'`{arch}.{t}`: {get_pretrained_cfg(f"{arch}.{t}").hf_hub_id} '
             f'(license {get_pretrained_cfg(f"{arch}.{t}").license})' for t in tags]
         description = (
-            f'A ResNet with DropCluster structured dropout (timm architecture `{arch}`). '
-            'No DropCluster-trained weights are published yet: the pretrained tags load timm\'s ImageNet-1k '
-            f'weights of the base ResNet ({", ".join(bases)}) with grid-initialised cluster maps.')
+            f'timm\'s `{arch[:-len("_dropcluster")]}` with DropCluster structured dropout in its DropBlock slots '
+            f'(timm architecture `{arch}`). No DropCluster-trained weights are published yet: the pretrained '
+            f'tags load timm\'s weights of the base architecture ({", ".join(bases)}) with grid-initialised '
+            'cluster maps.')
     else:
         description = f'A timm `{arch}` image classification model without DropCluster layers. {NO_RUN_RESULTS}'
     if repo_id:
@@ -430,19 +437,28 @@ def render_model_card(model_name: str, **kwargs) -> str:
     return f'---\n{header}\n---\n{CARD_MARKER}\n{body}'
 
 
+def _placement(model_name: str, model_args: Dict[str, Any]) -> str:
+    resnet_family = model_name.split('.')[0] in timm.list_models(module='resnet_dropcluster')
+    if not resnet_family and 'dc_stages' not in model_args:
+        return "timm's DropBlock slots of the architecture (after the norm of the kxk conv, last two stages)"
+    return ('stages ' + ', '.join(str(s) for s in model_args.get('dc_stages', (3, 4)))
+            + ' (every block, in the DropBlock slot)'
+            + ('; stem (after conv, norm and activation, before max-pooling)' if model_args.get('dc_stem') else ''))
+
+
 def write_model_cards(
         out_dir: Union[str, Path] = 'model_cards',
         models: Optional[Sequence[str]] = None,
         metrics: Optional[Dict[str, Dict[str, Any]]] = None,
         tables: Optional[Dict[str, Sequence[Dict[str, Any]]]] = None,
 ) -> List[Path]:
-    """Write ``<out_dir>/<model>.md`` for every registered ``*_dropcluster`` model (or ``models``).
+    """Write ``<out_dir>/<model>.md`` for each of ``CARD_MODELS`` (or ``models``).
 
     ``metrics`` maps a model name to the results of its run; models without one get the
     "no DropCluster-trained weights" card. ``tables`` maps a model name to the results tables
     (``load_results_table``) of its card; a name that is not written raises ``ValueError``.
     """
-    names = list(models or timm.list_models('*_dropcluster'))
+    names = list(models or CARD_MODELS)
     metrics, tables = metrics or {}, tables or {}
     unknown = sorted(set(tables) - set(names))
     if unknown:  # a misspelt model name would otherwise drop its tables without a word

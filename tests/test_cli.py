@@ -56,3 +56,19 @@ def test_cli_cards(tmp_path, capsys):
     assert not (tmp_path / 'other').exists()
     with pytest.raises(SystemExit):
         cli_main(['cards', '--study', 'x.json'])  # replaced by --table
+
+
+def test_cli_export_plain_and_push_plain(trained, fake_hub, monkeypatch, capsys, tmp_path):
+    calls, uploaded = fake_hub
+    monkeypatch.setenv('HF_TOKEN', TOKEN)
+    out = save_pretrained(trained, tmp_path / 'out')
+    assert cli_main(['export-plain', str(out), str(tmp_path / 'plain')]) == 0
+    assert json.loads((tmp_path / 'plain' / 'config.json').read_text())['architecture'] == 'resnet18'
+    assert cli_main(['push', str(out), '--repo-id', 'someorg/r18-plain', '--push-plain']) == 0
+    config = json.loads((uploaded / 'config.json').read_text())
+    assert config['architecture'] == 'resnet18' and sorted(p.name for p in uploaded.iterdir()) == \
+        ['README.md', 'config.json', 'model.safetensors']
+    assert "create_model('hf-hub:someorg/r18-plain', pretrained=True)" in (uploaded / 'README.md').read_text()
+    assert 'import dropcluster_timm' not in (uploaded / 'README.md').read_text()
+    assert cli_main(['export-plain', str(tmp_path / 'nope'), str(tmp_path / 'x')]) == 1
+    assert 'no such folder' in capsys.readouterr().err

@@ -374,7 +374,7 @@ def test_channel_count_checked_and_recorded():
 
 @pytest.mark.parametrize('variant', ['resnet18_dropcluster', 'resnet50_dropcluster'])
 def test_model_layers_know_their_input_channels(variant):
-    model = timm.create_model(variant, dc_stem=True, dc_stages=(1, 2, 3, 4), img_size=64, drop_cluster_prob=0.1)
+    model = timm.create_model(variant, dc_stem=True, dc_stages=(1, 2, 3, 4), img_size=64, drop_cluster_rate=0.1)
     seen = {}
 
     def record(name):

@@ -8,7 +8,7 @@ import timm
 import torch
 
 import dropcluster_timm  # noqa: F401  registers the models
-from dropcluster_timm import dropcluster_layers
+from dropcluster_timm import dropcluster_layers, update_clusters
 from dropcluster_timm.cli import main as cli_main
 from dropcluster_timm.hub import UPLOAD_FILES, push, save_pretrained
 from hub_helpers import TOKEN, assert_no_token
@@ -32,7 +32,7 @@ def test_save_writes_config_safetensors_card(trained, tmp_path):
     config = json.loads((out / 'config.json').read_text())
     assert config['architecture'] == 'resnet18_dropcluster'
     args = config['model_args']
-    assert args['drop_cluster_prob'] == 0.15  # the current rate, not the constructor's 0
+    assert args['drop_cluster_rate'] == 0.15 and 'drop_cluster_prob' not in args  # the current rate, not the constructor's 0
     assert args['dc_stem'] is True and args['dc_stages'] == [3, 4] and args['dc_cluster_method'] == 'kmeans'
     assert args['img_size'] == [64, 64] and args['num_classes'] == 10
     tensors = safetensors.torch.load_file(str(out / 'model.safetensors'))
@@ -42,7 +42,7 @@ def test_save_writes_config_safetensors_card(trained, tmp_path):
     assert tensors['layer3.0.drop_block.cluster_map'].shape == (256, 6, 5)
     card = (out / 'README.md').read_text()
     assert 'library_name: timm' in card and '# Model card for resnet18_dropcluster' in card
-    assert 'Rate (drop_cluster_prob): 0.15' in card and 'stem' in card
+    assert 'Rate (drop_cluster_rate): 0.15' in card and 'stem' in card
     assert '## Cluster maps\n![cluster maps](cluster_maps.png)' in card
 
 
@@ -92,7 +92,7 @@ def test_push_model(trained, fake_hub, monkeypatch, capsys, tmp_path):
     tensors = safetensors.torch.load_file(str(uploaded / 'model.safetensors'))
     for name, layer in dropcluster_layers(trained):
         assert torch.equal(tensors[f'{name}.cluster_map'], layer.cluster_map)
-    assert json.loads((uploaded / 'config.json').read_text())['model_args']['drop_cluster_prob'] == 0.15
+    assert json.loads((uploaded / 'config.json').read_text())['model_args']['drop_cluster_rate'] == 0.15
     card = (uploaded / 'README.md').read_text()
     assert '| resnet18_dropcluster | imagenette |  | 55.500 | 80.250 |' in card
     assert "create_model('hf-hub:someorg/r18-dc', pretrained=True)" in card
@@ -252,7 +252,7 @@ def test_save_and_push_plain_timm_model(fake_hub, monkeypatch, tmp_path):
     out = save_pretrained(model, tmp_path / 'out', metrics=metrics)
     assert sorted(p.name for p in out.iterdir()) == ['README.md', 'config.json', 'metrics.json', 'model.safetensors']
     config = json.loads((out / 'config.json').read_text())
-    assert config['architecture'] == 'resnet18' and 'drop_cluster_prob' not in config['model_args']
+    assert config['architecture'] == 'resnet18' and 'drop_cluster_rate' not in config['model_args']
     card = (out / 'README.md').read_text()
     assert 'DropCluster:**' not in card and 'trained with DropCluster' not in card and 'cluster_maps' not in card
     assert 'Training with DropCluster' not in card and '- dropcluster' not in card.split('---')[1]
@@ -340,3 +340,40 @@ def test_saving_again_replaces_its_own_files_only(trained, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ['out']  # no staging folder left
     reloaded = timm.create_model(f'local-dir:{out}', pretrained=True)
     assert torch.equal(reloaded.fc.weight, plain.fc.weight)
+
+
+@pytest.mark.parametrize('variant, kwargs', [
+    ('resnet18_dropcluster', dict(dc_stem=True, dc_stages=[2, 3, 4], replace_stem_pool=True, img_size=64)),
+    ('gernet_s_dropcluster', dict(dc_num_clusters=3)),
+])
+def test_export_plain_loads_in_stock_timm_with_the_same_outputs(variant, kwargs, tmp_path):
+    """The exported folder is the base architecture: a process that never imports dropcluster_timm
+    loads it with timm alone and gets the DropCluster model's eval-mode outputs."""
+    import subprocess
+    import sys
+    from dropcluster_timm.hub import export_plain
+    torch.manual_seed(0)
+    model = timm.create_model(variant, num_classes=6, drop_cluster_rate=0.1, **kwargs)
+    update_clusters(model, torch.randn(2, 3, 64, 64))
+    folder = save_pretrained(model, tmp_path / 'dc', metrics={'top1': 40.0, 'epochs': 2})
+    plain = export_plain(folder, tmp_path / 'plain')
+    config = json.loads((plain / 'config.json').read_text())
+    base = variant[:-len('_dropcluster')]
+    assert config['architecture'] == base and not any(k.startswith(('dc_', 'drop_cluster')) for k in config['model_args'])
+    tensors = safetensors.torch.load_file(str(plain / 'model.safetensors'))
+    assert not any('cluster' in k for k in tensors)
+    assert json.loads((plain / 'metrics.json').read_text())['top1'] == 40.0
+    x = torch.randn(2, 3, 64, 64)
+    torch.save(x, tmp_path / 'x.pt')
+    with torch.no_grad():
+        expected = model.eval()(x)
+    code = ('import sys, timm, torch; '
+            f'm = timm.create_model("local-dir:{plain}", pretrained=True).eval(); '
+            f'y = m(torch.load("{tmp_path / "x.pt"}")); torch.save(y, "{tmp_path / "y.pt"}"); '
+            'assert not any(n.startswith("dropcluster_timm") for n in sys.modules), "imported dropcluster_timm"; '
+            'print(type(m).__name__)')
+    proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    torch.testing.assert_close(torch.load(tmp_path / 'y.pt'), expected)
+    with pytest.raises(ValueError, match='not a registered'):
+        export_plain(timm.create_model('resnet18'), tmp_path / 'x')

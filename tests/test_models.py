@@ -11,6 +11,7 @@ from timm.models import get_pretrained_cfg
 import dropcluster_timm  # noqa: F401  registers the models
 from dropcluster_timm import dropcluster_layers, set_drop_prob, update_clusters
 from dropcluster_timm.clustering import grid_cluster_map
+from dropcluster_timm.models.variants import load_architectures
 
 VARIANTS = ['resnet18_dropcluster', 'resnet34_dropcluster', 'resnet50_dropcluster', 'resnet101_dropcluster',
             'resnet152_dropcluster', 'resnet50d_dropcluster']
@@ -22,8 +23,15 @@ def layer_shapes(model):
 
 
 def test_registry():
-    assert sorted(timm.list_models('*dropcluster*')) == sorted(VARIANTS)
-    assert set(timm.list_models(module='resnet_dropcluster')) == set(VARIANTS)
+    """A variant for every architecture of dropblock_architectures.json, under its family's module."""
+    table = load_architectures()
+    assert set(table) == {'resnet_dropcluster', 'byobnet_dropcluster'}
+    for module, bases in table.items():
+        assert set(timm.list_models(module=module)) == {f'{b}_dropcluster' for b in bases if timm.is_model(b)}
+    assert len(table['resnet_dropcluster']) >= 100 and len(table['byobnet_dropcluster']) >= 60
+    named = ['resnext50_32x4d', 'seresnet50', 'wide_resnet50_2', 'skresnet18', 'resnest14d', 'gernet_s',
+             'resnet33ts', 'regnetz_b16'] + [BASES[v] for v in VARIANTS]
+    assert set(f'{b}_dropcluster' for b in named) <= set(timm.list_models('*_dropcluster'))
 
 
 @pytest.mark.parametrize('tag', timm.list_pretrained('*_dropcluster.*'))
@@ -31,8 +39,8 @@ def test_pretrained_tags_point_at_timm_weights(tag):
     """Every tag is a real timm ImageNet weight of the base ResNet, with the same data config."""
     arch, weights = tag.split('.', 1)
     ours = get_pretrained_cfg(tag)
-    base = get_pretrained_cfg(f'{BASES[arch]}.{weights}')
-    assert base is not None and base.hf_hub_id == f'timm/{BASES[arch]}.{weights}'
+    base = get_pretrained_cfg(f'{arch[:-len("_dropcluster")]}.{weights}')
+    assert base is not None and base.hf_hub_id == f'timm/{arch[:-len("_dropcluster")]}.{weights}'
     assert ours.hf_hub_id == base.hf_hub_id
     for field in ('input_size', 'pool_size', 'mean', 'std', 'crop_pct', 'interpolation', 'num_classes',
                   'first_conv', 'classifier', 'license', 'test_input_size'):
@@ -76,7 +84,7 @@ def test_grid_buffers_sized_from_img_size():
 
 
 def test_stem_placement_after_act_before_pool():
-    model = timm.create_model('resnet18_dropcluster', dc_stem=True, drop_cluster_prob=0.3, img_size=64).train()
+    model = timm.create_model('resnet18_dropcluster', dc_stem=True, drop_cluster_rate=0.3, img_size=64).train()
     stem = model.maxpool.drop_cluster
     seen = {}
     stem.register_forward_hook(lambda m, a, o: seen.update(inp=a[0].detach().clone(), out=o.detach()))
@@ -93,7 +101,7 @@ def test_drop_in_train_identity_in_eval():
     torch.manual_seed(0)
     # zero_init_last=False: a fresh ResNet zeroes the last norm of each residual branch, which
     # would hide the drop in the branch
-    model = timm.create_model('resnet18_dropcluster', drop_cluster_prob=0.5, num_classes=7, zero_init_last=False)
+    model = timm.create_model('resnet18_dropcluster', drop_cluster_rate=0.5, num_classes=7, zero_init_last=False)
     x = torch.randn(2, 3, 64, 64)
     reference = timm.create_model('resnet18_dropcluster', num_classes=7, zero_init_last=False)
     reference.load_state_dict(model.state_dict())
@@ -108,12 +116,16 @@ def test_drop_in_train_identity_in_eval():
 
 
 def test_model_kwargs_and_errors():
-    model = timm.create_model('resnet18_dropcluster', dc_num_clusters=4, dc_couple_channels=True,
-                              dc_cluster_method='kmeans', drop_cluster_prob=0.2)
-    for _, layer in dropcluster_layers(model):
-        assert (layer.num_clusters, layer.couple_channels, layer.cluster_method, layer.drop_prob) == (4, True, 'kmeans', 0.2)
-        assert int(layer.cluster_counts[0]) <= 4
-    with pytest.raises(ValueError, match='drop_cluster_prob'):
+    for rate in (dict(drop_cluster_rate=0.2), dict(drop_cluster_prob=0.2)):  # the former name still works
+        model = timm.create_model('resnet18_dropcluster', dc_num_clusters=4, dc_couple_channels=True,
+                                  dc_cluster_method='kmeans', **rate)
+        for _, layer in dropcluster_layers(model):
+            assert (layer.num_clusters, layer.couple_channels, layer.cluster_method, layer.drop_prob) == \
+                (4, True, 'kmeans', 0.2)
+            assert int(layer.cluster_counts[0]) <= 4
+    with pytest.raises(ValueError, match='disagree'):
+        timm.create_model('resnet18_dropcluster', drop_cluster_rate=0.2, drop_cluster_prob=0.1)
+    with pytest.raises(ValueError, match='use drop_cluster_rate instead of drop_block_rate'):
         timm.create_model('resnet18_dropcluster', drop_block_rate=0.1)
     with pytest.raises(ValueError, match='dc_stages'):
         timm.create_model('resnet18_dropcluster', dc_stages=[5])
@@ -123,8 +135,8 @@ def test_model_kwargs_and_errors():
         == ['maxpool.drop_cluster']
     with pytest.raises(ValueError, match='img_size'):
         timm.create_model('resnet18_dropcluster', img_size=(0, 3))
-    with pytest.raises(ValueError, match='drop_prob'):
-        timm.create_model('resnet18_dropcluster', drop_cluster_prob=1.0)
+    with pytest.raises(ValueError, match='drop_cluster_rate must be in'):
+        timm.create_model('resnet18_dropcluster', drop_cluster_rate=1.0)
     with pytest.raises(TypeError):
         timm.create_model('resnet18_dropcluster', not_a_model_arg=1)
 
@@ -154,7 +166,7 @@ def test_timm_model_api():
 
 def test_train_after_update_clusters_and_torchscript():
     torch.manual_seed(0)
-    model = timm.create_model('resnet18_dropcluster', drop_cluster_prob=0.2, num_classes=4, img_size=64)
+    model = timm.create_model('resnet18_dropcluster', drop_cluster_rate=0.2, num_classes=4, img_size=64)
     x = torch.randn(4, 3, 64, 64)
     assert update_clusters(model, x) == 4
     assert layer_shapes(model)['layer3.0.drop_block'] == (256, 4, 4)  # per-channel maps
@@ -185,7 +197,7 @@ def test_pretrained_tag_loads_timm_weights_from_hf_cache(tmp_path, hf_cache):
     hf_cache.add('timm/resnet18.a1_in1k', {'model.safetensors': ckpt})
     source = safetensors.torch.load_file(str(ckpt))
 
-    model = timm.create_model('resnet18_dropcluster.a1_in1k', pretrained=True, drop_cluster_prob=0.1)
+    model = timm.create_model('resnet18_dropcluster.a1_in1k', pretrained=True, drop_cluster_rate=0.1)
     state = model.state_dict()
     for k, v in source.items():
         torch.testing.assert_close(state[k], v, msg=k)
@@ -215,3 +227,92 @@ def test_pretrained_stem_pool_with_params_is_remapped(tmp_path, hf_cache):
     hf_cache.add('timm/resnet18.a1_in1k', {'model.safetensors': path})
     model = timm.create_model('resnet18_dropcluster.a1_in1k', pretrained=True, replace_stem_pool=True, dc_stem=True)
     torch.testing.assert_close(model.maxpool.pool[0].weight, base.maxpool[0].weight)
+
+
+# ----- every architecture with DropBlock slots (generated variants)
+
+# One of each block type users asked for; the whole list runs in `.ci/timm_model_tests.sh --all`.
+FAMILY_MODELS = ['resnext50_32x4d', 'seresnet50', 'wide_resnet50_2', 'skresnet18', 'resnest14d', 'res2net50_14w_8s',
+                 'gernet_s', 'resnet33ts', 'regnetz_b16', 'mobilevit_xxs']
+
+
+def test_every_listed_architecture_has_its_slots_as_dropcluster_layers():
+    """Built on the meta device: as many DropCluster layers as timm's model has DropBlock slots."""
+    table = load_architectures()
+    for module, bases in table.items():
+        for base, slots in bases.items():
+            if timm.is_model(base):
+                model = timm.create_model(f'{base}_dropcluster', device='meta')
+                assert sum(1 for _ in dropcluster_layers(model)) == slots, base
+
+
+@pytest.mark.parametrize('base', FAMILY_MODELS)
+def test_variant_is_the_base_with_dropcluster_in_the_slots(base):
+    """Same parameters and buffers as timm's model (its weights load strictly), the layers' channel
+    counts and grid maps fit the activations they see, and eval outputs equal the base's."""
+    torch.manual_seed(0)
+    model = timm.create_model(f'{base}_dropcluster', drop_cluster_rate=0.2).eval()
+    plain = timm.create_model(base).eval()
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith(('.cluster_map', '.cluster_counts'))}
+    plain.load_state_dict(state)  # strict
+    seen = {}
+    layers = list(dropcluster_layers(model))
+    for name, layer in layers:
+        layer.register_forward_pre_hook(lambda m, a, name=name: seen.__setitem__(name, tuple(a[0].shape[1:])) and None)
+    size = model.pretrained_cfg['input_size'][-2:]
+    x = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), plain(x))
+    for name, layer in layers:
+        assert (layer.num_channels,) + tuple(layer.cluster_map.shape[1:]) == seen[name], name
+        assert layer.drop_prob == 0.2 and layer.gamma_scale == 1.0
+    changed = []
+    for _, layer in layers:
+        layer.register_forward_hook(lambda m, a, out: changed.append(not torch.equal(a[0], out)) and None)
+    with torch.no_grad():
+        model.train()(x)
+    assert any(changed)  # and it drops in training
+
+
+def test_byobnet_variant_round_trips_through_local_dir(tmp_path):
+    from dropcluster_timm.hub import save_pretrained
+    model = timm.create_model('gernet_s_dropcluster', num_classes=4, dc_num_clusters=3, dc_cluster_method='kmeans')
+    update_clusters(model, torch.randn(2, 3, 64, 64))
+    set_drop_prob(model, 0.15)
+    save_pretrained(model, tmp_path / 'g')
+    again = timm.create_model(f'local-dir:{tmp_path / "g"}', pretrained=True)
+    assert again.pretrained_cfg['architecture'] == 'gernet_s_dropcluster'
+    for (name, a), (_, b) in zip(dropcluster_layers(model), dropcluster_layers(again)):
+        assert torch.equal(a.cluster_map, b.cluster_map), name
+        assert (b.drop_prob, b.num_clusters, b.cluster_method) == (0.15, 3, 'kmeans')
+
+
+def test_byobnet_tag_loads_timm_weights_from_hf_cache(tmp_path, hf_cache):
+    tag = next(t for t in timm.list_pretrained('regnetz_b16_dropcluster.*'))
+    weights = tag.split('.', 1)[1]
+    ckpt = _fake_timm_checkpoint(tmp_path, 'regnetz_b16')
+    hf_cache.add(f'timm/regnetz_b16.{weights}', {'model.safetensors': ckpt})
+    model = timm.create_model(tag, pretrained=True)
+    source = safetensors.torch.load_file(str(ckpt))
+    state = model.state_dict()
+    for k, v in source.items():
+        torch.testing.assert_close(state[k], v, msg=k)
+    assert all(layer.cluster_map.numel() > 0 for _, layer in dropcluster_layers(model))
+    feats = timm.create_model(tag, pretrained=True, features_only=True)  # byobnet's flatten_sequential
+    assert len(feats(torch.randn(1, 3, 64, 64))) == len(feats.feature_info)
+
+
+def test_configs_saved_with_the_former_rate_name_still_load(tmp_path):
+    """config.json written before drop_cluster_prob became drop_cluster_rate: loads, and a new save
+    records only the current name."""
+    import json
+    from dropcluster_timm.hub import save_pretrained
+    model = timm.create_model('resnet18_dropcluster', num_classes=3)
+    folder = save_pretrained(model, tmp_path / 'old')
+    config = json.loads((folder / 'config.json').read_text())
+    config['model_args']['drop_cluster_prob'] = config['model_args'].pop('drop_cluster_rate') + 0.25
+    (folder / 'config.json').write_text(json.dumps(config))
+    loaded = timm.create_model(f'local-dir:{folder}', pretrained=True)
+    assert {layer.drop_prob for _, layer in dropcluster_layers(loaded)} == {0.25}
+    args = json.loads((save_pretrained(loaded, tmp_path / 'new') / 'config.json').read_text())['model_args']
+    assert args['drop_cluster_rate'] == 0.25 and 'drop_cluster_prob' not in args

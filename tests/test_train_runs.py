@@ -273,7 +273,7 @@ def test_plain_timm_model_run_is_not_labelled_dropcluster(image_folder, tmp_path
     proc = run_script([image_folder, '--output', out] + tiny + ['--drop-block', '0.1'])
     assert 'no DropCluster layers' in proc.stdout  # the --drop-cluster warning
     config = json.load(open(os.path.join(out, 'best', 'config.json')))
-    assert config['architecture'] == 'resnet18' and 'drop_cluster_prob' not in config.get('model_args', {})
+    assert config['architecture'] == 'resnet18' and 'drop_cluster_rate' not in config.get('model_args', {})
     card = open(os.path.join(out, 'best', 'README.md')).read()
     assert 'DropBlock (rate 0.1)' in card and 'trained with DropCluster' not in card
     run = json.load(open(os.path.join(out, 'run.json')))

@@ -51,7 +51,7 @@ def build_model(arm: str, cfg: Dict, calibration_cache: Optional[Dict] = None) -
                   stem_width=cfg['channels'][0], output_stride=8)
     if arm.startswith('dc_'):
         method, placement = _dc_settings(arm)
-        return timm.create_model('resnet18_dropcluster', drop_cluster_prob=0.0, img_size=cfg['img_size'],
+        return timm.create_model('resnet18_dropcluster', drop_cluster_rate=0.0, img_size=cfg['img_size'],
                                  dc_cluster_method=method, **placement, **kwargs)
     if arm == 'dropblock_timm':
         # timm builds DropBlock layers only for a non-zero rate; the schedule starts them at 0.

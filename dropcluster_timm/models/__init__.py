@@ -1,4 +1,5 @@
-""" DropCluster models, registered with timm on import (``timm.list_models('*dropcluster*')``)."""
-from .resnet_dropcluster import DropClusterResNet, checkpoint_filter_fn, dropcluster_model_args
+""" The ``*_dropcluster`` models: every timm architecture with DropBlock slots, registered with timm."""
+from .variants import DROPCLUSTER_ARGS, dropcluster_model_args
+from . import byobnet_dropcluster, resnet_dropcluster  # noqa: F401  register the models
 
-__all__ = ['DropClusterResNet', 'checkpoint_filter_fn', 'dropcluster_model_args']
+__all__ = ['DROPCLUSTER_ARGS', 'dropcluster_model_args']

@@ -32,7 +32,7 @@ def build_model(cfg: ModelConfig, num_classes: Optional[int], img_size: Optional
     kwargs = dict(pretrained=cfg.pretrained, num_classes=num_classes, drop_rate=cfg.drop_rate,
                   drop_path_rate=cfg.drop_path_rate, drop_block_rate=cfg.drop_block_rate)
     if 'dropcluster' in cfg.name and not is_file_model:
-        kwargs.update(drop_cluster_prob=0.0, img_size=img_size)
+        kwargs.update(drop_cluster_rate=0.0, img_size=img_size)
     if 'dropcluster' in cfg.name or cfg.cluster_method or cfg.cluster_size or cfg.num_clusters:
         kwargs.update(dc_cluster_method=cfg.cluster_method, dc_cluster_size=cfg.cluster_size,
                       dc_num_clusters=cfg.num_clusters)

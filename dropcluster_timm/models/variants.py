@@ -1,0 +1,245 @@
+""" ``<arch>_dropcluster`` for every timm architecture with DropBlock slots, generated.
+
+Each variant is built by the base architecture's own timm entrypoint with DropBlock slots switched
+on, whose ``DropBlock2d`` layers ``convert_drop_blocks`` then replaces by ``DropCluster2d`` layers
+(a family may place more, see ``resnet_dropcluster``). Its pretrained tags are those of timm's Hub
+weights of the base architecture, read from timm's registry at import (so tags timm adds or removes
+follow), and load those weights with grid-initialised cluster maps: a starting point for fine-tuning
+with DropCluster, not DropCluster-trained weights.
+
+The architectures come from ``dropblock_architectures.json`` (base names with their DropBlock slot
+count, per model family), written by ``python -m dropcluster_timm.models.variants`` from the installed
+timm; bases the installed timm does not have are skipped at import.
+"""
+import dataclasses
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+from timm.layers import DropBlock2d
+from timm.models import (
+    build_model_with_cfg, generate_default_cfgs, get_arch_pretrained_cfgs, model_entrypoint, register_model,
+    resolve_pretrained_cfg)
+from timm.models._input import update_model_args  # timm has no public name for it (timm >= 1.0.31)
+
+from ..convert import convert_drop_blocks
+from ..model_helpers import dropcluster_layers
+
+__all__ = ['ModelFamily', 'DROPCLUSTER_ARGS', 'ARCHITECTURES_FILE', 'load_architectures', 'register_family',
+           'dropcluster_model_args', 'plain_architecture', 'scan_dropblock_slots']
+
+ARCHITECTURES_FILE = os.path.join(os.path.dirname(__file__), 'dropblock_architectures.json')
+# The rate the base is built with so that timm creates its DropBlock slots; the slots become
+# DropCluster layers at the requested rate, so this value is never used.
+_SLOT_RATE = 0.1
+# The DropCluster model arguments and their defaults, recorded in config.json. ``drop_cluster_prob``
+# is the former name of ``drop_cluster_rate``, accepted for configs already saved.
+DROPCLUSTER_ARGS = dict(
+    drop_cluster_rate=0.0, dc_block_size=None, dc_cluster_size=None, dc_num_clusters=None,
+    dc_couple_channels=False, dc_with_noise=False, dc_cluster_method='rena',
+)
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """How the variants of one timm model class are built.
+
+    Args:
+        module: the module the variants register under (``timm.list_models(module=...)``).
+        timm_modules: the timm model modules whose architectures belong to the family.
+        feature_cfg: the ``feature_cfg`` the family's timm builder passes (``features_only``).
+        takes_img_size: whether the model class takes ``img_size``.
+        filter_fn: the checkpoint filter of the family's timm builder, if any.
+        place: builds the family's extra placements and checks its extra arguments:
+            ``place(model, img_size, layer_args, family_args) -> recorded family_args``.
+        family_args: the family's extra model arguments with their defaults.
+    """
+    module: str
+    timm_modules: Sequence[str]
+    feature_cfg: Dict[str, Any] = field(default_factory=dict)
+    takes_img_size: bool = False
+    filter_fn: Optional[Callable] = None
+    place: Optional[Callable] = None
+    family_args: Dict[str, Any] = field(default_factory=dict)
+
+
+_VARIANTS: Dict[str, tuple] = {}  # variant -> (base architecture, family)
+
+
+def _rate(kwargs: Dict[str, Any]) -> float:
+    rate = kwargs.pop('drop_cluster_rate', None)
+    old = kwargs.pop('drop_cluster_prob', None)  # the former name, in configs saved before the rename
+    if rate is None:
+        rate = old if old is not None else 0.0
+    elif old is not None and old != rate:
+        raise ValueError(f'drop_cluster_rate={rate} and its former name drop_cluster_prob={old} disagree')
+    if not 0.0 <= float(rate) < 1.0:
+        raise ValueError(f'drop_cluster_rate must be in [0, 1), got {rate}')
+    return float(rate)
+
+
+def _layer_args(dc: Dict[str, Any]) -> Dict[str, Any]:
+    """``DropCluster2d`` arguments from the ``dc_*`` model arguments (``None``: the slot's own)."""
+    args = dict(drop_prob=dc['drop_cluster_rate'], gamma_scale=1.0, couple_channels=bool(dc['dc_couple_channels']),
+                with_noise=bool(dc['dc_with_noise']), cluster_method=dc['dc_cluster_method'])
+    for key, name in (('dc_block_size', 'block_size'), ('dc_cluster_size', 'cluster_size'),
+                      ('dc_num_clusters', 'num_clusters')):
+        if dc[key] is not None:
+            args[name] = int(dc[key])
+    return args
+
+
+def _add_cluster_buffers(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """A checkpoint without cluster maps (timm's weights of the base) gets the model's grid maps;
+    the model's own checkpoints keep theirs."""
+    for name, layer in dropcluster_layers(model):
+        prefix = name + '.' if name else ''
+        for buffer_name in ('cluster_map', 'cluster_counts'):
+            state_dict.setdefault(prefix + buffer_name, getattr(layer, buffer_name).detach().cpu())
+    return state_dict
+
+
+def _create(variant: str, base: str, family: ModelFamily, pretrained: bool = False, **kwargs) -> nn.Module:
+    if kwargs.pop('drop_block_rate', None):
+        raise ValueError(f'{variant} puts DropCluster in the DropBlock slots: use drop_cluster_rate '
+                         'instead of drop_block_rate')
+    dc = {k: kwargs.pop(k, default) for k, default in DROPCLUSTER_ARGS.items() if k != 'drop_cluster_rate'}
+    dc['drop_cluster_rate'] = _rate(kwargs)
+    family_args = {k: kwargs.pop(k, default) for k, default in family.family_args.items()}
+    img_size = kwargs.get('img_size')
+    if img_size is None:
+        # Grid maps sized for the input size of the weights' config (e.g. 160 for *.a3_in1k).
+        cfg = resolve_pretrained_cfg(variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'))
+        img_size = tuple((cfg.input_size or (3, 224, 224))[-2:])
+    img_size = (int(img_size),) * 2 if isinstance(img_size, (int, float)) else tuple(int(s) for s in img_size)
+    if len(img_size) != 2 or min(img_size) < 1:
+        raise ValueError(f'img_size must be a positive int or (H, W), got {img_size}')
+
+    def build(**model_kwargs) -> nn.Module:
+        if not family.takes_img_size:
+            model_kwargs.pop('img_size', None)
+        model = model_entrypoint(base)(pretrained=False, drop_block_rate=_SLOT_RATE, **model_kwargs)
+        convert_drop_blocks(model, img_size=img_size, **_layer_args(dc))
+        recorded = family.place(model, img_size, _layer_args(dc), family_args) if family.place else {}
+        if not any(True for _ in dropcluster_layers(model)):
+            raise ValueError(f'{variant}: no DropCluster placement (see its model arguments)')
+        # Reconstruction arguments: timm writes them to config.json even when left at the defaults.
+        update_model_args(model, **dc, **recorded)
+        return model
+
+    def filter_fn(state_dict, model):
+        state_dict = dict(state_dict)
+        if family.filter_fn is not None:
+            state_dict = family.filter_fn(state_dict, model)
+        return _add_cluster_buffers(state_dict, model)
+
+    return build_model_with_cfg(build, variant, pretrained, feature_cfg=dict(family.feature_cfg),
+                                pretrained_filter_fn=filter_fn, **kwargs)
+
+
+def _variant_cfgs(base: str) -> Dict[str, Dict[str, Any]]:
+    """The pretrained cfgs of ``<base>_dropcluster``: one per tag of timm's Hub weights of ``base``
+    (default tag first), or one without weights (the base's input settings) if there are none."""
+    cfgs = {}
+    for name, cfg in get_arch_pretrained_cfgs(base).items():
+        if not cfg.hf_hub_id:
+            continue  # only Hub weights: the URL-only ones are older copies
+        tag = name.partition('.')[2]
+        notes = (f'timm {name} weights with grid-initialised DropCluster maps',)
+        cfgs[f'{base}_dropcluster.{tag}'] = {k: v for k, v in dataclasses.asdict(
+            dataclasses.replace(cfg, architecture=None, tag=None, notes=notes)).items() if v is not None}
+    if not cfgs:
+        source = next(iter(get_arch_pretrained_cfgs(base).values()), None)
+        keep = ('input_size', 'fixed_input_size', 'interpolation', 'crop_pct', 'crop_mode', 'mean', 'std',
+                'first_conv', 'classifier', 'pool_size', 'num_classes', 'license', 'test_input_size')
+        cfg = {k: v for k, v in dataclasses.asdict(source).items() if k in keep and v is not None} if source else {}
+        cfgs[f'{base}_dropcluster'] = cfg
+    return cfgs
+
+
+def _entrypoint(variant: str, base: str, family: ModelFamily, module: str) -> Callable[..., nn.Module]:
+    def entrypoint(pretrained: bool = False, **kwargs) -> nn.Module:
+        return _create(variant, base, family, pretrained, **kwargs)
+    entrypoint.__name__ = entrypoint.__qualname__ = variant
+    entrypoint.__module__ = module
+    entrypoint.__doc__ = f'timm {base} with DropCluster in its DropBlock slots.'
+    return entrypoint
+
+
+def load_architectures() -> Dict[str, Dict[str, int]]:
+    """``{family module: {base architecture: DropBlock slot count}}`` from ``ARCHITECTURES_FILE``."""
+    with open(ARCHITECTURES_FILE) as f:
+        return json.load(f)
+
+
+def register_family(family: ModelFamily, module_name: str, bases: Sequence[str]) -> List[str]:
+    """Register ``<base>_dropcluster`` for every base the installed timm has, into module ``module_name``
+    (which gets ``default_cfgs``, as timm's model modules have). Returns the variant names."""
+    from timm.models import is_model
+    module = sys.modules[module_name]
+    bases = [b for b in bases if is_model(b)]
+    cfgs = {}
+    for base in bases:
+        cfgs.update(_variant_cfgs(base))
+    module.default_cfgs = generate_default_cfgs(cfgs)
+    names = []
+    for base in bases:
+        variant = f'{base}_dropcluster'
+        _VARIANTS[variant] = (base, family)
+        setattr(module, variant, register_model(_entrypoint(variant, base, family, module_name)))
+        names.append(variant)
+    return names
+
+
+def dropcluster_model_args(model: nn.Module) -> Dict[str, Any]:
+    """The DropCluster model arguments of ``model`` with its current drop rate (as set by
+    ``set_drop_prob`` or a schedule), for ``config.json``; empty for a model without DropCluster
+    layers, whose recorded arguments timm writes as they are."""
+    layers = [layer for _, layer in dropcluster_layers(model)]
+    if not layers:
+        return {}
+    rates = sorted({layer.drop_prob for layer in layers})
+    if len(rates) > 1:
+        raise ValueError(f'DropCluster layers have different drop rates {rates}; config.json records one '
+                         'drop_cluster_rate, set a common rate with dropcluster_timm.set_drop_prob first')
+    args = dict(getattr(model, '_model_args', {}))
+    dc_args = {k: v for k, v in args.items() if k.startswith('dc_')}
+    dc_args['drop_cluster_rate'] = rates[0]
+    return dc_args
+
+
+def plain_architecture(variant: str, model_args: Dict[str, Any]) -> Tuple[str, Dict[str, Any]]:
+    """The base timm architecture of ``variant`` and its model arguments without the DropCluster ones
+    (``img_size`` too where the base takes none): what stock timm rebuilds it from."""
+    if variant not in _VARIANTS:
+        raise ValueError(f'{variant!r} is not a registered *_dropcluster architecture')
+    base, family = _VARIANTS[variant]
+    drop = set(DROPCLUSTER_ARGS) | {'drop_cluster_prob'} | set(family.family_args)
+    if not family.takes_img_size:
+        drop.add('img_size')
+    return base, {k: v for k, v in model_args.items() if k not in drop}
+
+
+def scan_dropblock_slots(timm_modules: Sequence[str]) -> Dict[str, int]:
+    """``{architecture: DropBlock slot count}`` of the architectures of ``timm_modules`` that have
+    slots, each built on the meta device with ``drop_block_rate`` (no memory, about 0.1 s each)."""
+    from timm import create_model, list_models
+    found = {}
+    for module in timm_modules:
+        for name in list_models(module=module):
+            if name.endswith('_dropcluster'):
+                continue
+            try:
+                with torch.device('meta'):
+                    model = create_model(name, drop_block_rate=_SLOT_RATE)
+            except TypeError:
+                continue  # the model class takes no drop_block_rate
+            count = sum(isinstance(m, DropBlock2d) for m in model.modules())
+            if count:
+                found[name] = count
+    return found
+
