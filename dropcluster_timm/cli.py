@@ -38,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='dropcluster-timm', description=__doc__.split('\n\n')[0].strip())
     sub = parser.add_subparsers(dest='command', required=True)
 
-    from .train.config import add_train_arguments  # the train options: the only place that defines them
+    from .train.args import add_train_arguments  # the train options: the only place that defines them
     add_train_arguments(sub.add_parser(
         'train', help='train a model with Accelerate (run under `accelerate launch` for several processes)',
         formatter_class=argparse.RawDescriptionHelpFormatter))
@@ -83,7 +83,19 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = _parser()
+    if argv[:1] == ['train']:  # -c config.yaml supplies defaults first, as timm's train.py
+        from .train.args import parse_with_config_file
+        train_parser = next(a for a in parser._subparsers._group_actions).choices['train']
+        try:
+            args = parse_with_config_file(train_parser, argv[1:])
+        except TrainingError as e:
+            print(f'error: {e}', file=sys.stderr)
+            return 2
+        args.command = 'train'
+    else:
+        args = parser.parse_args(argv)
     if args.command in ('train', 'evaluate'):
         try:
             return _train(args) if args.command == 'train' else _evaluate(args)

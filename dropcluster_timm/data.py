@@ -111,10 +111,11 @@ def find_split_folder(data_dir: str, split: str, flag: str) -> str:
 
 
 def make_dataset(dataset: str, data_dir: Optional[str], split: str, is_training: bool = False, transform=None,
-                 flag: str = '--split') -> Dataset:
+                 flag: str = '--split', **dataset_args: Any) -> Dataset:
     """One split of a data set: the embedded digits (``dataset`` 'digits', or nothing given), a split
-    folder of an ImageFolder root (``find_split_folder``), or timm's ``create_dataset``. The data set
-    gets a ``source`` attribute: the folder (or ``dataset:split``) it was read from."""
+    folder of an ImageFolder root (``find_split_folder``), or timm's ``create_dataset`` (with
+    ``dataset_args``: class_map, num_samples, download, ...). The data set gets a ``source``
+    attribute: the folder (or ``dataset:split``) it was read from."""
     if not dataset and not data_dir:
         dataset = EMBEDDED_DATASET
     if dataset == EMBEDDED_DATASET:
@@ -125,7 +126,8 @@ def make_dataset(dataset: str, data_dir: Optional[str], split: str, is_training:
     if is_folder_dataset(dataset, data_dir):
         root, search_split = find_split_folder(data_dir, split, flag), False
     try:
-        ds = create_dataset(dataset, root=root, split=split, is_training=is_training, search_split=search_split)
+        ds = create_dataset(dataset, root=root, split=split, is_training=is_training, search_split=search_split,
+                            **dataset_args)
     except Exception as e:
         raise TrainingError(f'cannot read data set {dataset or "ImageFolder"} split {split!r} in {root}: '
                             f'{first_line(e)}') from e
@@ -162,20 +164,25 @@ def dataset_description(dataset: str, data_dir: Optional[str]) -> Dict[str, str]
 
 
 def build_data(dataset: str, data_dir: Optional[str], train_split: str = 'train', val_split: str = 'validation',
-               num_classes: Optional[int] = None) -> DataBundle:
+               num_classes: Optional[int] = None, dataset_args: Optional[Dict[str, Any]] = None,
+               train_num_samples: Optional[int] = None, val_num_samples: Optional[int] = None) -> DataBundle:
     """Datasets from timm's factory (or the embedded digits), without transforms yet (``set_transforms``
     adds them once the model, which decides the input size and normalisation, exists). ``num_classes``
     is checked against the classes the data set declares, and used where it declares none.
 
     Refuses a validation split that is, contains or lies inside the training split's folder."""
-    train = make_dataset(dataset, data_dir, train_split, True, None, '--train-split')
-    val = make_dataset(dataset, data_dir, val_split, False, None, '--val-split')
+    args = dict(dataset_args or {})
+    train = make_dataset(dataset, data_dir, train_split, True, None, '--train-split', num_samples=train_num_samples,
+                         **args)
+    args.pop('repeats', None)  # the training split's epoch repeats only
+    val = make_dataset(dataset, data_dir, val_split, False, None, '--val-split', num_samples=val_num_samples, **args)
     if is_folder_dataset(dataset, data_dir):
         t, v = os.path.realpath(train.source), os.path.realpath(val.source)
         if t == v or v.startswith(t + os.sep) or t.startswith(v + os.sep):
             raise TrainingError(f'the validation split {val.source} overlaps the training split {train.source}; '
                                 'name a held-out folder with --val-split')
-    cluster = make_dataset(dataset, data_dir, train_split, False, None, '--train-split')
+    cluster = make_dataset(dataset, data_dir, train_split, False, None, '--train-split', num_samples=train_num_samples,
+                           **args)
     n_train, n_val = num_classes_of(train), num_classes_of(val)
     if n_train is not None and n_val is not None and n_train != n_val:
         raise TrainingError(f'the train split has {n_train} classes but the validation split has {n_val}')
@@ -192,7 +199,7 @@ def set_transforms(data: DataBundle, model: nn.Module, input_args: Optional[Dict
     transform of ``data.eval`` and ``data.cluster``. ``input_args`` override the model's input
     settings (input_size, img_size, crop_pct, mean, std, interpolation). Returns the data config."""
     data_config = resolve_data_config(dict(input_args or {}), model=model, verbose=False)
-    data.train.transform = create_transform(**data_config, is_training=True, **(train_args or {}))
+    data.train.transform = create_transform(**dict(data_config, **(train_args or {})), is_training=True)
     data.eval.transform = create_transform(**data_config, is_training=False)
     data.cluster.transform = data.eval.transform
     data.data_config = data_config

@@ -10,7 +10,7 @@ import csv
 import json
 import re
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 from huggingface_hub.utils import validate_repo_id
 
@@ -19,7 +19,7 @@ __all__ = ['load_metrics', 'check_metrics', 'dataset_name', 'check_results_table
 
 
 def load_metrics(path: Union[str, Path]) -> Dict[str, Any]:
-    """Read the results of a run: a JSON file, or the ``summary.csv`` that timm's train.py writes.
+    """Read the results of a run: a JSON object of results, or a per-epoch file of the run.
 
     JSON: an object with these keys, all but ``top1`` optional (``check_metrics`` checks them):
       * ``top1``, ``top5``: accuracy in percent on the evaluation split; the card's results table and
@@ -41,22 +41,42 @@ def load_metrics(path: Union[str, Path]) -> Dict[str, Any]:
       * ``drop_block_rate``: DropBlock rate of a plain timm model.
       * ``notes``: free text shown under the results.
 
-    CSV: the row with the best ``eval_top1`` gives ``top1``, ``top5``, ``epoch`` and ``epochs``.
+    A run's per-epoch files are read too: ``summary.csv`` (timm's train.py and ``train_timm.py``),
+    ``metrics.csv`` and the run-level ``metrics.json`` (a list of rows) of ``train_timm.py``; the
+    row with the best top-1 (of the EMA weights when the run has them) gives ``top1``, ``top5``,
+    ``epoch`` and ``epochs``.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f'metrics file not found: {path}')
     if path.suffix == '.csv':
         with path.open(newline='') as f:
-            rows = [r for r in csv.DictReader(f) if r.get('eval_top1')]
-        if not rows:
-            raise ValueError(f'{path}: no rows with an eval_top1 column (expected timm train.py summary.csv)')
-        best = max(rows, key=lambda r: float(r['eval_top1']))
-        metrics = {'top1': float(best['eval_top1']), 'epoch': int(float(best['epoch'])), 'epochs': len(rows)}
-        if best.get('eval_top5'):
-            metrics['top5'] = float(best['eval_top5'])
-        return metrics
-    return check_metrics(json.loads(path.read_text()), source=str(path))
+            return _best_row(list(csv.DictReader(f)), path)
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f'{path} is not valid JSON: {e}') from None
+    if isinstance(data, list):
+        return _best_row(data, path)
+    return check_metrics(data, source=str(path))
+
+
+def _best_row(rows: List[Dict[str, Any]], path: Path) -> Dict[str, Any]:
+    """The results of the best epoch of a per-epoch file: timm's ``eval_top1`` columns, or the
+    ``top1`` / ``ema_top1`` ones of ``train_timm.py``'s metrics files."""
+    columns = set().union(*(r.keys() for r in rows)) if rows else set()
+    prefix = next((p for p in ('ema_', 'eval_', '') if f'{p}top1' in columns), None)
+    rows = [r for r in rows if prefix is not None and r.get(f'{prefix}top1') not in (None, '')]
+    if not rows:
+        raise ValueError(f'{path}: no rows with a top1 column (expected a summary.csv, metrics.csv or metrics.json '
+                         'of a training run)')
+    best = max(rows, key=lambda r: float(r[f'{prefix}top1']))
+    metrics = {'top1': float(best[f'{prefix}top1']), 'epoch': int(float(best['epoch'])), 'epochs': len(rows)}
+    if best.get(f'{prefix}top5') not in (None, ''):
+        metrics['top5'] = float(best[f'{prefix}top5'])
+    if prefix == 'ema_':
+        metrics['weights'] = 'ema'
+    return metrics
 
 
 def _is_number(value: Any) -> bool:

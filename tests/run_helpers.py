@@ -15,7 +15,7 @@ TINY = ['--img-size', '32', '--batch-size', '8', '--epochs', '3', '--lr', '0.01'
         '--drop-cluster', '0.2', '--drop-cluster-start', '1', '--drop-cluster-warmup', '1',
         '--drop-cluster-update-freq', '1', '--drop-cluster-update-batches', '1', '--model', 'resnet18_dropcluster',
         '--num-clusters', '2',
-        '--workers', '0', '--no-progress']
+        '--workers', '0', '--no-progress', '--checkpoint-hist', '2']
 
 
 def make_image_folder(root, classes=3, train_per_class=12, val_per_class=4, size=16, seed=0):

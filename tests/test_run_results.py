@@ -24,3 +24,25 @@ def test_malformed_results_table_fails_naming_file_and_fault(tmp_path, content, 
     path.write_text(content)
     with pytest.raises(ValueError, match=f'my_table.json: .*{message}'):
         load_results_table(path)
+
+
+def test_every_metrics_file_of_a_run_reads_the_same_best_epoch(full_run, tmp_path):
+    """``cards --metrics`` takes the run's metrics.csv, its run-level metrics.json and summary.csv."""
+    import json
+    import os
+    from dropcluster_timm.cli import main as cli_main
+    from dropcluster_timm.run_results import load_metrics
+    rows = json.load(open(os.path.join(full_run, 'metrics.json')))
+    best = max(rows, key=lambda r: r['top1'])
+    results = [load_metrics(os.path.join(full_run, name)) for name in ('metrics.csv', 'metrics.json', 'summary.csv')]
+    for r in results:
+        assert r['top1'] == pytest.approx(best['top1']) and r['epoch'] == best['epoch'] and r['epochs'] == len(rows)
+        assert r['top5'] == pytest.approx(best['top5'])
+    for name in ('metrics.csv', 'metrics.json', 'summary.csv'):
+        argv = ['cards', '--out-dir', str(tmp_path / name), '--metrics', f'resnet18_dropcluster={full_run}/{name}']
+        assert cli_main(argv) == 0
+        assert f"{best['top1']:.3f}" in (tmp_path / name / 'resnet18_dropcluster.md').read_text()
+    empty = tmp_path / 'empty.csv'
+    empty.write_text('epoch,train_loss\n0,1.0\n')
+    with pytest.raises(ValueError, match='no rows with a top1 column'):
+        load_metrics(empty)

@@ -50,3 +50,24 @@ def test_build_model_applies_the_cluster_settings_once_and_checks_the_name():
         build_model(ModelConfig('resnet18_dropclustr'), 4)
     with pytest.raises(TrainingError, match="cannot create model 'resnet18'"):
         build_model(ModelConfig('resnet18', num_clusters=3), 4)  # a plain model takes no cluster settings
+
+
+def test_recluster_runs_outside_accelerates_autocast():
+    """Under bf16 mixed precision the forward runs in bfloat16, the re-clustering in float32."""
+    import torch
+    from accelerate import Accelerator
+    from torch.utils.data import TensorDataset
+    from dropcluster_timm import DropCluster2d
+    from dropcluster_timm.train import recluster
+    accelerator = Accelerator(cpu=True, mixed_precision='bf16')
+    layer = DropCluster2d(0.1, block_size=2)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), layer, torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    model = accelerator.prepare(model)
+    seen = []
+    layer.register_forward_pre_hook(lambda m, a: seen.append(a[0].dtype) and None)
+    model(torch.randn(2, 3, 8, 8))
+    recluster(accelerator, model, None, TensorDataset(torch.randn(8, 3, 8, 8), torch.zeros(8)), 4, 1, seed=0)
+    model(torch.randn(2, 3, 8, 8))  # the mixed-precision forward is back
+    assert seen == [torch.bfloat16, torch.float32, torch.bfloat16]
+    assert layer.cluster_map.shape[0] == 4  # re-clustered per channel

@@ -9,8 +9,10 @@ from dropcluster_timm.train import parse_train_args
 def test_drop_cluster_defaults_follow_the_run_length(tmp_path):
     cfg = parse_train_args(['--data-dir', str(tmp_path), '--epochs', '10'])
     assert (cfg.dropcluster.start_epoch, cfg.dropcluster.warmup_epochs, cfg.dropcluster.update_freq) == (2, 1, 1)
-    cfg = parse_train_args(['--data-dir', str(tmp_path)])  # 100 epochs: the reference recipe
+    cfg = parse_train_args(['--data-dir', str(tmp_path), '--epochs', '100'])  # the reference recipe
     assert (cfg.dropcluster.start_epoch, cfg.dropcluster.warmup_epochs, cfg.dropcluster.update_freq) == (20, 10, 10)
+    cfg = parse_train_args(['--data-dir', str(tmp_path)])  # timm's 300 epochs
+    assert (cfg.dropcluster.start_epoch, cfg.dropcluster.warmup_epochs, cfg.dropcluster.update_freq) == (60, 30, 30)
     cfg = parse_train_args([])  # the digits: 12 epochs
     assert (cfg.dropcluster.start_epoch, cfg.dropcluster.warmup_epochs, cfg.dropcluster.update_freq) == (3, 3, 3)
     cfg = parse_train_args(['--epochs', '4', '--drop-cluster-start', '0'])
@@ -35,7 +37,9 @@ def test_config_is_typed_and_the_namespace_is_read_once(tmp_path):
     assert cfg.model.name == 'resnet34_dropcluster' and cfg.model.kwargs == {'dc_stem': True}
     assert cfg.model.cluster_size == 9 and cfg.model.num_clusters is None
     assert cfg.dropcluster.rate == 0.15 and cfg.output.progress is False
-    assert (cfg.optim.opt, cfg.optim.lr, cfg.optim.epochs) == ('sgd', 0.1, 100)  # the general defaults
+    assert (cfg.optim.opt, cfg.optim.lr, cfg.optim.epochs) == ('sgd', None, 300)  # timm's defaults
+    assert cfg.optim.scaled_lr(1024) == 0.4 and cfg.loss.smoothing == 0.1 and cfg.data.color_jitter == 0.4
+    assert (cfg.optim.model_ema_decay, cfg.output.checkpoint_hist, cfg.optim.weight_decay) == (0.9998, 10, 2e-5)
     record = cfg.to_dict()
     assert record['model']['name'] == 'resnet34_dropcluster' and record['dropcluster']['rate'] == 0.15
     digits = parse_train_args([])

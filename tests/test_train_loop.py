@@ -45,3 +45,25 @@ def test_resume_mid_epoch_skips_the_batches_done():
     train_one_epoch(accelerator, model, loader, optimizer, torch.nn.CrossEntropyLoss(), _Sched(), schedule, state,
                     progress=False, on_step=lambda s: seen.append(s.global_step))
     assert seen == [4, 5] and state.epoch == 1
+
+
+def test_drop_block_baseline_ramps_like_dropcluster():
+    """A plain timm model's DropBlock layers follow the same schedule with drop_block=True."""
+    from timm.layers import DropBlock2d
+    accelerator, model, optimizer, loader, schedule = _setup()
+    block = DropBlock2d(0.3, block_size=3)
+    accelerator.unwrap_model(model)[1] = block
+    rates = []
+    train_one_epoch(accelerator, model, loader, optimizer, torch.nn.CrossEntropyLoss(), _Sched(), schedule,
+                    TrainState(), progress=False, drop_block=True, on_step=lambda s: rates.append(block.drop_prob))
+    assert rates == pytest.approx([0.2 * i / 5 for i in range(5)])
+
+
+def test_log_lines_only_every_interval_and_max_steps(capsys):
+    accelerator, model, optimizer, loader, schedule = _setup()
+    state = TrainState()
+    train_one_epoch(accelerator, model, loader, optimizer, torch.nn.CrossEntropyLoss(), _Sched(), schedule, state,
+                    progress=True, log_interval=2, max_steps=4)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith('epoch 0 [')]
+    assert [line.split(']')[0] for line in lines] == ['epoch 0 [2/4', 'epoch 0 [4/4']
+    assert state.global_step == 4 and state.epoch == 1

@@ -1,8 +1,9 @@
-""" The training loop of one epoch, with the DropCluster rate stepped per batch, and the run's position."""
+""" The training loop of one epoch, with the drop rate stepped per batch, and the run's position."""
 import sys
 from typing import Callable, Dict, Optional
 
 import torch
+from timm.utils import dispatch_clip_grad
 from tqdm.auto import tqdm
 
 from ..model_helpers import set_drop_prob
@@ -33,31 +34,41 @@ class TrainState:
 
 def train_one_epoch(
         accelerator, model, loader, optimizer, loss_fn, lr_scheduler, schedule: DropClusterSchedule,
-        state: TrainState, ema=None, mixup_fn=None, clip_grad: Optional[float] = None,
+        state: TrainState, ema=None, mixup_fn=None, clip_grad: Optional[float] = None, clip_mode: str = 'norm',
         checkpoint_fn: Optional[Callable[[str], str]] = None, checkpoint_steps: int = 0, progress: bool = True,
+        log_interval: int = 0, drop_block: bool = False, channels_last: bool = False,
+        max_steps: Optional[int] = None, synchronize_step: bool = False,
         on_step: Optional[Callable[[TrainState], None]] = None,
 ) -> Dict[str, float]:
-    """One epoch of training; resumes at ``state.step_in_epoch`` batches into the epoch.
+    """One epoch of training; resumes at ``state.step_in_epoch`` batches into the epoch (those batches
+    are skipped without being loaded, Accelerate's ``skip_first_batches``).
 
-    ``checkpoint_fn(name)`` is called every ``checkpoint_steps`` optimizer steps (not at the end of
-    the epoch, which the caller checkpoints); ``on_step(state)`` after every batch, e.g. to log.
+    The drop rate is stepped every batch (also on timm's DropBlock layers with ``drop_block``). The
+    loss stays on the device: the host waits for it only to print (a bar on a terminal, or a line
+    every ``log_interval`` batches) and once at the end. ``checkpoint_fn(name)`` is called every
+    ``checkpoint_steps`` batches (not at the end of the epoch, which the caller checkpoints);
+    ``on_step(state)`` after every batch. ``max_steps`` caps the batches of the epoch.
     """
     model.train()
     epoch = state.epoch
-    steps = len(loader)
+    steps = min(len(loader), max_steps) if max_steps else len(loader)
     skip = state.step_in_epoch
     loss_sum = torch.zeros((), device=accelerator.device)
     count = 0
     unwrapped = accelerator.unwrap_model(model)
-    # A bar only on a terminal: in a log file it is noise; the caller prints a line per epoch anyway.
-    show = progress and accelerator.is_local_main_process and sys.stderr.isatty()
-    bar = tqdm(total=steps, initial=skip, desc=f'epoch {epoch}', leave=False, disable=not show)
-    for i, (images, targets) in enumerate(loader):
-        if i < skip:
-            continue  # resumed mid-epoch: these batches were done before the checkpoint
+    # A bar only on a terminal: in a log file it is noise; log_interval lines are printed there instead.
+    bar_on = progress and accelerator.is_local_main_process and sys.stderr.isatty()
+    lines_on = progress and log_interval > 0 and not bar_on
+    bar = tqdm(total=steps, initial=skip, desc=f'epoch {epoch}', leave=False, disable=not bar_on)
+    batches = accelerator.skip_first_batches(loader, skip) if skip else loader
+    for i, (images, targets) in enumerate(batches, start=skip):
+        if i >= steps:
+            break
         rate = schedule.step(epoch + i / steps)
-        set_drop_prob(unwrapped, rate)
+        set_drop_prob(unwrapped, rate, drop_block=drop_block)
         state.peak_drop_rate = max(state.peak_drop_rate, rate)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         if mixup_fn is not None:
             images, targets = mixup_fn(images, targets)
         with accelerator.accumulate(model):
@@ -65,7 +76,13 @@ def train_one_epoch(
             loss = loss_fn(output, targets)
             accelerator.backward(loss)
             if accelerator.sync_gradients and clip_grad:
-                accelerator.clip_grad_norm_(model.parameters(), clip_grad)
+                if clip_mode == 'norm':
+                    accelerator.clip_grad_norm_(model.parameters(), clip_grad)
+                elif clip_mode == 'value':
+                    accelerator.clip_grad_value_(model.parameters(), clip_grad)
+                else:  # timm's adaptive gradient clipping, on unscaled gradients
+                    accelerator.unscale_gradients()
+                    dispatch_clip_grad(model.parameters(), clip_grad, mode=clip_mode)
             optimizer.step()
             optimizer.zero_grad()
         loss_sum += loss.detach()
@@ -80,11 +97,16 @@ def train_one_epoch(
             if checkpoint_fn is not None and checkpoint_steps and state.global_step % checkpoint_steps == 0 \
                     and state.step_in_epoch < steps:
                 checkpoint_fn(f'step_{state.global_step:08d}')
+        if synchronize_step and accelerator.device.type == 'cuda':
+            torch.cuda.synchronize()
         if on_step is not None:
             on_step(state)
-        if show:  # loss.item() waits for the device
+        if bar_on:  # loss.item() waits for the device: only to show it
             bar.set_postfix(loss=f'{loss.item():.3f}', drop=f'{rate:.3f}')
             bar.update(1)
+        elif lines_on and (i + 1) % log_interval == 0:
+            accelerator.print(f'epoch {epoch} [{i + 1}/{steps}] loss {loss.item():.4f} drop {rate:.4f} '
+                              f'lr {optimizer.param_groups[0]["lr"]:.3g}')
     bar.close()
     state.step_in_epoch = 0
     state.epoch = epoch + 1

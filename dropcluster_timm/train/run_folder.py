@@ -3,7 +3,8 @@ metrics files, and the results a published model's card shows.
 
     OUTPUT/checkpoints/epoch_0003/   accelerator.save_state + meta.json (the completion marker)
     OUTPUT/run.json                  settings, data read, progress, what DropCluster did
-    OUTPUT/metrics.json, metrics.csv one row per epoch
+    OUTPUT/args.yaml                 the command line's arguments (as timm's train.py)
+    OUTPUT/metrics.json, metrics.csv one row per epoch; summary.csv as timm's train.py writes it
 """
 import csv
 import json
@@ -24,6 +25,7 @@ from .loop import TrainState
 __all__ = [
     'CHECKPOINT_DIR', 'RUN_FILE', 'META_FILE', 'write_json_atomic', 'list_checkpoints', 'find_checkpoint',
     'check_checkpoint_files', 'load_checkpoint', 'run_identity', 'check_resume', 'check_output', 'write_run_file',
+    'write_args_file',
     'save_checkpoint', 'MetricsLog', 'run_card_metrics',
 ]
 
@@ -151,6 +153,15 @@ def write_run_file(output: str, config: Dict[str, Any], data_splits: Dict[str, s
     write_json_atomic(os.path.join(output, RUN_FILE), record)
 
 
+def write_args_file(output: str, args_yaml: str) -> None:
+    """``args.yaml``: the command line's arguments, as timm's train.py writes them (main process)."""
+    if args_yaml:
+        tmp = os.path.join(output, 'args.yaml.tmp')
+        with open(tmp, 'w') as f:
+            f.write(args_yaml)
+        os.replace(tmp, os.path.join(output, 'args.yaml'))
+
+
 def save_checkpoint(accelerator, output: str, name: str, meta: Dict[str, Any], keep: int = 2) -> str:
     """``accelerator.save_state`` into a hidden temporary folder, renamed into place when complete.
 
@@ -180,7 +191,8 @@ def save_checkpoint(accelerator, output: str, name: str, meta: Dict[str, Any], k
 
 
 class MetricsLog:
-    """Per-epoch metrics, rewritten as ``metrics.json`` and ``metrics.csv`` after each epoch.
+    """Per-epoch metrics, rewritten after each epoch as ``metrics.json`` and ``metrics.csv`` (every
+    column) and as timm's ``summary.csv`` (epoch, train_loss, eval_loss, eval_top1, eval_top5, lr).
 
     Rows of an earlier run in the folder are kept for epochs before ``keep_epochs`` (those of the
     checkpoint a resume starts from) and dropped from there on; a fresh run keeps none.
@@ -200,12 +212,18 @@ class MetricsLog:
         keys: List[str] = []
         for r in self.rows:
             keys += [k for k in r if k not in keys]
-        tmp = os.path.join(self.output, 'metrics.csv.tmp')
+        self._write_csv('metrics.csv', keys, self.rows)
+        summary = [{'epoch': r['epoch'], 'train_loss': r.get('train_loss'), 'eval_loss': r.get('eval_loss'),
+                    'eval_top1': r.get('top1'), 'eval_top5': r.get('top5'), 'lr': r.get('lr')} for r in self.rows]
+        self._write_csv('summary.csv', list(summary[0]), summary)
+
+    def _write_csv(self, name: str, keys: List[str], rows: List[Dict[str, Any]]) -> None:
+        tmp = os.path.join(self.output, name + '.tmp')
         with open(tmp, 'w', newline='') as f:
             writer = csv.DictWriter(f, fieldnames=keys)
             writer.writeheader()
-            writer.writerows(self.rows)
-        os.replace(tmp, os.path.join(self.output, 'metrics.csv'))
+            writer.writerows(rows)
+        os.replace(tmp, os.path.join(self.output, name))
 
 
 def run_card_metrics(cfg: TrainConfig, row: Dict[str, Any], state: TrainState, model: nn.Module, data: DataBundle,

@@ -5,17 +5,16 @@ beside it: ``builders`` (model, loss, schedule), ``loop`` (one epoch), ``run_fol
 resume, run.json, metrics); data and evaluation in ``dropcluster_timm.data`` / ``.evaluate``, model
 folders and the Hub in ``dropcluster_timm.hub``.
 """
+import copy
 import os
 import time
 from types import SimpleNamespace
 from typing import Callable, Optional
 
-from accelerate import Accelerator, DataLoaderConfiguration
+import torch
 from accelerate.utils import set_seed
-from timm.optim import create_optimizer_v2
-from timm.scheduler import create_scheduler_v2
-from timm.utils import ModelEmaV3
-from torch.utils.data import DataLoader
+from timm.layers import DropBlock2d, convert_sync_batchnorm
+from timm.utils import distribute_bn
 
 from .. import hub
 from ..data import build_data, set_transforms
@@ -24,7 +23,9 @@ from ..evaluate import evaluate
 from ..model_helpers import ddp_ignore_cluster_buffers, dropcluster_layers, init_cluster_maps, set_drop_prob
 from ..visualization import plot_cluster_maps
 from . import run_folder as rf
-from .builders import build_loss, build_model, make_schedule, recluster, schedule_warnings, use_cpu_cores
+from .builders import (
+    build_accelerator, build_ema, build_loaders, build_loss, build_model, build_optimizer, build_scheduler, make_schedule,
+    recluster, schedule_warnings, use_cpu_cores)
 from .config import TrainConfig
 from .loop import TrainState, train_one_epoch
 
@@ -55,61 +56,71 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[TrainState], None]] = No
     rf.check_output(out.output, checkpoint)  # refuses a file, or a folder holding another run
     if out.push_to_hub:
         _check_push(out.push_to_hub)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=o.grad_accum_steps,
-        log_with=out.log_with,
-        project_dir=out.output,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-    )
+    accelerator = build_accelerator(cfg)
     use_cpu_cores(accelerator)
     set_seed(o.seed)
     if out.resume and checkpoint is None:
         accelerator.print(f'{out.resume} holds no checkpoint yet (its run stopped in the first epoch): starting over')
 
     # Build: data, model, optimisation.
-    data = build_data(d.dataset, d.data_dir, d.train_split, d.val_split, d.num_classes)
+    data = build_data(d.dataset, d.data_dir, d.train_split, d.val_split, d.num_classes, d.dataset_args(),
+                      d.train_num_samples, d.val_num_samples)
     img_size = tuple(d.input_size[-2:]) if d.input_size else d.img_size
-    model = build_model(cfg.model, data.num_classes, img_size)
+    model = build_model(cfg.model, data.num_classes, img_size, d.in_chans)
     identity = rf.run_identity(cfg.model.name, data.num_classes)
     data_config = set_transforms(data, model, d.input_args(), d.train_transform_args())
     init_cluster_maps(model, data_config['input_size'])  # grid maps, so every checkpoint carries them
     if checkpoint:
         rf.check_resume(checkpoint, identity)
     num_dropcluster = sum(1 for _ in dropcluster_layers(model))
+    # A DropBlock baseline (a plain timm model with --drop-block) gets the same ramp as DropCluster.
+    drop_block = not num_dropcluster and bool(cfg.model.drop_block_rate) and any(
+        isinstance(m, DropBlock2d) for m in model.modules())
     if cfg.dropcluster.rate > 0 and not num_dropcluster:
         accelerator.print(f'warning: {cfg.model.name} has no DropCluster layers, --drop-cluster is ignored')
+    if cfg.model.sync_bn and accelerator.num_processes > 1:
+        model = convert_sync_batchnorm(model)
+    if cfg.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
 
-    train_loader = DataLoader(data.train, batch_size=o.batch_size, shuffle=True, drop_last=True,
-                              num_workers=d.workers, persistent_workers=d.workers > 0)
-    eval_loader = DataLoader(data.eval, batch_size=o.batch_size, num_workers=d.workers)
-    optimizer = create_optimizer_v2(model, opt=o.opt, lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum)
+    train_loader, eval_loader = build_loaders(data, cfg, accelerator)
+    lr = o.scaled_lr(o.batch_size * accelerator.num_processes * o.grad_accum_steps)
+    if not o.lr:
+        accelerator.print(f'learning rate {lr:.4g} from --lr-base {o.lr_base} and the global batch size')
+    optimizer = build_optimizer(model, o, lr)
     ddp_ignore_cluster_buffers(model)  # the maps are synchronised by update_clusters, not by DDP
-    model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
-    steps_per_epoch = len(train_loader)
-    lr_scheduler, _ = create_scheduler_v2(
-        optimizer, sched=o.sched, num_epochs=o.epochs, warmup_epochs=o.warmup_epochs, warmup_lr=o.warmup_lr,
-        min_lr=o.min_lr, step_on_epochs=False, updates_per_epoch=max(1, steps_per_epoch // o.grad_accum_steps))
-    schedule = make_schedule(cfg.dropcluster, steps_per_epoch)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    steps_per_epoch = min(len(train_loader), out.train_batches_per_epoch or len(train_loader))
+    lr_scheduler = build_scheduler(optimizer, o, max(1, steps_per_epoch // o.grad_accum_steps))
+    schedule = make_schedule(cfg.dropcluster, steps_per_epoch, cfg.model.drop_block_rate if drop_block else None)
     if num_dropcluster:
         for warning in schedule_warnings(schedule, o.epochs):
             accelerator.print(f'warning: {warning}')
-    ema = ModelEmaV3(accelerator.unwrap_model(model), decay=o.model_ema_decay) if o.model_ema else None
-    mixup_fn, loss_fn = build_loss(o, data.num_classes)
+    ema = build_ema(accelerator.unwrap_model(model), o)
+    mixup_fn, loss_fn = build_loss(cfg.loss, data.num_classes)
 
     state = TrainState()
     for obj in (lr_scheduler, schedule, state) + ((ema,) if ema is not None else ()):
         accelerator.register_for_checkpointing(obj)
     if checkpoint:
+        fresh_optimizer = copy.deepcopy(optimizer.state_dict()) if out.no_resume_opt else None
         rf.load_checkpoint(accelerator, checkpoint)
+        if fresh_optimizer is not None:
+            optimizer.load_state_dict(fresh_optimizer)  # --no-resume-opt: the weights only
         lr_scheduler.step_update(num_updates=state.num_updates)
         accelerator.print(f'resumed from {checkpoint}: epoch {state.epoch}, step {state.global_step}, '
                           f'drop rate {schedule.rate:.4f}')
+    elif o.start_epoch:
+        state.epoch = o.start_epoch
+        lr_scheduler.step(o.start_epoch)
     metrics = rf.MetricsLog(out.output, keep_epochs=state.epoch)
     accelerator.wait_for_everyone()  # every process has checked the output folder before it is written
     if accelerator.is_main_process:
         rf.write_run_file(out.output, cfg.to_dict(), data.splits)  # all checks passed
+        rf.write_args_file(out.output, out.args_yaml)
     if out.log_with:
-        accelerator.init_trackers('train_timm', config=_flat(cfg.to_dict()))
+        accelerator.init_trackers(out.wandb_project or 'train_timm', config=_flat(cfg.to_dict()),
+                                  init_kwargs={'wandb': {'tags': out.wandb_tags}} if out.log_with == 'wandb' else {})
 
     def checkpoint_fn(name):
         meta = {'identity': identity, 'epoch': state.epoch, 'global_step': state.global_step,
@@ -121,10 +132,13 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[TrainState], None]] = No
                       f'{steps_per_epoch} batches per epoch on {accelerator.num_processes} process(es); '
                       f'train {data.splits["train"]} ({len(data.train)} images), '
                       f'validation {data.splits["validation"]} ({len(data.eval)} images); {schedule}')
-    best_key = 'top1' if ema is None else 'ema_top1'
+    metric = 'eval_loss' if 'loss' in o.eval_metric else o.eval_metric
+    best_key, lower_is_better = ('' if ema is None else 'ema_') + metric, metric == 'eval_loss'
     while state.epoch < o.epochs:
         epoch, start = state.epoch, time.time()
         train_loader.set_epoch(epoch)
+        if mixup_fn is not None and cfg.loss.mixup_off_epoch and epoch >= cfg.loss.mixup_off_epoch:
+            mixup_fn.mixup_enabled = False
         reclustered = bool(num_dropcluster) and state.step_in_epoch == 0 and schedule.is_update_epoch(epoch)
         if reclustered:
             recluster(accelerator, model, ema, data.cluster, o.batch_size, cfg.dropcluster.update_batches,
@@ -133,14 +147,21 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[TrainState], None]] = No
         row = {'epoch': epoch}
         row.update(train_one_epoch(
             accelerator, model, train_loader, optimizer, loss_fn, lr_scheduler, schedule, state, ema=ema,
-            mixup_fn=mixup_fn, clip_grad=o.clip_grad, checkpoint_fn=checkpoint_fn,
-            checkpoint_steps=out.checkpoint_steps, progress=out.progress, on_step=on_step))
-        lr_scheduler.step(epoch + 1)
-        row.update(evaluate(accelerator, model, eval_loader))
-        if ema is not None:
-            row.update({'ema_' + k: v for k, v in evaluate(accelerator, ema.module, eval_loader).items()})
+            mixup_fn=mixup_fn, clip_grad=o.clip_grad, clip_mode=o.clip_mode, checkpoint_fn=checkpoint_fn,
+            checkpoint_steps=out.checkpoint_steps, progress=out.progress, log_interval=out.log_interval,
+            drop_block=drop_block, channels_last=cfg.model.channels_last, max_steps=out.train_batches_per_epoch,
+            synchronize_step=out.synchronize_step, on_step=on_step))
+        if accelerator.num_processes > 1 and out.dist_bn and not cfg.model.sync_bn:
+            distribute_bn(model, accelerator.num_processes, out.dist_bn == 'reduce')
+        evaluated = (epoch + 1) % out.val_interval == 0 or epoch + 1 == o.epochs
+        if evaluated:
+            row.update(evaluate(accelerator, model, eval_loader))
+            if ema is not None:
+                row.update({'ema_' + k: v for k, v in evaluate(accelerator, ema.module, eval_loader).items()})
+        lr_scheduler.step(epoch + 1, row.get(best_key))
         row.update({'reclustered': reclustered, 'epoch_time': time.time() - start})
-        is_best = state.best_top1 is None or row[best_key] > state.best_top1
+        is_best = evaluated and (state.best_top1 is None or (
+            row[best_key] < state.best_top1 if lower_is_better else row[best_key] > state.best_top1))
         if is_best:
             state.best_top1, state.best_epoch = row[best_key], epoch
         accelerator.print(' '.join(f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}' for k, v in row.items()))
@@ -149,11 +170,12 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[TrainState], None]] = No
             published = accelerator.unwrap_model(model) if ema is None else ema.module
             if ema is not None and num_dropcluster:
                 set_drop_prob(published, schedule.rate)  # config.json records the rate of the run
-            card = rf.run_card_metrics(cfg, row, state, published, data,
-                                       ema_decay=o.model_ema_decay if ema is not None else None)
-            for folder in ('last', 'best') if is_best else ('last',):
-                hub.save_pretrained(published, os.path.join(out.output, folder), metrics=card,
-                                    data_config=data.data_config, repo_id=out.push_to_hub)
+            if evaluated:
+                card = rf.run_card_metrics(cfg, row, state, published, data,
+                                           ema_decay=o.model_ema_decay if ema is not None else None)
+                for folder in ('last', 'best') if is_best else ('last',):
+                    hub.save_pretrained(published, os.path.join(out.output, folder), metrics=card,
+                                        data_config=data.data_config, repo_id=out.push_to_hub)
             plot_cluster_maps(published, os.path.join(out.output, 'cluster_maps.png'))
             rf.write_run_file(out.output, cfg.to_dict(), data.splits, state, num_dropcluster)
         if out.log_with:
@@ -164,7 +186,7 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[TrainState], None]] = No
     if out.log_with:
         accelerator.end_training()
     if accelerator.is_main_process:
-        accelerator.print(f'best {best_key} {state.best_top1:.2f} at epoch {state.best_epoch}; outputs in {out.output}')
+        accelerator.print(f'best {best_key} {state.best_top1:.4g} at epoch {state.best_epoch}; outputs in {out.output}')
         if out.push_to_hub:
             try:
                 hub.push(os.path.join(out.output, 'best'), out.push_to_hub,
