@@ -50,14 +50,14 @@ REFUSED = {  # name: (timm's default, why)
 EMBEDDED_DEFAULTS = dict(
     model='resnet18_dropcluster', img_size=32, batch_size=64, epochs=12, opt='adamw', lr=2e-3,
     weight_decay=0.05, warmup_epochs=1, drop_cluster=0.1, hflip=0.0, scale=[0.75, 1.0], workers=0,
-    smoothing=0.0, color_jitter=None, train_interpolation='', checkpoint_hist=2,
+    smoothing=0.0, color_jitter=None, train_interpolation='', checkpoint_hist=2, sched_on_updates=True,
     # At 32 px stages 3-4 are 2x2 and 1x1: put DropCluster in the stem (16x16) too, ~16-pixel clusters.
     cluster_size=16, model_kwargs={'dc_stem': True}, drop_cluster_fractions=(0.25, 0.25, 0.25),
 )
 GENERAL_DEFAULTS = dict(
     model='resnet50_dropcluster', img_size=None, batch_size=128, epochs=300, opt='sgd', lr=None,
     weight_decay=2e-5, warmup_epochs=5, drop_cluster=0.1, hflip=0.5, scale=[0.08, 1.0], workers=4,
-    smoothing=0.1, color_jitter=0.4, train_interpolation='random', checkpoint_hist=10,
+    smoothing=0.1, color_jitter=0.4, train_interpolation='random', checkpoint_hist=10, sched_on_updates=False,
     model_kwargs={}, drop_cluster_fractions=(0.2, 0.1, 0.1),
 )
 
@@ -151,7 +151,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument('--lr-base-size', type=int, default=256)
     g.add_argument('--lr-base-scale', default='')
     g.add_argument('--sched', default='cosine')
-    g.add_argument('--sched-on-updates', action='store_true')
+    g.add_argument('--sched-on-updates', action='store_true', default=None)
     for flag, kwargs in (('--lr-noise', dict(type=float, nargs='+')), ('--lr-noise-pct', dict(type=float, default=0.67)),
                          ('--lr-noise-std', dict(type=float, default=1.0)),
                          ('--lr-cycle-mul', dict(type=float, default=1.0)),
