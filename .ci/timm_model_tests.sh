@@ -6,8 +6,9 @@
 # Selected: every test function of test_models.py that parametrizes over the model registry, for
 # model names containing "dropcluster" (-k dropcluster), plus the functions that select models by
 # module name, called on our models (see below). Deselected: test_model_load_pretrained and
-# test_model_features_pretrained, which download the published weights from the Hub (no network in
-# CI; tests/test_models.py covers that path with a local HF cache).
+# test_model_features_pretrained and test_model_inference, which download published weights (and, for
+# the inference test, reference outputs) from the Hub (no network in CI; tests/test_models.py covers
+# loading weights with a local HF cache).
 #
 # Models: by default a representative subset, one or more of each block type and timm module
 # (MODELS below; CI runs it); `--all` runs every registered *_dropcluster model (172 with timm 1.0.31;
@@ -102,5 +103,5 @@ PY
 
 cd "$work/tests"
 python -m pytest -c pytest.ini -p no:cacheprovider -rA -q \
-    -k 'dropcluster and not test_model_load_pretrained and not test_model_features_pretrained' \
+    -k 'dropcluster and not test_model_load_pretrained and not test_model_features_pretrained and not test_model_inference' \
     test_models.py test_dropcluster_module_filtered.py "$@"
