@@ -11,6 +11,7 @@ from .model_helpers import (
     cluster_state, copy_cluster_state, ddp_ignore_cluster_buffers, dropcluster_layers, init_cluster_maps,
     set_drop_prob, update_clusters)
 from .schedules import SCHEDULE_SHAPES, DropClusterSchedule
+from .soft_reset import soft_reset
 from . import models  # noqa: F401  registers the *_dropcluster models with timm
 
 __version__ = '0.1.0'
@@ -20,7 +21,7 @@ __all__ = [
     'DropCluster1d', 'DropCluster2d', 'DropCluster3d', 'drop_cluster', 'resample_cluster_map',
     'dropcluster_layers', 'set_drop_prob', 'init_cluster_maps', 'update_clusters', 'copy_cluster_state',
     'cluster_state', 'ddp_ignore_cluster_buffers',
-    'DropClusterSchedule', 'SCHEDULE_SHAPES', 'convert_drop_blocks',
+    'DropClusterSchedule', 'SCHEDULE_SHAPES', 'convert_drop_blocks', 'soft_reset',
     'save_pretrained', 'export_plain', 'push',
 ]
 

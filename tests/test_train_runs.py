@@ -342,3 +342,18 @@ def test_config_file_supplies_defaults_and_args_yaml_records_them(tmp_path):
     bad.write_text('not_a_flag: 1\n')
     assert_fails(run_script(['-c', str(bad)] + SCALED + ['--output', str(tmp_path / 'b')], check=False),
                  ['-c', 'unknown arguments not_a_flag'])
+
+
+def test_soft_reset_every_epoch_reclusters_right_after(image_folder, tmp_path):
+    """BRB: --soft-reset-interval 1 resets at the start of epochs 1 and 2 and re-clusters then, even
+    with the periodic re-clustering off."""
+    out = str(tmp_path / 'brb')
+    args = list(TINY)
+    args[args.index('--drop-cluster-update-freq') + 1] = '0'
+    run_script([image_folder, '--output', out, '--soft-reset-interval', '1', '--soft-reset-factor', '0.8',
+                '--soft-reset-scope', 'layer4', 'fc'] + args)
+    rows = json.load(open(os.path.join(out, 'metrics.json')))
+    assert [r['soft_reset'] for r in rows] == [False, True, True]
+    assert [r['reclustered'] for r in rows] == [False, True, True]
+    run = json.load(open(os.path.join(out, 'run.json')))
+    assert run['dropcluster']['soft_resets'] == 2 and run['config']['dropcluster']['soft_reset_scope'] == ['layer4', 'fc']

@@ -131,6 +131,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument('--cluster-method', default=None, choices=CLUSTER_METHODS)
     g.add_argument('--cluster-size', type=int, default=None, help='target mean cluster size (elements)')
     g.add_argument('--num-clusters', type=int, default=None, help='clusters per map')
+    g.add_argument('--soft-reset-interval', type=int, default=0, metavar='EPOCHS',
+                   help='BRB: every N epochs pull the weights toward a fresh init, then re-cluster (0: never)')
+    g.add_argument('--soft-reset-factor', type=float, default=0.9, metavar='ALPHA', help='share of the weights kept')
+    g.add_argument('--soft-reset-scope', nargs='+', default=[], metavar='NAME',
+                   help='parameter name prefixes to reset, e.g. layer4 fc (default: all)')
     g = p.add_argument_group('optimizer and learning rate (timm)')
     g.add_argument('--batch-size', '-b', type=int, default=None, help='per process')
     g.add_argument('--validation-batch-size', '-vb', type=int, default=None)
@@ -291,7 +296,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             shape=a.drop_cluster_shape,
             update_freq=(a.drop_cluster_update_freq if a.drop_cluster_update_freq is not None
                          else max(1, round(update * a.epochs))),
-            update_batches=a.drop_cluster_update_batches),
+            update_batches=a.drop_cluster_update_batches, soft_reset_interval=a.soft_reset_interval,
+            soft_reset_factor=a.soft_reset_factor, soft_reset_scope=list(a.soft_reset_scope)),
         optim=OptimConfig(
             epochs=a.epochs, start_epoch=a.start_epoch, batch_size=a.batch_size,
             validation_batch_size=a.validation_batch_size, grad_accum_steps=a.grad_accum_steps, opt=a.opt, lr=a.lr,

@@ -123,6 +123,9 @@ class DropClusterConfig:
     shape: str = 'linear'
     update_freq: int = 1
     update_batches: int = 2  # batches of training images the clusters are computed from
+    soft_reset_interval: int = 0  # BRB soft reset every N epochs (0: never), re-clustering right after
+    soft_reset_factor: float = 0.9  # share of the weights kept
+    soft_reset_scope: List[str] = field(default_factory=list)  # parameter name prefixes (empty: all)
 
 
 @dataclass
@@ -266,9 +269,11 @@ class TrainConfig:
                             ('--workers', d.workers), ('--recovery-interval', out.checkpoint_steps),
                             ('--checkpoint-hist', out.checkpoint_hist), ('--mixup', loss.mixup),
                             ('--cutmix', loss.cutmix), ('--min-lr', o.min_lr), ('--aug-repeats', d.aug_repeats),
-                            ('--start-epoch', o.start_epoch)):
+                            ('--start-epoch', o.start_epoch), ('--soft-reset-interval', dc.soft_reset_interval)):
             if value is not None and value < 0:
                 fail(flag, value, '>= 0')
+        if not 0.0 <= dc.soft_reset_factor < 1.0:
+            fail('--soft-reset-factor', dc.soft_reset_factor, 'in [0, 1)')
         if o.lr is not None and not o.lr > 0:
             fail('--lr', o.lr, '> 0')
         if not o.lr_base > 0:

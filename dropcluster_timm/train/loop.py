@@ -24,6 +24,7 @@ class TrainState:
         self.best_epoch = None
         self.peak_drop_rate = 0.0  # what the run really did with DropCluster, for run.json and cards
         self.reclusterings = 0
+        self.soft_resets = 0
 
     def state_dict(self):
         return dict(self.__dict__)

@@ -21,6 +21,7 @@ from ..data import build_data, set_transforms
 from ..errors import TrainingError, first_line
 from ..evaluate import evaluate
 from ..model_helpers import ddp_ignore_cluster_buffers, dropcluster_layers, init_cluster_maps, set_drop_prob
+from ..soft_reset import soft_reset
 from ..visualization import plot_cluster_maps
 from . import run_folder as rf
 from .builders import (
@@ -139,7 +140,14 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[TrainState], None]] = No
         train_loader.set_epoch(epoch)
         if mixup_fn is not None and cfg.loss.mixup_off_epoch and epoch >= cfg.loss.mixup_off_epoch:
             mixup_fn.mixup_enabled = False
-        reclustered = bool(num_dropcluster) and state.step_in_epoch == 0 and schedule.is_update_epoch(epoch)
+        dc = cfg.dropcluster
+        reset = bool(dc.soft_reset_interval) and 0 < epoch and epoch % dc.soft_reset_interval == 0 \
+            and state.step_in_epoch == 0
+        if reset:  # BRB: a soft reset, identical on every process (seeded), then re-clustering
+            soft_reset(accelerator.unwrap_model(model), optimizer, dc.soft_reset_factor, dc.soft_reset_scope,
+                       seed=o.seed * 1000 + epoch)
+            state.soft_resets += 1
+        reclustered = bool(num_dropcluster) and state.step_in_epoch == 0 and (schedule.is_update_epoch(epoch) or reset)
         if reclustered:
             recluster(accelerator, model, ema, data.cluster, o.batch_size, cfg.dropcluster.update_batches,
                       seed=o.seed * 1000 + epoch)
@@ -159,7 +167,7 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[TrainState], None]] = No
             if ema is not None:
                 row.update({'ema_' + k: v for k, v in evaluate(accelerator, ema.module, eval_loader).items()})
         lr_scheduler.step(epoch + 1, row.get(best_key))
-        row.update({'reclustered': reclustered, 'epoch_time': time.time() - start})
+        row.update({'reclustered': reclustered, 'soft_reset': reset, 'epoch_time': time.time() - start})
         is_best = evaluated and (state.best_top1 is None or (
             row[best_key] < state.best_top1 if lower_is_better else row[best_key] > state.best_top1))
         if is_best:
