@@ -145,7 +145,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from .train import config_from_args, train
-    train(config_from_args(args))
+    run = train(config_from_args(args))
+    run.accelerator.end_training()  # trackers finished, the process group taken down before exit
     return 0
 
 

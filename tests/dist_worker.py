@@ -30,3 +30,4 @@ torch.save({
     'rate': run.schedule.rate,
     'reclustered': [r['reclustered'] for r in run.metrics] if rank == 0 else None,
 }, os.path.join(dump, f'rank{rank}.pt'))
+acc.end_training()  # the process group down before exit, as the command line does

@@ -69,4 +69,4 @@ def test_run_file_records_config_data_and_progress(tmp_path):
     record = json.load(open(tmp_path / rf.RUN_FILE))
     assert record == {'config': {'optim': {'lr': 0.1}}, 'data': {'train': 'a', 'validation': 'b'},
                       'progress': {'epochs_done': 3, 'best_top1': 50.0, 'best_epoch': 2},
-                      'dropcluster': {'layers': 4, 'peak_rate': 0.1, 'reclusterings': 2}}
+                      'dropcluster': {'layers': 4, 'peak_rate': 0.1, 'reclusterings': 2, 'soft_resets': 0}}

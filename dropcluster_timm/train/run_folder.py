@@ -150,7 +150,7 @@ def write_run_file(output: str, config: Dict[str, Any], data_splits: Dict[str, s
         if num_dropcluster_layers:
             record['dropcluster'] = {'layers': num_dropcluster_layers, 'peak_rate': state.peak_drop_rate,
                                      'reclusterings': state.reclusterings,
-                                     'soft_resets': getattr(state, 'soft_resets', 0)}
+                                     'soft_resets': state.soft_resets}
     write_json_atomic(os.path.join(output, RUN_FILE), record)
 
 

@@ -45,6 +45,7 @@ def _check_push(repo_id: str) -> None:
 
 def train(cfg: TrainConfig, on_step: Optional[Callable[[TrainState], None]] = None) -> SimpleNamespace:
     """Train as ``cfg`` says; returns the accelerator, model, EMA, schedule, state and metric rows.
+    Call ``result.accelerator.end_training()`` when done with them (trackers, process group).
 
     ``on_step(state)`` runs after every training batch. Errors a user can fix raise ``TrainingError``
     before anything is written.
@@ -190,9 +191,8 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[TrainState], None]] = No
             accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=epoch)
         checkpoint_fn(f'epoch_{epoch:04d}')
 
-    # Save: the model folders are written every epoch; publish the best one.
-    if out.log_with:
-        accelerator.end_training()
+    # Save: the model folders are written every epoch; publish the best one. (The caller ends the
+    # accelerator: trackers and process group stay up for whatever it does with the trained model.)
     if accelerator.is_main_process:
         accelerator.print(f'best {best_key} {state.best_top1:.4g} at epoch {state.best_epoch}; outputs in {out.output}')
         if out.push_to_hub:
