@@ -7,6 +7,7 @@ metrics files, and the results a published model's card shows.
     OUTPUT/metrics.json, metrics.csv one row per epoch; summary.csv as timm's train.py writes it
 """
 import csv
+import io
 import json
 import os
 import shutil
@@ -23,7 +24,7 @@ from .config import TrainConfig
 from .loop import TrainState
 
 __all__ = [
-    'CHECKPOINT_DIR', 'RUN_FILE', 'META_FILE', 'write_json_atomic', 'list_checkpoints', 'find_checkpoint',
+    'CHECKPOINT_DIR', 'RUN_FILE', 'META_FILE', 'write_text_atomic', 'write_json_atomic', 'list_checkpoints', 'find_checkpoint',
     'check_checkpoint_files', 'load_checkpoint', 'run_identity', 'check_resume', 'check_output', 'write_run_file',
     'write_args_file',
     'save_checkpoint', 'MetricsLog', 'run_card_metrics',
@@ -34,12 +35,16 @@ RUN_FILE = 'run.json'
 META_FILE = 'meta.json'
 
 
-def write_json_atomic(path: str, data: Any) -> None:
-    """Write JSON to a temporary file renamed into place, so a reader never sees half a file."""
+def write_text_atomic(path: str, text: str) -> None:
+    """Write to a temporary file renamed into place, so a reader never sees half a file."""
     tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-        json.dump(data, f, indent=2, default=str)
+    with open(tmp, 'w', newline='') as f:
+        f.write(text)
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: str, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, default=str))
 
 
 def _read_json(path: str) -> Dict[str, Any]:
@@ -157,10 +162,7 @@ def write_run_file(output: str, config: Dict[str, Any], data_splits: Dict[str, s
 def write_args_file(output: str, args_yaml: str) -> None:
     """``args.yaml``: the command line's arguments, as timm's train.py writes them (main process)."""
     if args_yaml:
-        tmp = os.path.join(output, 'args.yaml.tmp')
-        with open(tmp, 'w') as f:
-            f.write(args_yaml)
-        os.replace(tmp, os.path.join(output, 'args.yaml'))
+        write_text_atomic(os.path.join(output, 'args.yaml'), args_yaml)
 
 
 def save_checkpoint(accelerator, output: str, name: str, meta: Dict[str, Any], keep: int = 2) -> str:
@@ -219,12 +221,11 @@ class MetricsLog:
         self._write_csv('summary.csv', list(summary[0]), summary)
 
     def _write_csv(self, name: str, keys: List[str], rows: List[Dict[str, Any]]) -> None:
-        tmp = os.path.join(self.output, name + '.tmp')
-        with open(tmp, 'w', newline='') as f:
-            writer = csv.DictWriter(f, fieldnames=keys)
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, os.path.join(self.output, name))
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+        write_text_atomic(os.path.join(self.output, name), text.getvalue())
 
 
 def run_card_metrics(cfg: TrainConfig, row: Dict[str, Any], state: TrainState, model: nn.Module, data: DataBundle,
