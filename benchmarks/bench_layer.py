@@ -1,16 +1,21 @@
 """ Layer benchmark: DropCluster2d against timm's DropBlock2d and the `x * mask` floor, and the
-"rena" clustering engine against scikit-learn's Ward loop over channels.
+"rena" clustering engine against scikit-learn's Ward loop over channels, on five kinds of input
+(smooth region fields, blurred noise, white noise, ReLU'd noise with and without a dead quarter:
+rena's speed depends on the data), every clustering method and the reference options (gap count,
+Hopkins test) at 56x56, and the cost of the drop modes.
 
 Everything is measured side by side in one process and printed as ratios (CI machines are noisy, so
 no timing is asserted anywhere). Runs on CPU, and on CUDA too when a GPU is present.
 
-    python -m benchmarks.bench_layer            # full run (the Ward loop at 112x112 takes ~40 s)
+    python -m benchmarks.bench_layer            # full run (the Ward loops take ~1.5 min on 2 cores)
     python -m benchmarks.bench_layer --quick    # smaller repeat counts, skips the largest Ward case
 """
 import argparse
+import statistics
 import time
 
 import torch
+import torch.nn.functional as F
 from timm.layers import DropBlock2d
 
 from dropcluster_timm import DropCluster2d
@@ -23,6 +28,8 @@ from .timing import synchronize, time_interleaved
 LAYER_SHAPES = [(64, 256, 14), (64, 64, 56), (32, 64, 112)]
 # (batch, channels, size, num_clusters): cluster size 49 (a 7x7 block).
 CLUSTER_SHAPES = [(64, 256, 14, 4), (64, 64, 56, 64), (64, 64, 112, 256)]
+# The Ward loop clusters map by map: it is timed on this many maps of a layer and scaled.
+WARD_MAPS = 16
 
 
 def bench_layers(device, repeats, drop_prob=0.1, block_size=7):
@@ -60,37 +67,143 @@ def bench_layers(device, repeats, drop_prob=0.1, block_size=7):
               flush=True)
 
 
-def bench_clustering(device, quick):
+def cluster_inputs(b, c, s, k, generator):
+    """The input kinds of the clustering table, activations ``(b, c, s, s)``: structured and not."""
+    return {
+        'smooth regions': smooth_region_fields(b, c, s, s, k, generator),
+        'blurred noise': F.avg_pool2d(torch.randn(b, c, s + 4, s + 4, generator=generator), 5, 1),
+        'white noise': torch.randn(b, c, s, s, generator=generator),
+        'ReLU noise': torch.randn(b, c, s, s, generator=generator).relu(),
+        # Dead ReLU areas: a plateau of exact zeros over a quarter of every map (many tied costs).
+        'ReLU noise, dead quarter': torch.randn(b, c, s, s, generator=generator).relu()
+        * (torch.arange(s).view(s, 1) >= s // 2).logical_or(torch.arange(s) >= s // 2).float(),
+    }
+
+
+def bench_clustering(device, quick, repeats=3):
     try:
         import sklearn  # noqa: F401
         have_ward = device.type == 'cpu'
     except ImportError:
         have_ward = False
         print('\n(scikit-learn not installed: Ward reference skipped)')
+    repeats = 1 if quick else repeats
     print(f'\n## Clustering one layer, {device.type}: "rena" against the scikit-learn Ward loop over channels\n')
-    print('Inputs: smooth random fields on Voronoi regions (dropcluster_timm.testing), one map per channel.\n')
-    print('| activations | K | rena s | Ward loop s | speed-up | rena WCV / Ward WCV |')
-    print('|---|---|---|---|---|---|')
+    print(f'One map per channel. rena: median of {repeats} run(s) on all maps. Ward loop: one run on the first '
+          f'{WARD_MAPS} maps, scaled to all maps (it clusters map by map); WCV ratio over those maps.\n')
+    print('| activations | K | input | rena s | Ward loop s (scaled) | speed-up | rena WCV / Ward WCV |')
+    print('|---|---|---|---|---|---|---|')
     g = torch.Generator().manual_seed(0)
     for b, c, s, k in CLUSTER_SHAPES:
-        x = smooth_region_fields(b, c, s, s, k, g).to(device)
-        feats = activation_features(x)
-        cluster_features(feats, [s, s], k, 'rena')  # warm-up
+        for kind, x in cluster_inputs(b, c, s, k, g).items():
+            feats = activation_features(x.to(device))
+            cluster_features(feats, [s, s], k, 'rena')  # warm-up
+            times = []
+            for _ in range(repeats):
+                synchronize(device)
+                t = time.perf_counter()
+                rena = cluster_features(feats, [s, s], k, 'rena')
+                synchronize(device)
+                times.append(time.perf_counter() - t)
+            t_rena = statistics.median(times)
+            row = f'| {b}x{c}x{s}x{s} | {k} | {kind} | {t_rena:.3f} |'
+            if have_ward and not (quick and s > 56):
+                sub = feats[:WARD_MAPS]
+                t = time.perf_counter()
+                ward = cluster_features(sub, [s, s], k, 'ward')
+                t_ward = (time.perf_counter() - t) * feats.shape[0] / sub.shape[0]
+                v_ratio = (within_cluster_variance(sub, rena[:sub.shape[0]]).mean()
+                           / within_cluster_variance(sub, ward).mean()).item()
+                row += f' {t_ward:.2f} | {t_ward / t_rena:.0f}x | {v_ratio:.3f} |'
+            else:
+                row += ' - | - | - |'
+            print(row, flush=True)
+
+
+def _timed(fn, device, repeats):
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
         synchronize(device)
         t = time.perf_counter()
-        rena = cluster_features(feats, [s, s], k, 'rena')
+        out = fn()
         synchronize(device)
-        t_rena = time.perf_counter() - t
-        v_rena = within_cluster_variance(feats, rena).mean().item()
-        if have_ward and not (quick and s > 56):
+        times.append(time.perf_counter() - t)
+    return out, statistics.median(times)
+
+
+def bench_methods(device, quick, b=64, c=64, s=56, k=64):
+    """Every clustering method and the reference options at one shape, against the Ward loop."""
+    from dropcluster_timm.cluster_count import gap_statistic_labels, structured_maps
+    have_ward = device.type == 'cpu'
+    try:
+        import sklearn  # noqa: F401
+    except ImportError:
+        have_ward = False
+    repeats = 1 if quick else 3
+    print(f'\n## Clustering methods and reference options, {device.type}, {b}x{c}x{s}x{s}, K={k}\n')
+    print(f'Seconds for the whole layer (median of {repeats}); WCV / Ward over the first {WARD_MAPS} maps, '
+          f'Ward loop timed on them and scaled. Gap: counts chosen in [16, 256] (cluster sizes 12 to 196); '
+          f'Hopkins: the structure test alone, with the share of maps found structured.\n')
+    print('| input | method | s | speed-up vs Ward loop | WCV / Ward WCV | note |')
+    print('|---|---|---|---|---|---|')
+    g = torch.Generator().manual_seed(0)
+    inputs = cluster_inputs(b, c, s, k, g)
+    for kind in ('smooth regions', 'blurred noise', 'white noise'):
+        feats = activation_features(inputs[kind].to(device))
+        sub = feats[:WARD_MAPS]
+        t_ward = v_ward = None
+        if have_ward:
             t = time.perf_counter()
-            ward = cluster_features(feats, [s, s], k, 'ward')
-            t_ward = time.perf_counter() - t
-            v_ward = within_cluster_variance(feats, ward).mean().item()
-            print(f'| {b}x{c}x{s}x{s} | {k} | {t_rena:.3f} | {t_ward:.2f} | {t_ward / t_rena:.0f}x | {v_rena / v_ward:.3f} |',
-                  flush=True)
-        else:
-            print(f'| {b}x{c}x{s}x{s} | {k} | {t_rena:.3f} | - | - | - |', flush=True)
+            ward = cluster_features(sub, [s, s], k, 'ward')
+            t_ward = (time.perf_counter() - t) * feats.shape[0] / sub.shape[0]
+            v_ward = within_cluster_variance(sub, ward).mean().item()
+        for method in ('rena', 'kmeans', 'kmedoids', 'gmm', 'random', 'grid'):
+            gen = torch.Generator(device=device).manual_seed(0)
+            labels, sec = _timed(lambda: cluster_features(feats, [s, s], k, method, generator=gen), device, repeats)
+            ratio = f'{t_ward / sec:.0f}x' if t_ward else '-'
+            wcv = f'{within_cluster_variance(sub, labels[:WARD_MAPS]).mean().item() / v_ward:.3f}' if v_ward else '-'
+            print(f'| {kind} | {method} | {sec:.3f} | {ratio} | {wcv} | |', flush=True)
+        gen = torch.Generator(device=device).manual_seed(0)
+        (labels, counts), sec = _timed(lambda: gap_statistic_labels(feats, [s, s], 16, 256, generator=gen),
+                                       device, repeats)
+        ratio = f'{t_ward / sec:.0f}x' if t_ward else '-'
+        print(f'| {kind} | rena + gap count | {sec:.3f} | {ratio} | - | counts: median {int(counts.median())}, '
+              f'range {int(counts.min())}-{int(counts.max())} |', flush=True)
+        flags, sec = _timed(lambda: structured_maps(feats, [s, s], generator=gen), device, repeats)
+        print(f'| {kind} | Hopkins test | {sec:.4f} | - | - | {flags.float().mean().item():.0%} of maps structured |',
+              flush=True)
+
+
+def bench_drop_modes(device, repeats, drop_prob=0.1, shape=(64, 64, 56, 56)):
+    """Forward + backward of the reference drop modes, against the `x * mask` floor."""
+    b, c, h, w = shape
+    print(f'\n## Drop modes, forward + backward, {device.type}, {b}x{c}x{h}x{w}, drop_prob={drop_prob}, '
+          f'7x7 clusters (median of {repeats}, ratio to the `x * mask` floor)\n')
+    x = torch.randn(*shape, device=device, requires_grad=True)
+    grad = torch.randn_like(x)
+    feats = torch.randn(8, c, h, w, device=device)
+    mask = (torch.rand_like(x) > drop_prob).to(x.dtype) / (1 - drop_prob)
+    layers = {}
+    for name, kw in (('uniform (default)', {}), ('size', dict(drop_mode='size')),
+                     ('batch_shared', dict(batch_shared=True)), ('half the maps undropped', {})):
+        layer = DropCluster2d(drop_prob, block_size=7, device=device, **kw).train()
+        layer.update_clusters(feats)
+        if name == 'half the maps undropped':
+            layer.set_cluster_map(layer.cluster_map, undropped=torch.arange(c, device=device) % 2 == 0)
+        layers[name] = layer
+    fns = {'floor': lambda x_: x_ * mask, **layers}
+
+    def step(layer):
+        def run():
+            x.grad = None
+            layer(x).backward(grad)
+        return run
+
+    t = time_interleaved({k: step(v) for k, v in fns.items()}, device, repeats)
+    print('| floor ms | ' + ' | '.join(layers) + ' |')
+    print('|---|' + '---|' * len(layers))
+    print(f'| {t["floor"] * 1e3:.2f} | ' + ' | '.join(f'{t[k] / t["floor"]:.2f}x' for k in layers) + ' |', flush=True)
 
 
 def main():
@@ -106,7 +219,9 @@ def main():
     for name in devices:
         device = torch.device(name)
         bench_layers(device, repeats)
+        bench_drop_modes(device, repeats)
         bench_clustering(device, args.quick)
+        bench_methods(device, args.quick)
 
 
 if __name__ == '__main__':

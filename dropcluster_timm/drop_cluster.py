@@ -26,9 +26,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from timm.layers import register_notrace_module
 
-from .clustering import CLUSTER_METHODS, cluster_activations, grid_cluster_map
+from .cluster_count import CLUSTER_COUNTS, gap_statistic_labels, structured_maps
+from .clustering import CLUSTER_METHODS, activation_features, cluster_features, grid_cluster_map
 
-__all__ = ['drop_cluster', 'resample_cluster_map', 'DropClusterNd', 'DropCluster1d', 'DropCluster2d', 'DropCluster3d']
+__all__ = ['drop_cluster', 'cluster_drop_probs', 'DROP_MODES', 'resample_cluster_map', 'DropClusterNd', 'DropCluster1d', 'DropCluster2d', 'DropCluster3d']
 
 
 def resample_cluster_map(cluster_map: Tensor, size: List[int]) -> Tensor:
@@ -49,6 +50,46 @@ def _max_finite(dtype: torch.dtype) -> float:
     return 3.4028234663852886e38  # float32, and wider types hold every float32
 
 
+DROP_MODES = ('uniform', 'size')
+
+
+def cluster_drop_probs(
+        sizes: Tensor,
+        drop_prob: float,
+        drop_mode: str = 'uniform',
+        cluster_counts: Optional[Tensor] = None,
+) -> Tensor:
+    """Drop probability of every cluster, ``(M, K)``, from cluster sizes ``(M, K)`` (0: no such label).
+
+    ``'uniform'``: every cluster ``drop_prob``. ``'size'``: DropBlock-style, as in the reference
+    implementation: cluster ``c`` of ``s_c`` of a map's ``n`` elements gets a probability proportional to
+    ``n / (s_c * (n - s_c + 1))`` (DropBlock's seed rate with the block replaced by the cluster), so
+    small clusters drop more often; the factor is set per map so that the expected dropped fraction of
+    the map is exactly ``drop_prob``, probabilities capped at 1 (the excess goes to the other clusters).
+    Maps whose ``cluster_counts`` entry is 0 are left undropped (probability 0).
+    """
+    n = sizes.sum(dim=1, keepdim=True)
+    if drop_mode == 'size':
+        w = torch.where(sizes > 0, n / (sizes * (n - sizes + 1.0)).clamp(min=1.0), torch.zeros_like(sizes))
+        # Water-filling: the j largest weights are capped at probability 1 and the rest share
+        # lam * w; exactly one j is consistent with its own lam.
+        w_sorted, order = torch.sort(w, dim=1, descending=True)
+        s_sorted = sizes.gather(1, order)
+        sw = s_sorted * w_sorted
+        capped_mass = torch.cumsum(s_sorted, dim=1) - s_sorted  # sum of sizes before j
+        rest = sw.sum(dim=1, keepdim=True) - (torch.cumsum(sw, dim=1) - sw)  # sum of s * w from j on
+        lam = (drop_prob * n - capped_mass) / rest.clamp(min=1e-30)
+        prev_w = torch.cat([torch.full_like(w_sorted[:, :1], float('inf')), w_sorted[:, :-1]], dim=1)
+        valid = (lam * w_sorted <= 1.0) & (lam * prev_w >= 1.0) & (rest > 0)
+        j = torch.argmax(valid.to(torch.int32), dim=1, keepdim=True)
+        probs = (lam.gather(1, j) * w).clamp(max=1.0)
+    else:
+        probs = torch.full_like(sizes, drop_prob)
+    if cluster_counts is not None:
+        probs = probs * (cluster_counts.view(-1, 1) > 0).to(probs.dtype)
+    return probs
+
+
 def drop_cluster(
         x: Tensor,
         cluster_map: Tensor,
@@ -58,18 +99,22 @@ def drop_cluster(
         with_noise: bool = False,
         inplace: bool = False,
         scale_by_keep: bool = True,
+        drop_mode: str = 'uniform',
+        batch_shared: bool = False,
+        cluster_counts: Optional[Tensor] = None,
 ) -> Tensor:
     """DropCluster. See https://arxiv.org/abs/2002.02997
 
-    Every (sample, channel, cluster) is dropped independently with probability ``drop_prob``, or
-    every (sample, cluster) when channels are coupled. Clusters partition the map, so the expected
-    dropped fraction is exactly ``drop_prob``.
+    Every (sample, channel, cluster) is dropped independently, or every (sample, cluster) when
+    channels are coupled, or every (channel, cluster) for the whole batch with ``batch_shared``.
+    Clusters partition the map, so the expected dropped fraction of every map is exactly
+    ``drop_prob`` in either ``drop_mode``.
 
     Args:
         x: input ``(B, C, *spatial)``.
         cluster_map: integer labels ``(M, *spatial_map)``, M = 1 or C (M = 1 if ``couple_channels``);
             resampled (nearest) when ``spatial_map`` differs from the input's.
-        drop_prob: probability of dropping a cluster, in [0, 1).
+        drop_prob: the expected dropped fraction, in [0, 1).
         num_clusters: an upper bound on the labels (max label + 1). ``None`` reads it from the map,
             which synchronises with the device; the layers always pass it.
         couple_channels: one drop decision per (sample, cluster) shared by all channels.
@@ -78,6 +123,10 @@ def drop_cluster(
         inplace: modify ``x`` in place.
         scale_by_keep: rescale kept elements by (elements / kept elements) of the batch, as timm's
             DropBlock does.
+        drop_mode: ``'uniform'`` (every cluster ``drop_prob``) or ``'size'`` (size-dependent, see
+            ``cluster_drop_probs``).
+        batch_shared: one mask for every sample of the batch (the reference's default).
+        cluster_counts: clusters per map ``(M,)``; a map counted 0 is left undropped.
 
     Returns:
         Tensor of the same shape, dtype and device as ``x``.
@@ -88,6 +137,8 @@ def drop_cluster(
         raise ValueError('drop_cluster expects a floating point input, got ' + str(x.dtype))
     if drop_prob < 0.0 or drop_prob >= 1.0:
         raise ValueError('drop_prob must be in [0, 1), got ' + str(drop_prob))
+    if drop_mode != 'uniform' and drop_mode != 'size':
+        raise ValueError("drop_mode must be 'uniform' or 'size', got " + drop_mode)
     if cluster_map.dim() != x.dim() - 1 or cluster_map.is_floating_point():
         raise ValueError('cluster_map must be integer labels of shape (M, *spatial) for an input with '
                          + str(x.dim() - 2) + ' spatial dims')
@@ -98,6 +149,9 @@ def drop_cluster(
     G = 1 if couple_channels else C
     if M != 1 and M != G:
         raise ValueError('cluster_map has ' + str(M) + ' maps, expected 1 or ' + str(G))
+    if cluster_counts is not None and (cluster_counts.dim() != 1 or cluster_counts.shape[0] != M):
+        raise ValueError('cluster_counts must hold one count per map (' + str(M) + '), got shape '
+                         + str(list(cluster_counts.shape)))
     if drop_prob == 0.0:
         return x
     n = 1
@@ -105,25 +159,31 @@ def drop_cluster(
         n *= s
     idx = resample_cluster_map(cluster_map, spatial).reshape(M, n).long()
     k = int(idx.max()) + 1 if num_clusters is None else num_clusters
+    draws = 1 if batch_shared else B
 
     # The mask never involves x, so it builds no autograd graph (and no_grad would trip TorchScript).
     # Drawn and scaled in float32 whatever x.dtype: the scale can exceed the float16 range.
-    keep = torch.empty((B, G, k), dtype=torch.float32, device=x.device).bernoulli_(1.0 - drop_prob)
+    # Cluster sizes: a (M, K) reduction that sizes the keep count (and the size-dependent rates)
+    # without a pass over x.
+    sizes = torch.zeros((M, k), dtype=torch.float32, device=x.device)
+    sizes.scatter_add_(1, idx, torch.ones((M, n), dtype=torch.float32, device=x.device))
+    if drop_mode == 'uniform' and cluster_counts is None:
+        keep = torch.empty((draws, G, k), dtype=torch.float32, device=x.device).bernoulli_(1.0 - drop_prob)
+    else:
+        probs = cluster_drop_probs(sizes, drop_prob, drop_mode, cluster_counts)
+        keep = (torch.rand((draws, G, k), dtype=torch.float32, device=x.device) >= probs.unsqueeze(0)).to(torch.float32)
     if scale_by_keep and not with_noise:
-        # Kept elements counted from cluster sizes: a (M, K) reduction instead of one over x.
-        sizes = torch.zeros((M, k), dtype=torch.float32, device=x.device)
-        sizes.scatter_add_(1, idx, torch.ones((M, n), dtype=torch.float32, device=x.device))
         kept = (keep * sizes.unsqueeze(0)).sum()
         # Everything dropped: kept is 0, and counting it as 1 keeps the scale finite (it multiplies
         # zeros only), so the output is all zeros rather than 0 * inf = NaN.
-        keep = keep * kept.clamp(min=1.0).reciprocal().mul(float(B * G * n))
+        keep = keep * kept.clamp(min=1.0).reciprocal().mul(float(draws * G * n))
         if x.dtype == torch.float16 or x.dtype == torch.bfloat16:
             # A scale past the dtype's range would cast to inf (and 0 * inf to NaN).
             keep = keep.clamp(max=_max_finite(x.dtype))
     # Cast the (B, G, K) table, not the full-size mask. (B, G, *spatial) with G = 1 or C broadcasts
     # over x in any memory format.
     keep = keep.to(x.dtype)
-    mask = keep.gather(2, idx.unsqueeze(0).expand(B, G, n)).view([B, G] + spatial)
+    mask = keep.gather(2, idx.unsqueeze(0).expand(draws, G, n)).view([draws, G] + spatial)
 
     if with_noise:
         noise = torch.randn_like(x) * (1.0 - mask)
@@ -155,6 +215,17 @@ class DropClusterNd(nn.Module):
         inplace: modify the input in place.
         scale_by_keep: rescale kept elements like timm's DropBlock.
         cluster_method: method of ``update_clusters``, one of ``CLUSTER_METHODS``.
+        cluster_count: ``'fixed'`` (``num_clusters`` or ``cluster_size`` sets the count of every map) or
+            ``'gap'`` (each map gets its own count, chosen by a gap statistic between the bounds below;
+            see ``cluster_count.gap_statistic_labels``).
+        min_cluster_size, max_cluster_size: mean cluster sizes (elements) bounding the ``'gap'`` count;
+            default a quarter and four times the fixed mode's mean size.
+        skip_unstructured: leave maps without spatial structure undropped (a Hopkins-type permutation
+            test at each clustering, ``cluster_count.structured_maps``); their count is stored as 0.
+        drop_mode: ``'uniform'`` (every cluster dropped with the rate) or ``'size'`` (DropBlock-style
+            size-dependent probabilities with the same expected dropped fraction, see
+            ``cluster_drop_probs``).
+        batch_shared: one drop mask for the whole batch instead of one per sample.
         gamma_scale: scales the rate, as in timm's ``DropBlock2d`` (whose expected dropped fraction is
             ``gamma_scale * drop_prob``; timm uses 0.25 in a ResNet's third stage): clusters are
             dropped with probability ``gamma_scale * drop_prob``. ``drop_prob`` stays the nominal
@@ -186,6 +257,12 @@ class DropClusterNd(nn.Module):
             inplace: bool = False,
             scale_by_keep: bool = True,
             cluster_method: str = 'rena',
+            cluster_count: str = 'fixed',
+            min_cluster_size: Optional[int] = None,
+            max_cluster_size: Optional[int] = None,
+            skip_unstructured: bool = False,
+            drop_mode: str = 'uniform',
+            batch_shared: bool = False,
             feat_size: Optional[Tuple[int, ...]] = None,
             num_channels: Optional[int] = None,
             gamma_scale: float = 1.0,
@@ -199,7 +276,16 @@ class DropClusterNd(nn.Module):
             raise ValueError(f'drop_prob must be in [0, 1), got {drop_prob}')
         if cluster_method not in CLUSTER_METHODS:
             raise ValueError(f'unknown cluster_method {cluster_method!r}, expected one of {CLUSTER_METHODS}')
-        for name, value in (('block_size', block_size), ('cluster_size', cluster_size), ('num_clusters', num_clusters)):
+        if cluster_count not in CLUSTER_COUNTS:
+            raise ValueError(f'unknown cluster_count {cluster_count!r}, expected one of {CLUSTER_COUNTS}')
+        if cluster_count == 'gap' and cluster_method == 'grid':
+            raise ValueError("cluster_count='gap' needs a data-driven cluster_method, not 'grid'")
+        if drop_mode not in DROP_MODES:
+            raise ValueError(f'unknown drop_mode {drop_mode!r}, expected one of {DROP_MODES}')
+        if min_cluster_size is not None and max_cluster_size is not None and min_cluster_size > max_cluster_size:
+            raise ValueError(f'min_cluster_size ({min_cluster_size}) exceeds max_cluster_size ({max_cluster_size})')
+        for name, value in (('block_size', block_size), ('cluster_size', cluster_size), ('num_clusters', num_clusters),
+                            ('min_cluster_size', min_cluster_size), ('max_cluster_size', max_cluster_size)):
             if value is not None and int(value) < 1:
                 raise ValueError(f'{name} must be >= 1, got {value}')
         if not 0.0 < gamma_scale <= 1.0:
@@ -217,11 +303,18 @@ class DropClusterNd(nn.Module):
         self.inplace = inplace
         self.scale_by_keep = scale_by_keep
         self.cluster_method = cluster_method
+        self.cluster_count = cluster_count
+        self.min_cluster_size = int(min_cluster_size) if min_cluster_size is not None else 0  # 0: default
+        self.max_cluster_size = int(max_cluster_size) if max_cluster_size is not None else 0
+        self.skip_unstructured = skip_unstructured
+        self.drop_mode = drop_mode
+        self.batch_shared = batch_shared
         self.num_channels = int(num_channels) if num_channels is not None else None
         empty_shape = [0] * (self.spatial_dims + 1)
         self.register_buffer('cluster_map', torch.zeros(empty_shape, dtype=LABEL_DTYPE, device=device))
         self.register_buffer('cluster_counts', torch.zeros(0, dtype=LABEL_DTYPE, device=device))
         self.max_clusters = 0  # host copy of cluster_counts.max(): sizes the random draw without a sync
+        self.has_undropped = False  # host copy of (cluster_counts == 0).any()
         if feat_size is not None:
             size = [int(s) for s in (feat_size if isinstance(feat_size, (tuple, list)) else [feat_size])]
             if len(size) != self.spatial_dims:
@@ -280,7 +373,22 @@ class DropClusterNd(nn.Module):
             with_noise=self.with_noise,
             inplace=self.inplace,
             scale_by_keep=self.scale_by_keep,
+            drop_mode=self.drop_mode,
+            batch_shared=self.batch_shared,
+            cluster_counts=self.cluster_counts if self.has_undropped else None,
         )
+
+    def count_bounds(self, spatial: List[int]) -> Tuple[int, int]:
+        """The range of cluster counts ``cluster_count='gap'`` chooses from, for inputs of this size."""
+        n = 1
+        for s in spatial:
+            n *= s
+        mean_size = n / self.target_clusters(spatial)
+        min_size = self.min_cluster_size or max(1.0, mean_size / 4)
+        max_size = self.max_cluster_size or mean_size * 4
+        k_max = max(1, min(n, int(n // min_size)))
+        k_min = max(1, min(k_max, int(math.ceil(n / max_size))))
+        return k_min, k_max
 
     @torch.no_grad()
     def update_clusters(self, x: Tensor, generator: Optional[torch.Generator] = None, **kwargs) -> Tensor:
@@ -295,15 +403,16 @@ class DropClusterNd(nn.Module):
         if self.num_channels is not None and x.shape[1] != self.num_channels:
             raise ValueError(f'DropCluster{self.spatial_dims}d expects {self.num_channels} input channels, '
                              f'got shape {tuple(x.shape)}')
-        labels = cluster_activations(
-            x,
-            self.target_clusters(list(x.shape[2:])),
-            method=self.cluster_method,
-            couple_channels=self.couple_channels,
-            generator=generator,
-            **kwargs,
-        )
-        self.set_cluster_map(labels)
+        spatial = list(x.shape[2:])
+        feats = activation_features(x, self.couple_channels)
+        if self.cluster_count == 'gap':
+            k_min, k_max = self.count_bounds(spatial)
+            labels, _ = gap_statistic_labels(feats, spatial, k_min, k_max, self.cluster_method, generator, **kwargs)
+        else:
+            labels = cluster_features(feats, spatial, self.target_clusters(spatial), self.cluster_method,
+                                      generator, **kwargs)
+        undropped = ~structured_maps(feats, spatial, generator=generator) if self.skip_unstructured else None
+        self.set_cluster_map(labels.view([-1] + spatial), undropped=undropped)
         if self.num_channels is None:
             # Learned from the input, so later loads and set_cluster_map calls are checked.
             self.num_channels = int(x.shape[1])
@@ -323,8 +432,12 @@ class DropClusterNd(nn.Module):
                 f'{self.num_channels} (one per channel of its {self.num_channels}-channel input)')
 
     @torch.no_grad()
-    def set_cluster_map(self, cluster_map: Tensor) -> None:
-        """Install label maps ``(M, *spatial)``, M = 1 or the channel count (1 if coupled)."""
+    def set_cluster_map(self, cluster_map: Tensor, undropped: Optional[Tensor] = None) -> None:
+        """Install label maps ``(M, *spatial)``, M = 1 or the channel count (1 if coupled).
+
+        ``undropped``: ``(M,)`` bool, maps to leave undropped; they are stored as one cluster with a
+        count of 0.
+        """
         if cluster_map.is_floating_point() or cluster_map.dim() != self.spatial_dims + 1:
             raise ValueError(f'cluster_map must hold integer labels of shape (M, *spatial) with '
                              f'{self.spatial_dims} spatial dims, got {cluster_map.dtype} {tuple(cluster_map.shape)}')
@@ -333,8 +446,17 @@ class DropClusterNd(nn.Module):
         error = self._map_count_error(tuple(cluster_map.shape))
         if error is not None:
             raise ValueError('cluster_map: ' + error)
+        if undropped is not None:
+            undropped = undropped.to(device=cluster_map.device, dtype=torch.bool)
+            if undropped.shape != cluster_map.shape[:1]:
+                raise ValueError(f'undropped must hold one flag per map ({cluster_map.shape[0]}), '
+                                 f'got shape {tuple(undropped.shape)}')
+            cluster_map = cluster_map.masked_fill(undropped.view([-1] + [1] * self.spatial_dims), 0)
         counts = cluster_map.flatten(1).amax(dim=1) + 1
-        max_clusters = int(counts.max())
+        if undropped is not None:
+            counts = counts.masked_fill(undropped, 0)
+        max_clusters = max(1, int(counts.max()))
+        has_undropped = bool((counts == 0).any())
         dtype = LABEL_DTYPE
         device = self.cluster_map.device
         if self.cluster_map.shape == cluster_map.shape and self.cluster_map.dtype == dtype \
@@ -348,6 +470,7 @@ class DropClusterNd(nn.Module):
             self.cluster_map = cluster_map.to(device=device, dtype=dtype, copy=True).contiguous()
             self.cluster_counts = counts.to(device=device, dtype=dtype)
         self.max_clusters = max_clusters
+        self.has_undropped = has_undropped
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         # Maps differ in shape between checkpoints (other resolutions, per-channel vs grid), so
@@ -378,15 +501,26 @@ class DropClusterNd(nn.Module):
                 self.cluster_map = torch.empty(incoming.shape, dtype=incoming.dtype, device=device)
             if self.cluster_counts.shape != counts.shape or self.cluster_counts.dtype != counts.dtype:
                 self.cluster_counts = torch.empty(counts.shape, dtype=counts.dtype, device=device)
-            self.max_clusters = int(counts.max()) if counts.numel() and not counts.is_meta else 0
+            known = counts.numel() > 0 and not counts.is_meta
+            self.max_clusters = max(1, int(counts.max())) if known else 0
+            self.has_undropped = bool((counts == 0).any()) if known else False
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     def extra_repr(self) -> str:
         k = f'num_clusters={self.num_clusters}' if self.num_clusters else f'cluster_size={self.cluster_size}'
         c = f'num_channels={self.num_channels}, ' if self.num_channels is not None else ''
         g = f', gamma_scale={self.gamma_scale}' if self.gamma_scale != 1.0 else ''
+        extra = ''
+        if self.cluster_count != 'fixed':
+            extra += f', cluster_count={self.cluster_count!r}'
+        if self.skip_unstructured:
+            extra += ', skip_unstructured=True'
+        if self.drop_mode != 'uniform':
+            extra += f', drop_mode={self.drop_mode!r}'
+        if self.batch_shared:
+            extra += ', batch_shared=True'
         return (f'{c}drop_prob={self.drop_prob}{g}, {k}, couple_channels={self.couple_channels}, '
-                f'cluster_method={self.cluster_method!r}, map={tuple(self.cluster_map.shape)}')
+                f'cluster_method={self.cluster_method!r}{extra}, map={tuple(self.cluster_map.shape)}')
 
 
 @register_notrace_module

@@ -150,13 +150,17 @@ def update_clusters(
                     device = torch.device('cuda', torch.cuda.current_device())
             elif device.type != 'cuda' or 'nccl' not in str(backend):
                 device = torch.device('cpu')
+            # The counts travel too: a map counted 0 is left undropped (skip_unstructured).
             if clusters_here:
                 labels = layer.cluster_map.to(device=device, dtype=LABEL_DTYPE)
+                counts = layer.cluster_counts.to(device=device, dtype=LABEL_DTYPE)
             else:
                 labels = torch.empty(shape, dtype=LABEL_DTYPE, device=device)
+                counts = torch.empty(shape[:1], dtype=LABEL_DTYPE, device=device)
             torch.distributed.broadcast(labels, src=src)
+            torch.distributed.broadcast(counts, src=src)
             if not clusters_here:
-                layer.set_cluster_map(labels)
+                layer.set_cluster_map(labels, undropped=counts == 0)
     return len(shapes)
 
 
@@ -173,7 +177,7 @@ def copy_cluster_state(src: nn.Module, dst: nn.Module) -> int:
     count = 0
     for (_, a), (_, b) in zip(src_layers, dst_layers):
         if a.cluster_map.numel() > 0:
-            b.set_cluster_map(a.cluster_map)
+            b.set_cluster_map(a.cluster_map, undropped=a.cluster_counts == 0)
             count += 1
     return count
 

@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from dropcluster_timm import cluster_state, update_clusters
+from dropcluster_timm import cluster_state, dropcluster_layers, update_clusters
 from dropcluster_timm.train import parse_train_args, train
 
 dump = sys.argv[1]
@@ -25,6 +25,7 @@ torch.save({
     'grad_accum': acc.gradient_accumulation_steps,
     'after_training': after_training,
     'after_update': cluster_state(run.model),
+    'counts': {name: layer.cluster_counts.clone() for name, layer in dropcluster_layers(acc.unwrap_model(run.model))},
     'ema': cluster_state(run.ema.module) if run.ema is not None else None,
     'step': run.state.global_step,
     'rate': run.schedule.rate,

@@ -134,3 +134,154 @@ def test_bad_arguments():
         cluster_activations(torch.randn(2, 2, 4, 4), 0)
     with pytest.raises(ValueError, match='shape'):
         cluster_activations(torch.randn(4, 4), 3)
+
+
+# ---- k-medoids and Gaussian mixture ----------------------------------------------------------------
+
+_CENTROID_METHODS = ['kmedoids', 'gmm']
+
+
+def _planted_blocks(C, B=12, noise=0.1, seed=0):
+    """Features of C maps on a 16 x 20 grid made of 8 constant 8 x 5 blocks plus noise; the block labels."""
+    g = torch.Generator().manual_seed(seed)
+    region = (torch.arange(16)[:, None] // 8) * 4 + torch.arange(20)[None, :] // 5
+    vals = torch.randn(B, C, 8, generator=g)
+    x = vals[:, :, region.view(-1)].view(B, C, 16, 20) + noise * torch.randn(B, C, 16, 20, generator=g)
+    return activation_features(x), region.view(1, -1).expand(C, -1)
+
+
+@pytest.mark.parametrize('method', _CENTROID_METHODS)
+def test_centroid_methods_listed(method):
+    import dropcluster_timm.clustering as clustering
+    assert method in CLUSTER_METHODS and CLUSTER_METHODS[:5] == ('rena', 'kmeans', 'grid', 'random', 'ward')
+    assert f'{method}_labels' in clustering.__all__
+
+
+@pytest.mark.parametrize('method', _CENTROID_METHODS)
+@pytest.mark.parametrize('spatial', [[37], [12, 15], [5, 6, 7]])
+@pytest.mark.parametrize('options', [{}, {'coord_weight': 0.5, 'iters': 2}])
+def test_centroid_methods_connected_compact_at_most_k(method, spatial, options):
+    x = torch.randn([6, 3] + spatial, generator=torch.Generator().manual_seed(0))
+    labels = cluster_activations(x, 9, method, generator=torch.Generator().manual_seed(1), **options)
+    assert labels.shape == tuple([3] + spatial)
+    _assert_valid(labels, spatial, 9)
+    assert ((labels.reshape(3, -1).amax(1) + 1) == 9).all(), 'random input splits into more than K pieces'
+
+
+@pytest.mark.parametrize('method', _CENTROID_METHODS)
+def test_centroid_methods_coupled_and_one_feature(method):
+    x = torch.randn(4, 5, 10, 10, generator=torch.Generator().manual_seed(0))
+    labels = cluster_activations(x, 6, method, couple_channels=True, generator=torch.Generator().manual_seed(0))
+    assert labels.shape == (1, 10, 10)
+    _assert_valid(labels, [10, 10], 6)
+    # D = 1: a batch of one sample, one feature per pixel.
+    labels = cluster_activations(x[:1], 6, method, generator=torch.Generator().manual_seed(0))
+    assert labels.shape == (5, 10, 10)
+    _assert_valid(labels, [10, 10], 6)
+
+
+@pytest.mark.parametrize('method', _CENTROID_METHODS)
+def test_centroid_methods_seeded(method):
+    x = torch.randn(8, 4, 12, 12, generator=torch.Generator().manual_seed(0))
+    a = cluster_activations(x, 10, method, generator=torch.Generator().manual_seed(3))
+    b = cluster_activations(x, 10, method, generator=torch.Generator().manual_seed(3))
+    c = cluster_activations(x, 10, method, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+@pytest.mark.parametrize('method', _CENTROID_METHODS)
+def test_centroid_methods_degenerate_inputs(method):
+    test_degenerate_inputs(method)
+    # Maps mixing constant and all-zero (dead ReLU) channels with live ones.
+    x = torch.randn(4, 3, 9, 9).relu()
+    x[:, 0] = 0.0
+    x[:, 1] = 2.5
+    feats = activation_features(x)
+    labels = cluster_features(feats, [9, 9], 7, method, generator=torch.Generator().manual_seed(0))
+    _assert_valid(labels, [9, 9], 7)
+    assert labels[:2].amax() == 0, 'constant maps are one cluster'
+
+
+def test_gmm_stays_finite_on_degenerate_features():
+    from dropcluster_timm.clustering import gmm_labels
+    # One feature, most pixels identical, a few outliers: components collapse onto single values.
+    feats = torch.zeros(3, 64, 1)
+    feats[0, ::9] = 1.0
+    feats[1] = 1e14
+    feats[2, :5] = torch.tensor([1e-20, -1e-20, 0.0, 3e-20, 1.0]).view(5, 1)
+    labels = gmm_labels(feats, [8, 8], 5, generator=torch.Generator().manual_seed(0))
+    _assert_valid(labels, [8, 8], 5)
+
+
+@pytest.mark.parametrize('method', _CENTROID_METHODS)
+def test_centroid_methods_recover_planted_blocks(method):
+    feats, planted = _planted_blocks(16)
+    best = within_cluster_variance(feats, planted)
+    rand = within_cluster_variance(
+        feats, cluster_features(feats, [16, 20], 8, 'random', generator=torch.Generator().manual_seed(0)))
+    for seed in range(3):
+        labels = cluster_features(feats, [16, 20], 8, method, generator=torch.Generator().manual_seed(seed))
+        _assert_valid(labels, [16, 20], 8)
+        ratio = within_cluster_variance(feats, labels) / best
+        # Most maps find the planted blocks exactly; the rest are local optima, still far below random.
+        assert (ratio < 1.01).float().mean() >= 0.75, f'seed {seed}: {ratio}'
+        assert within_cluster_variance(feats, labels).mean() < 0.1 * rand.mean()
+
+
+@pytest.mark.parametrize('method', _CENTROID_METHODS)
+def test_centroid_methods_quality_on_smooth_regions(method):
+    g = torch.Generator().manual_seed(0)
+    feats = activation_features(smooth_region_fields(32, 4, 28, 28, 16, g))
+    ours = within_cluster_variance(
+        feats, cluster_features(feats, [28, 28], 16, method, generator=torch.Generator().manual_seed(0))).mean()
+    rand = within_cluster_variance(
+        feats, cluster_features(feats, [28, 28], 16, 'random', generator=torch.Generator().manual_seed(0))).mean()
+    rena = within_cluster_variance(feats, cluster_features(feats, [28, 28], 16, 'rena')).mean()
+    assert ours < 0.1 * rand
+    assert ours < 2.0 * rena, f'{method} {ours:.4f} vs rena {rena:.4f}'
+
+
+def test_kmedoids_update_picks_exact_medoids():
+    from dropcluster_timm.clustering import _update_medoids
+    g = torch.Generator().manual_seed(0)
+    G, N, D, k = 3, 40, 2, 4
+    pts = torch.randn(G, N, D, generator=g)
+    assign = torch.randint(0, k, (G, N), generator=g)
+    assign[:, :k] = torch.arange(k)                       # no empty cluster
+    old = torch.stack([torch.randperm(N, generator=g)[:k] for _ in range(G)])
+
+    def cost(m):  # summed distance of each cluster's members to its medoid, (G, k)
+        d = (pts[:, :, None] - pts[torch.arange(G)[:, None], m][:, None]).norm(dim=-1)
+        return torch.stack([d[..., c].mul(assign == c).sum(1) for c in range(k)], 1)
+
+    exact = _update_medoids(pts, assign, old, candidates=N)
+    for gi in range(G):
+        for c in range(k):
+            members = (assign[gi] == c).nonzero().squeeze(1)
+            sums = torch.cdist(pts[gi, members], pts[gi, members]).sum(1)
+            assert exact[gi, c] in members
+            assert torch.isclose(sums.min(), cost(exact)[gi, c], rtol=1e-5)
+    # A small candidate subset is never worse than the exact search by much, and never worse than
+    # keeping a medoid that is a member of its cluster.
+    old_members = torch.stack([(assign[gi] == torch.arange(k)[:, None]).float().argmax(1) for gi in range(G)])
+    sub = _update_medoids(pts, assign, old_members, candidates=2)
+    assert (cost(sub) <= cost(old_members) + 1e-5).all()
+    assert (cost(sub) >= cost(exact) - 1e-5).all()
+
+
+@pytest.mark.parametrize('spatial', [[37], [12, 15], [5, 6, 7], [1, 9], [4, 1, 5]])
+@pytest.mark.parametrize('linkage', ['ward', 'centroid'])
+def test_rena_grid_round_matches_edge_list_round(spatial, linkage):
+    # rena's first round works on the grid's shifted differences; starting instead from one cluster
+    # per pixel goes through the edge-list rounds, and must give the same labels, ties included.
+    from dropcluster_timm.clustering import rena_labels
+    g = torch.Generator().manual_seed(0)
+    n = int(torch.tensor(spatial).prod())
+    for feats in [torch.randn(6, n, 5, generator=g), torch.randint(0, 3, (6, n, 2), generator=g).float()]:
+        for k in [1, 3, 8]:
+            labels = rena_labels(feats, spatial, k, linkage=linkage)
+            _assert_valid(labels, spatial, k)
+            assert ((labels.amax(1) + 1) == k).all()
+            per_pixel = torch.arange(n).expand(6, n)
+            assert torch.equal(labels, rena_labels(feats, spatial, k, init_labels=per_pixel, linkage=linkage))

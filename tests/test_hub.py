@@ -21,7 +21,8 @@ def assert_same_dropcluster(a, b):
         assert torch.equal(x.cluster_map, y.cluster_map), name
         assert torch.equal(x.cluster_counts, y.cluster_counts), name
         for attr in ('drop_prob', 'cluster_size', 'num_clusters', 'couple_channels', 'with_noise',
-                     'cluster_method', 'max_clusters'):
+                     'cluster_method', 'max_clusters', 'cluster_count', 'min_cluster_size', 'max_cluster_size',
+                     'skip_unstructured', 'drop_mode', 'batch_shared', 'has_undropped'):
             assert getattr(x, attr) == getattr(y, attr), (name, attr)
 
 
@@ -68,6 +69,31 @@ def test_hf_hub_round_trip_from_cache(trained, tmp_path, hf_cache):
     torch.testing.assert_close(loaded(x), trained(x))
     with pytest.raises(Exception):  # offline and not in the cache
         timm.create_model('hf-hub:someorg/missing', pretrained=True)
+
+
+def test_hub_round_trip_of_per_channel_counts_and_undropped_maps(tmp_path, hf_cache):
+    """Maps of different counts per channel and maps left undropped survive the Hub format."""
+    model = timm.create_model('resnet18_dropcluster', num_classes=3, img_size=64, drop_cluster_rate=0.2,
+                              dc_stem=True, dc_cluster_count='gap', dc_skip_unstructured=True,
+                              dc_drop_mode='size', dc_batch_shared=True)
+    torch.manual_seed(0)
+    images = torch.randn(8, 3, 64, 64)
+    images[:, :, 20:40] += 3.0  # a band: the stem's maps get structure, not every channel alike
+    update_clusters(model, images, generator=torch.Generator().manual_seed(0))
+    counts = torch.cat([layer.cluster_counts for _, layer in dropcluster_layers(model)])
+    assert counts.unique().numel() > 2, 'expected several counts per layer'
+    assert (counts == 0).any(), 'expected some maps left undropped'
+    out = save_pretrained(model, tmp_path / 'out')
+    hf_cache.add('someorg/r18-gap', {n: out / n for n in ('config.json', 'model.safetensors', 'README.md')})
+    loaded = timm.create_model('hf-hub:someorg/r18-gap', pretrained=True)
+    assert_same_dropcluster(model, loaded)
+    x = torch.randn(2, 3, 64, 64)
+    for m in (model, loaded):
+        m.train()
+    torch.manual_seed(1)
+    a = model(x)
+    torch.manual_seed(1)
+    torch.testing.assert_close(loaded(x), a)
 
 
 def test_save_refuses_mixed_rates_and_wrappers(trained, tmp_path):

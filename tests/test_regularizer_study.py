@@ -36,7 +36,9 @@ def test_matched_arms_drop_the_target_fraction_and_timm_dropblock_does_not(calib
         fractions = A.measure_dropped_fraction(model, x, draws=6)
         assert fractions, arm
         measured[arm] = fractions
-        if arm != 'dropblock_timm':
+        if arm == 'dc_hopkins_stages':  # maps without structure stay undropped: at most the rate
+            assert all(f <= rate * 1.25 for f in fractions.values()), (arm, fractions)
+        elif arm != 'dropblock_timm':
             for name, f in fractions.items():
                 assert f == pytest.approx(rate, abs=0.25 * rate), (arm, name, f)
     # timm's DropBlock (gamma_scale 0.25 in stage 3) drops clearly less than its nominal rate there
@@ -50,7 +52,7 @@ def test_matched_arms_drop_the_target_fraction_and_timm_dropblock_does_not(calib
 
 def test_arms_share_initial_weights_per_seed(calibration):
     params = {}
-    for arm in A.ARMS:
+    for arm in A.ALL_ARMS:
         torch.manual_seed(7)
         model = A.build_model(arm, CFG, calibration)
         params[arm] = {k: v for k, v in model.state_dict().items() if k.endswith(('weight', 'bias'))}
@@ -120,12 +122,24 @@ def test_jobs_resume_and_need_earlier_choices(tmp_path):
     with pytest.raises(RuntimeError, match='no regime chosen'):
         run.make_jobs('tune', plan, [])
     plan['chosen_regime'] = CFG['regimes'][0]
-    assert len(run.make_jobs('tune', plan, [])) == len(A.REGULARISED) * len(CFG['rates']) * len(CFG['tune_seeds'])
+    base = [a for a in A.ARMS if a in A.REGULARISED]
+    assert len(run.make_jobs('tune', plan, [])) == len(base) * len(CFG['rates']) * len(CFG['tune_seeds'])
     with pytest.raises(RuntimeError, match='no rate chosen'):
         run.make_jobs('final', plan, [])
-    plan['chosen_rates'] = {arm: 0.1 for arm in A.REGULARISED}
+    plan['chosen_rates'] = {arm: 0.1 for arm in base}
     final = run.make_jobs('final', plan, [])
     assert len(final) == len(A.ARMS) * len(CFG['final_seeds'])
+    # option arms join the tune and final phases of the folder that was given them
+    with_options = dict(plan, option_arms=['dc_gap_stages', 'dc_softreset_stages'])
+    tune = run.make_jobs('tune', with_options, [])
+    assert sorted({j['arm'] for j in tune} - set(base)) == ['dc_gap_stages', 'dc_softreset_stages']
+    with pytest.raises(RuntimeError, match='dc_gap_stages'):
+        run.make_jobs('final', with_options, [])
+    only = dict(with_options, options_only=True, forced_regime=CFG['regimes'][0])
+    assert run.make_jobs('regime', only, []) == []
+    assert {j['arm'] for j in run.make_jobs('tune', only, [])} == {'dc_stages', 'dc_gap_stages', 'dc_softreset_stages'}
+    with pytest.raises(RuntimeError, match='--regime'):
+        run.make_jobs('regime', dict(only, forced_regime=None), [])
     assert [j['seed'] for j in final[:len(A.ARMS)]] == [CFG['final_seeds'][0]] * len(A.ARMS)  # whole pairs first
     # results from several machines merge: runs*.jsonl, unique keys
     (tmp_path / 'runs.jsonl').write_text(json.dumps(dict(final[0], val_top1=1.0)) + '\n')
@@ -155,3 +169,17 @@ def test_quick_pipeline_on_cifar10(tmp_path):
     assert len([r for r in rows if r['phase'] == 'final']) == len(A.ARMS) * len(run.QUICK['final_seeds'])
     markdown, table = report.build_report(report.load_rows(results), plan)
     assert 'regime' in markdown.lower() and table['columns']
+
+
+def test_option_arms_run_their_option(tmp_path, calibration, monkeypatch):
+    """The BRB arm soft-resets before every re-clustering but the first; the ramp arm uses its shape."""
+    resets = []
+    monkeypatch.setattr(run, 'soft_reset', lambda model, opt, factor, seed: resets.append((factor, seed)))
+    cfg = dict(CFG, val_images=100, test_images=100, corruption_images=20, cluster_images=16, reclusters=2)
+    row = run.run_one(_job(tmp_path, calibration, arm='dc_softreset_stages', phase='tune', regime='n200_e3',
+                           config=cfg))
+    assert row['reclusters'] >= 2 and len(resets) == row['reclusters'] - 1 and resets[0][0] == 0.9
+    assert A.schedule_shape('dc_expramp_stages') == 'exponential' and A.schedule_shape('dc_stages') == 'linear'
+    model = A.build_model('dc_gmm_stages', CFG)
+    from dropcluster_timm import dropcluster_layers
+    assert {layer.cluster_method for _, layer in dropcluster_layers(model)} == {'gmm'}

@@ -289,3 +289,28 @@ def test_main_writes_report_card_and_plot(tmp_path, capsys):
     (results / 'runs_bad.jsonl').write_text('nope\n')
     assert report.main([str(results)]) != 0
     assert 'runs_bad.jsonl:1' in capsys.readouterr().err
+
+
+def test_option_arms_form_their_own_family_against_dc_stages():
+    seeds = list(range(16))
+    rows = _final_rows(seeds, {'dc_stages': 1.0})
+    base = {r['seed']: r['test_top1'] for r in rows if r['arm'] == 'dc_stages'}
+    rng = np.random.default_rng(5)
+    for arm, effect in (('dc_gap_stages', 2.0), ('dc_shared_stages', 0.0)):
+        noise = rng.normal(0, 0.3, len(seeds))
+        noise -= noise.mean()  # a planted null: the paired differences average exactly the effect
+        for s, e in zip(seeds, noise):
+            test = base[s] + effect + e
+            rows.append(dict(next(r for r in rows if r['arm'] == 'dc_stages' and r['seed'] == s),
+                             key=f'final/{REGIME}/{arm}/0.2/{s}', arm=arm, test_top1=test, val_top1=test + 1))
+    primary = report.comparisons(rows, REGIME)
+    assert not {c['a'] for c in primary} & {'dc_gap_stages', 'dc_shared_stages'}, 'options must not enter the main family'
+    options = report.option_comparisons(rows, REGIME)
+    assert {(c['a'], c['b'], c['kind']) for c in options} == {
+        ('dc_gap_stages', 'dc_stages', 'option'), ('dc_shared_stages', 'dc_stages', 'option')}
+    gap = next(c for c in options if c['a'] == 'dc_gap_stages' and c['metric'] == 'test_top1')
+    shared = next(c for c in options if c['a'] == 'dc_shared_stages' and c['metric'] == 'test_top1')
+    assert gap['mean'] == pytest.approx(2.0, abs=1e-9) and gap['p_holm'] < 0.05
+    assert shared['ci_low'] < 0 < shared['ci_high']
+    text, _ = report.build_report(rows, PLAN)
+    assert '## Reference options (secondary family)' in text and 'dc_gap_stages better by +2.' in text

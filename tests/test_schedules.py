@@ -47,3 +47,28 @@ def test_schedule_state_dict_round_trip():
     assert [b.step() for _ in range(5)] == [a.step() for _ in range(5)]
     with pytest.raises(KeyError):
         b.load_state_dict({'bogus': 1})
+
+
+def test_exponential_shape_multiplies_the_rate_each_warmup_epoch():
+    s = DropClusterSchedule(target=0.2, start_epoch=2, warmup_epochs=3, shape='exponential', gamma=0.5)
+    assert s.rate_at(1.9) == 0.0
+    assert [s.rate_at(e) for e in (2, 2.5, 3, 4, 4.99, 5, 9)] == [0.05, 0.05, 0.1, 0.2, 0.2, 0.2, 0.2]
+    assert s.peak_rate(4) == 0.1 and s.peak_rate(5) == 0.2
+
+
+def test_multistep_shape_rises_at_the_milestones():
+    s = DropClusterSchedule(target=0.3, start_epoch=1, warmup_epochs=0, shape='multistep', gamma=0.1,
+                            milestones=[6, 3])
+    assert s.milestones == [3.0, 6.0]
+    assert [round(s.rate_at(e), 6) for e in (0, 1, 2.9, 3, 5.9, 6, 10)] == [0.0, 0.003, 0.003, 0.03, 0.03, 0.3, 0.3]
+    state = s.state_dict()
+    other = DropClusterSchedule(shape='multistep', milestones=[1])
+    other.load_state_dict(state)
+    assert other.rate_at(4) == s.rate_at(4) and other.milestones == [3.0, 6.0]
+
+
+def test_multiplicative_shapes_check_their_arguments():
+    with pytest.raises(ValueError, match='milestones'):
+        DropClusterSchedule(shape='multistep')
+    with pytest.raises(ValueError, match='gamma'):
+        DropClusterSchedule(shape='exponential', gamma=0.0)

@@ -71,3 +71,30 @@ def test_recluster_runs_outside_accelerates_autocast():
     model(torch.randn(2, 3, 8, 8))  # the mixed-precision forward is back
     assert seen == [torch.bfloat16, torch.float32, torch.bfloat16]
     assert layer.cluster_map.shape[0] == 4  # re-clustered per channel
+
+
+def test_reference_options_reach_the_layers_and_the_schedule():
+    from dropcluster_timm import dropcluster_layers
+    from dropcluster_timm.train import build_model, parse_train_args
+    from dropcluster_timm.train.builders import make_schedule
+    cfg = parse_train_args(['--cluster-count', 'gap', '--min-cluster-size', '4', '--max-cluster-size', '64',
+                            '--skip-unstructured', '--cluster-drop-mode', 'size', '--batch-shared-mask',
+                            '--drop-cluster', '0.2', '--drop-cluster-shape', 'multistep',
+                            '--drop-cluster-milestones', '2', '4', '--drop-cluster-gamma', '0.25'])
+    cfg.check()
+    model = build_model(cfg.model, 4, (32, 32))
+    layers = [layer for _, layer in dropcluster_layers(model)]
+    assert layers
+    for layer in layers:
+        assert (layer.cluster_count, layer.min_cluster_size, layer.max_cluster_size) == ('gap', 4, 64)
+        assert layer.skip_unstructured and layer.drop_mode == 'size' and layer.batch_shared
+    assert model.pretrained_cfg['architecture'] == 'resnet18_dropcluster'
+    args = model._model_args if hasattr(model, '_model_args') else {}
+    assert args.get('dc_cluster_count') == 'gap' and args.get('dc_drop_mode') == 'size'
+    schedule = make_schedule(cfg.dropcluster, steps_per_epoch=10)
+    assert schedule.shape == 'multistep' and schedule.milestones == [2.0, 4.0]
+    assert [schedule.rate_at(e) for e in (3, 4)] == [0.2 * 0.25, 0.2]
+    default = build_model(parse_train_args([]).model, 4, (32, 32))
+    for _, layer in dropcluster_layers(default):
+        assert (layer.cluster_count, layer.drop_mode, layer.batch_shared, layer.skip_unstructured) == \
+            ('fixed', 'uniform', False, False)

@@ -54,6 +54,10 @@ def test_config_is_typed_and_the_namespace_is_read_once(tmp_path):
     (['--num-clusters', '0'], ['--num-clusters', '>= 1']),
     (['--drop-cluster-warmup', '-1'], ['--drop-cluster-warmup', '>= 0']),
     (['--lr', '0'], ['--lr', '> 0']),
+    (['--drop-cluster-shape', 'multistep'], ['--drop-cluster-milestones']),
+    (['--drop-cluster-gamma', '0'], ['--drop-cluster-gamma', 'in (0, 1]']),
+    (['--min-cluster-size', '40', '--max-cluster-size', '10'], ['--min-cluster-size 40', 'exceeds']),
+    (['--min-cluster-size', '0'], ['--min-cluster-size', '>= 1']),
     (['--model-ema', '--model-ema-decay', '1'], ['--model-ema-decay', 'in (0, 1)']),
 ])
 def test_check_names_the_flag_and_the_value(argv, words):

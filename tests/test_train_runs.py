@@ -79,7 +79,9 @@ def test_two_process_gloo_run_has_identical_cluster_maps(image_folder, tmp_path)
     dump = tmp_path / 'dump'
     dump.mkdir()
     env = dict(os.environ, ACCELERATE_USE_CPU='1', OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
-    args = [image_folder, '--output', str(tmp_path / 'out'), '--grad-accum-steps', '2', '--model-ema'] + TINY
+    # Per-map counts (gap statistic) must reach every rank too.
+    args = [image_folder, '--output', str(tmp_path / 'out'), '--grad-accum-steps', '2', '--model-ema',
+            '--cluster-count', 'gap'] + TINY
     args[args.index('--epochs') + 1] = '2'
     cmd = [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2',
            '--num_machines', '1', '--mixed_precision', 'no', '--dynamo_backend', 'no',
@@ -94,10 +96,13 @@ def test_two_process_gloo_run_has_identical_cluster_maps(image_folder, tmp_path)
         assert r0[key].keys() == r1[key].keys() and len(r0[key]) > 0
         for name in r0[key]:
             assert torch.equal(r0[key][name], r1[key][name]), (key, name)
+    assert r0['counts'].keys() == r1['counts'].keys()
+    for name in r0['counts']:
+        assert torch.equal(r0['counts'][name], r1['counts'][name]), name
     assert r0['after_training'].keys() == r0['ema'].keys()
     assert all(torch.equal(r0['after_training'][k], r0['ema'][k]) for k in r0['ema'])
     # re-clustered from data: per-channel maps, not the grid, and the extra update changed them
-    first = next(iter(r0['after_update']))
+    first = max(r0['after_update'], key=lambda name: r0['after_update'][name][0].numel())  # the stem's
     assert r0['after_update'][first].shape[0] > 1 and int(r0['after_training'][first].max()) > 0
     assert not torch.equal(r0['after_update'][first], r0['after_training'][first])
     assert r0['step'] == r1['step'] and r0['rate'] == r1['rate']

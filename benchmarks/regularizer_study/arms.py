@@ -11,6 +11,16 @@
     dc_grid_*           DropCluster with fixed grid clusters at the same placement: the control for "learned"
     dc_random_*         DropCluster with random connected clusters at the same placement
 
+Option arms (``run.py --option-arms``), each ``dc_stages`` with one of the reference options:
+
+    dc_gap_stages       per-map cluster counts from the gap statistic (``dc_cluster_count='gap'``)
+    dc_hopkins_stages   maps without spatial structure left undropped (``dc_skip_unstructured``)
+    dc_sizedrop_stages  size-dependent cluster rates (``dc_drop_mode='size'``)
+    dc_shared_stages    one mask for the whole batch (``dc_batch_shared``)
+    dc_kmedoids_stages, dc_gmm_stages   k-medoids / Gaussian-mixture re-clustering
+    dc_expramp_stages   the 'exponential' ramp shape instead of the linear one
+    dc_softreset_stages BRB: a soft reset (keep 90%) before every re-clustering after the first
+
 Block and cluster sizes are matched: DropBlock blocks of side 5 (stage 3), 3 (stage 4) and 7 (stem),
 DropCluster clusters of 25, 9 and 49 elements (the zoo's defaults for those slots).
 """
@@ -27,26 +37,52 @@ import dropcluster_timm  # noqa: F401  registers resnet18_dropcluster
 from dropcluster_timm import set_drop_prob
 from dropcluster_timm.drop_cluster import DropClusterNd
 
-__all__ = ['ARMS', 'REGULARISED', 'DC_ARMS', 'build_model', 'set_rate', 'regulariser_layers',
+__all__ = ['ARMS', 'OPTION_ARMS', 'ALL_ARMS', 'REGULARISED', 'DC_ARMS', 'schedule_shape', 'soft_reset_factor',
+           'build_model', 'set_rate', 'regulariser_layers',
            'calibrate_dropblock', 'measure_dropped_fraction']
 
 ARMS = ('none', 'cutout', 'dropblock_timm', 'dropblock_matched', 'dropblock_stem', 'dc_stages', 'dc_stem',
         'dc_grid_stages', 'dc_grid_stem', 'dc_random_stages', 'dc_random_stem')
-REGULARISED = tuple(a for a in ARMS if a not in ('none', 'cutout'))  # the arms with a tuned rate
-DC_ARMS = tuple(a for a in ARMS if a.startswith('dc_'))
+# name -> (model arguments, schedule shape, soft reset factor or None), on top of dc_stages
+OPTION_ARMS = {
+    'dc_gap_stages': (dict(dc_cluster_count='gap'), 'linear', None),
+    'dc_hopkins_stages': (dict(dc_skip_unstructured=True), 'linear', None),
+    'dc_sizedrop_stages': (dict(dc_drop_mode='size'), 'linear', None),
+    'dc_shared_stages': (dict(dc_batch_shared=True), 'linear', None),
+    'dc_kmedoids_stages': (dict(dc_cluster_method='kmedoids'), 'linear', None),
+    'dc_gmm_stages': (dict(dc_cluster_method='gmm'), 'linear', None),
+    'dc_expramp_stages': ({}, 'exponential', None),
+    'dc_softreset_stages': ({}, 'linear', 0.9),
+}
+ALL_ARMS = ARMS + tuple(OPTION_ARMS)
+REGULARISED = tuple(a for a in ALL_ARMS if a not in ('none', 'cutout'))  # the arms with a tuned rate
+DC_ARMS = tuple(a for a in ALL_ARMS if a.startswith('dc_'))
 _BLOCK = {'stem': 7, 3: 5, 4: 3}
 
 
 def _dc_settings(arm: str) -> Tuple[str, Dict]:
     method = 'grid' if '_grid_' in arm else 'random' if '_random_' in arm else 'rena'
     placement = dict(dc_stages=(), dc_stem=True) if arm.endswith('_stem') else dict(dc_stages=(3, 4), dc_stem=False)
+    if arm in OPTION_ARMS:
+        placement.update(OPTION_ARMS[arm][0])
+        method = placement.pop('dc_cluster_method', method)
     return method, placement
+
+
+def schedule_shape(arm: str) -> str:
+    """The drop-rate ramp shape of ``arm`` (``'linear'`` but for ``dc_expramp_stages``)."""
+    return OPTION_ARMS[arm][1] if arm in OPTION_ARMS else 'linear'
+
+
+def soft_reset_factor(arm: str) -> Optional[float]:
+    """The BRB soft-reset factor of ``arm``, or ``None`` for no soft reset."""
+    return OPTION_ARMS[arm][2] if arm in OPTION_ARMS else None
 
 
 def build_model(arm: str, cfg: Dict, calibration_cache: Optional[Dict] = None) -> nn.Module:
     """The arm's model, rate 0 (the schedule sets it); ``cfg``: layers, channels, img_size."""
-    if arm not in ARMS:
-        raise ValueError(f'unknown arm {arm!r}, expected one of {ARMS}')
+    if arm not in ALL_ARMS:
+        raise ValueError(f'unknown arm {arm!r}, expected one of {ALL_ARMS}')
     kwargs = dict(num_classes=10, layers=tuple(cfg['layers']), channels=tuple(cfg['channels']),
                   stem_width=cfg['channels'][0], output_stride=8)
     if arm.startswith('dc_'):

@@ -33,6 +33,18 @@ ARM_LABELS = {
     'dc_random_stages': 'DropCluster random clusters, stages 3-4',
     'dc_random_stem': 'DropCluster random clusters, stem',
 }
+# The reference options (run.py --option-arms): a secondary family, each against dc_stages.
+OPTION_LABELS = {
+    'dc_gap_stages': 'DropCluster, stages 3-4, per-map counts (gap statistic)',
+    'dc_hopkins_stages': 'DropCluster, stages 3-4, unstructured maps undropped (Hopkins test)',
+    'dc_sizedrop_stages': 'DropCluster, stages 3-4, size-dependent cluster rates',
+    'dc_shared_stages': 'DropCluster, stages 3-4, one mask per batch',
+    'dc_kmedoids_stages': 'DropCluster, stages 3-4, k-medoids clusters',
+    'dc_gmm_stages': 'DropCluster, stages 3-4, Gaussian-mixture (EM) clusters',
+    'dc_expramp_stages': 'DropCluster, stages 3-4, exponential ramp',
+    'dc_softreset_stages': 'DropCluster, stages 3-4, BRB soft resets (keep 90%) before re-clustering',
+}
+OPTION_BASE = 'dc_stages'
 UNREGULARISED = ('none', 'cutout')  # the arms without a tuned rate
 REFERENCE = 'dropblock_matched'  # fixed blocks, matched to DropCluster in placement, size and dropped fraction
 REQUIRED_SEEDS = 16  # phase B's planned minimum per arm
@@ -86,12 +98,12 @@ def load_plan(results_dir) -> Dict[str, Any]:
 
 
 def label(arm: str) -> str:
-    return ARM_LABELS.get(arm, arm)
+    return ARM_LABELS.get(arm) or OPTION_LABELS.get(arm, arm)
 
 
 def _ordered(arms: Iterable[str]) -> List[str]:
     """Known arms in the study's order, then unknown ones alphabetically."""
-    known = list(ARM_LABELS)
+    known = list(ARM_LABELS) + list(OPTION_LABELS)
     return sorted(set(arms), key=lambda a: (known.index(a), '') if a in known else (len(known), a))
 
 
@@ -192,6 +204,7 @@ def arm_summaries(final_rows: List[Row]) -> List[Dict[str, Any]]:
 def _comparison_pairs(arms: Sequence[str]) -> List[Tuple[str, str, str]]:
     """(a, b, kind): every regularised arm vs matched DropBlock, and each learned-cluster DropCluster
     arm vs the grid and random arms at its placement (``dc_X`` vs ``dc_grid_X``, ``dc_random_X``)."""
+    arms = [a for a in arms if a not in OPTION_LABELS]  # their own family: option_comparisons
     pairs = []
     if REFERENCE in arms:
         pairs += [(a, REFERENCE, 'reference') for a in arms if a not in UNREGULARISED + (REFERENCE,)]
@@ -211,9 +224,22 @@ def comparisons(rows: List[Row], regime: Optional[str] = None) -> List[Dict[str,
     if regime is None:
         regime = final_regime(rows)[0]
     final = _final_rows(rows, regime)
+    return _compare(final, _comparison_pairs(_ordered(r['arm'] for r in final)))
+
+
+def option_comparisons(rows: List[Row], regime: Optional[str] = None) -> List[Dict[str, Any]]:
+    """The secondary family: each option arm against ``dc_stages`` (kind 'option'), Holm within it."""
+    if regime is None:
+        regime = final_regime(rows)[0]
+    final = _final_rows(rows, regime)
     arms = _ordered(r['arm'] for r in final)
+    pairs = [(a, OPTION_BASE, 'option') for a in arms if a in OPTION_LABELS] if OPTION_BASE in arms else []
+    return _compare(final, pairs)
+
+
+def _compare(final: List[Row], pairs: List[Tuple[str, str, str]]) -> List[Dict[str, Any]]:
     out = []
-    for a, b, kind in _comparison_pairs(arms):
+    for a, b, kind in pairs:
         for metric in METRICS:
             va, vb = _by_seed(_select(final, arm=a), metric), _by_seed(_select(final, arm=b), metric)
             if not va or not vb:
@@ -336,6 +362,24 @@ def _final_section(summaries: List[Dict], family: List[Dict], control: Optional[
     table = [[c['a'], c['b'], METRICS[c['metric']], c['n'], _signed(c['mean']), _ci(c), _p(c['p']),
               _p(c['p_holm']), _p(c['tost_p']), 'yes' if c['equivalent'] else 'no'] for c in family]
     lines += _table(['a', 'b', 'metric', 'pairs', 'a - b', '95% CI', 'p', 'Holm p', 'TOST p', 'equivalent'], table)
+    return lines + ['']
+
+
+def _option_section(options: List[Dict]) -> List[str]:
+    """The reference options against plain learned clusters (a family of its own)."""
+    if not options:
+        return []
+    lines = ['## Reference options (secondary family)', '',
+             f'Each option arm against {OPTION_BASE} (same placement, rate tuned the same way), paired by seed; '
+             f'Holm p adjusted over these {sum(not _is_nan(c["p"]) for c in options)} tested comparisons only.', '']
+    table = [[c['a'], METRICS[c['metric']], c['n'], _signed(c['mean']), _ci(c), _p(c['p']), _p(c['p_holm']),
+              'yes' if c['equivalent'] else 'no'] for c in options]
+    lines += _table(['option arm', 'metric', 'pairs', f'a - {OPTION_BASE}', '95% CI', 'p', 'Holm p',
+                     f'equivalent (+-{MARGIN})'], table)
+    sig = [c for c in options if _significant(c)]
+    lines += ['', ('Differences established after Holm: ' + '; '.join(
+        f'{c["a"]} {"better" if c["mean"] > 0 else "worse"} by {_signed(c["mean"])} points in {METRICS[c["metric"]]}'
+        for c in sig) + '.') if sig else 'No option differs from plain learned clusters after Holm correction.']
     return lines + ['']
 
 
@@ -544,7 +588,8 @@ def build_report(rows: List[Row], plan: Optional[Dict] = None) -> Tuple[str, Dic
              'order, augmentation and initial weights in every arm).', '',
              '## What is and is not established', ''] + _established_markdown(found) + ['']
     lines += _plan_section(plan) + _regime_section(rows, plan) + _tune_section(rows, plan)
-    lines += _final_section(summaries, family, control, regime, notes) + _runs_section(rows)
+    options = option_comparisons(rows, regime) if final else []
+    lines += _final_section(summaries, family, control, regime, notes) + _option_section(options) + _runs_section(rows)
     return '\n'.join(lines), _card_table(summaries, plan, regime, final, found)
 
 

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from timm.data import resolve_data_config
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
-from dropcluster_timm import DropClusterSchedule, update_clusters
+from dropcluster_timm import DropClusterSchedule, soft_reset, update_clusters
 from dropcluster_timm.corruptions import corruption_accuracy
 
 from . import arms as A
@@ -91,9 +91,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--budget-minutes', type=float, default=9.0, help='start no run that would end past this')
     p.add_argument('--regime', default=None, help='override the chosen regime, e.g. n1000_e200')
     p.add_argument('--max-runs', type=int, default=None, help='stop after this many runs (tests)')
+    p.add_argument('--option-arms', nargs='+', default=[], metavar='ARM', choices=list(A.OPTION_ARMS) + ['all'],
+                   help='add option arms (the reference options, see arms.py) to the tune and final phases; '
+                        'recorded in plan.json, so later commands keep them')
+    p.add_argument('--options-only', action='store_true',
+                   help='a secondary study in its own --results folder: only dc_stages and the option arms '
+                        '(pair it with --regime, since the positive control is not run)')
     args = p.parse_args(argv)
     if args.quick and args.pilot:
         p.error('--quick and --pilot exclude each other')
+    if 'all' in args.option_arms:
+        args.option_arms = list(A.OPTION_ARMS)
     args.config = dict(QUICK if args.quick else PILOT if args.pilot else STUDY)
     suffix = '_quick' if args.quick else '_pilot' if args.pilot else ''
     if args.reference_schedule:
@@ -160,6 +168,12 @@ def save_plan(results: Path, plan: Dict[str, Any]) -> None:
     os.replace(tmp, results / 'plan.json')
 
 
+def plan_arms(plan: Dict[str, Any]) -> List[str]:
+    """The arms of a results folder: the study's (only dc_stages with --options-only), then the option arms."""
+    base = ['dc_stages'] if plan.get('options_only') else list(A.ARMS)
+    return base + [a for a in plan.get('option_arms', []) if a not in base]
+
+
 def calibration_cache(plan: Dict[str, Any]) -> Dict:
     import numpy as np
     out = {}
@@ -178,7 +192,9 @@ def make_jobs(phase: str, plan: Dict[str, Any], rows: List[Dict[str, Any]]) -> L
     cfg, done = plan['config'], {r['key'] for r in rows}
     jobs = []
     if phase == 'regime':
-        for regime in cfg['regimes']:
+        if plan.get('options_only') and not plan.get('forced_regime'):
+            raise RuntimeError('an --options-only folder runs no regime phase: give --regime')
+        for regime in ([] if plan.get('options_only') else cfg['regimes']):
             for arm in ('none', 'cutout'):
                 for seed in cfg['regime_seeds']:
                     jobs.append(dict(phase=phase, regime=regime, arm=arm, rate=None, seed=seed))
@@ -186,17 +202,19 @@ def make_jobs(phase: str, plan: Dict[str, Any], rows: List[Dict[str, Any]]) -> L
         regime = plan['chosen_regime']
         if regime is None:
             raise RuntimeError('no regime chosen yet: run --phase regime first (or give --regime)')
+        arms = plan_arms(plan)
+        regularised = [a for a in arms if a in A.REGULARISED]
         if phase == 'tune':
-            for arm in A.REGULARISED:
+            for arm in regularised:
                 for rate in cfg['rates']:
                     for seed in cfg['tune_seeds']:
                         jobs.append(dict(phase=phase, regime=regime, arm=arm, rate=rate, seed=seed))
         else:
-            missing = [a for a in A.REGULARISED if a not in plan['chosen_rates']]
+            missing = [a for a in regularised if a not in plan['chosen_rates']]
             if missing:
                 raise RuntimeError(f'no rate chosen yet for {missing}: finish --phase tune first')
             for seed in cfg['final_seeds']:  # seed-major: an interrupted phase has whole pairs
-                for arm in A.ARMS:
+                for arm in arms:
                     jobs.append(dict(phase=phase, regime=regime, arm=arm, rate=plan['chosen_rates'].get(arm), seed=seed))
     for job in jobs:
         rate = '-' if job['rate'] is None else f"{job['rate']:g}"
@@ -211,7 +229,7 @@ def update_choices(plan: Dict[str, Any], rows: List[Dict[str, Any]], forced_regi
     plan['chosen_regime'] = forced_regime or plan['chosen_regime'] or choose_regime(
         rows, cfg['regimes'], cfg['regime_seeds'])
     if plan['chosen_regime']:
-        for arm in A.REGULARISED:
+        for arm in [a for a in plan_arms(plan) if a in A.REGULARISED]:
             rate = choose_rate(rows, arm, plan['chosen_regime'], cfg['rates'], cfg['tune_seeds'])
             if rate is not None:
                 plan['chosen_rates'][arm] = rate
@@ -281,7 +299,8 @@ def run_one(job: Dict[str, Any]) -> Dict[str, Any]:
     start = cfg['drop_start'] * epochs
     schedule = DropClusterSchedule(target=rate, start_epoch=start, warmup_epochs=cfg['drop_warmup'] * epochs,
                                    update_freq=max(1, round((epochs - math.ceil(start)) / cfg['reclusters'])),
-                                   steps_per_epoch=steps)
+                                   steps_per_epoch=steps, shape=A.schedule_shape(arm))
+    reset_factor = A.soft_reset_factor(arm)
     g_cpu = torch.Generator().manual_seed(seed)  # data order and the re-clustering images
     g_dev = torch.Generator(device=device).manual_seed(seed)  # augmentation and cluster draws
     reclusters, t0 = 0, time.perf_counter()
@@ -289,6 +308,8 @@ def run_one(job: Dict[str, Any]) -> Dict[str, Any]:
         warnings.simplefilter('always')
         for epoch in range(epochs):
             if arm in A.DC_ARMS and schedule.is_update_epoch(epoch):
+                if reset_factor is not None and reclusters > 0:  # BRB: reset, then re-cluster
+                    soft_reset(model, optimizer, reset_factor, seed=seed * 1000 + epoch)
                 pick = torch.randperm(size, generator=g_cpu)[:cfg['cluster_images']].to(device)
                 update_clusters(model, preprocess(train_x[pick].float() / 255.0), generator=g_dev)
                 reclusters += 1
@@ -380,6 +401,9 @@ def main(argv=None) -> int:
     args.results.mkdir(parents=True, exist_ok=True)
     load_cifar10(args.data, args.cache_dir)  # decode once, before the workers start
     plan = load_plan(args.results, args.config)
+    if args.options_only:
+        plan['options_only'] = True
+    plan['option_arms'] = plan.get('option_arms', []) + [a for a in args.option_arms if a not in plan.get('option_arms', [])]
     rows = read_rows(args.results)
     update_choices(plan, rows, args.regime)
     save_plan(args.results, plan)

@@ -40,7 +40,9 @@ _SLOT_RATE = 0.1
 # is the former name of ``drop_cluster_rate``, accepted for configs already saved.
 DROPCLUSTER_ARGS = dict(
     drop_cluster_rate=0.0, dc_block_size=None, dc_cluster_size=None, dc_num_clusters=None,
-    dc_couple_channels=False, dc_with_noise=False, dc_cluster_method='rena',
+    dc_couple_channels=False, dc_with_noise=False, dc_cluster_method='rena', dc_cluster_count='fixed',
+    dc_min_cluster_size=None, dc_max_cluster_size=None, dc_skip_unstructured=False, dc_drop_mode='uniform',
+    dc_batch_shared=False,
 )
 
 
@@ -85,9 +87,12 @@ def _rate(kwargs: Dict[str, Any]) -> float:
 def _layer_args(dc: Dict[str, Any]) -> Dict[str, Any]:
     """``DropCluster2d`` arguments from the ``dc_*`` model arguments (``None``: the slot's own)."""
     args = dict(drop_prob=dc['drop_cluster_rate'], gamma_scale=1.0, couple_channels=bool(dc['dc_couple_channels']),
-                with_noise=bool(dc['dc_with_noise']), cluster_method=dc['dc_cluster_method'])
+                with_noise=bool(dc['dc_with_noise']), cluster_method=dc['dc_cluster_method'],
+                cluster_count=dc['dc_cluster_count'], skip_unstructured=bool(dc['dc_skip_unstructured']),
+                drop_mode=dc['dc_drop_mode'], batch_shared=bool(dc['dc_batch_shared']))
     for key, name in (('dc_block_size', 'block_size'), ('dc_cluster_size', 'cluster_size'),
-                      ('dc_num_clusters', 'num_clusters')):
+                      ('dc_num_clusters', 'num_clusters'), ('dc_min_cluster_size', 'min_cluster_size'),
+                      ('dc_max_cluster_size', 'max_cluster_size')):
         if dc[key] is not None:
             args[name] = int(dc[key])
     return args

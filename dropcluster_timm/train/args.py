@@ -12,7 +12,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import yaml
 from timm.utils import ParseKwargs
 
+from ..cluster_count import CLUSTER_COUNTS
 from ..clustering import CLUSTER_METHODS
+from ..drop_cluster import DROP_MODES
 from ..data import EMBEDDED_DATASET
 from ..errors import TrainingError
 from ..schedules import SCHEDULE_SHAPES
@@ -123,6 +125,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument('--drop-cluster-warmup', type=float, default=None, metavar='EPOCHS',
                    help='epochs of the ramp to the target rate (default: 10%% of --epochs; 25%% on the digits)')
     g.add_argument('--drop-cluster-shape', default='linear', choices=SCHEDULE_SHAPES)
+    g.add_argument('--drop-cluster-gamma', type=float, default=0.5,
+                   help="factor of the 'exponential' and 'multistep' shapes: target * gamma ** steps to come")
+    g.add_argument('--drop-cluster-milestones', type=float, nargs='+', default=[], metavar='EPOCH',
+                   help="epochs where the 'multistep' shape rises")
     g.add_argument('--drop-cluster-update-freq', type=int, default=None, metavar='EPOCHS',
                    help='re-cluster every N epochs from the start epoch on (0: never; default: 10%% of '
                    '--epochs, at least 1; 25%% on the digits)')
@@ -131,6 +137,16 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument('--cluster-method', default=None, choices=CLUSTER_METHODS)
     g.add_argument('--cluster-size', type=int, default=None, help='target mean cluster size (elements)')
     g.add_argument('--num-clusters', type=int, default=None, help='clusters per map')
+    g.add_argument('--cluster-count', default=None, choices=CLUSTER_COUNTS,
+                   help="'gap': each map's count chosen by a gap statistic (default 'fixed')")
+    g.add_argument('--min-cluster-size', type=int, default=None, help="bound of --cluster-count gap (elements)")
+    g.add_argument('--max-cluster-size', type=int, default=None, help="bound of --cluster-count gap (elements)")
+    g.add_argument('--skip-unstructured', action='store_true', default=None,
+                   help='leave maps without spatial structure (Hopkins-type test) undropped')
+    g.add_argument('--cluster-drop-mode', default=None, choices=DROP_MODES,
+                   help="'size': DropBlock-style size-dependent cluster rates, same expected fraction")
+    g.add_argument('--batch-shared-mask', action='store_true', default=None,
+                   help='one drop mask for the whole batch')
     g.add_argument('--soft-reset-interval', type=int, default=0, metavar='EPOCHS',
                    help='BRB: every N epochs pull the weights toward a fresh init, then re-cluster (0: never)')
     g.add_argument('--soft-reset-factor', type=float, default=0.9, metavar='ALPHA', help='share of the weights kept')
@@ -286,6 +302,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             drop_path_rate=a.drop_path if a.drop_path is not None else a.drop_connect,
             drop_block_rate=a.drop_block, bn_momentum=a.bn_momentum, bn_eps=a.bn_eps, global_pool=a.gp,
             cluster_method=a.cluster_method, cluster_size=a.cluster_size, num_clusters=a.num_clusters,
+            cluster_count=a.cluster_count, min_cluster_size=a.min_cluster_size, max_cluster_size=a.max_cluster_size,
+            skip_unstructured=a.skip_unstructured, cluster_drop_mode=a.cluster_drop_mode,
+            batch_shared_mask=a.batch_shared_mask,
             kwargs=dict(a.model_kwargs or {}), head_init_scale=a.head_init_scale, head_init_bias=a.head_init_bias,
             grad_checkpointing=a.grad_checkpointing, channels_last=a.channels_last, fast_norm=a.fast_norm,
             sync_bn=a.sync_bn, torchcompile=a.torchcompile, torchcompile_mode=a.torchcompile_mode),
@@ -293,7 +312,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             rate=a.drop_cluster,
             start_epoch=a.drop_cluster_start if a.drop_cluster_start is not None else round(start * a.epochs, 4),
             warmup_epochs=a.drop_cluster_warmup if a.drop_cluster_warmup is not None else round(warmup * a.epochs, 4),
-            shape=a.drop_cluster_shape,
+            shape=a.drop_cluster_shape, gamma=a.drop_cluster_gamma, milestones=list(a.drop_cluster_milestones),
             update_freq=(a.drop_cluster_update_freq if a.drop_cluster_update_freq is not None
                          else max(1, round(update * a.epochs))),
             update_batches=a.drop_cluster_update_batches, soft_reset_interval=a.soft_reset_interval,

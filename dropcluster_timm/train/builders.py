@@ -49,9 +49,13 @@ def build_model(cfg: ModelConfig, num_classes: Optional[int], img_size: Optional
         kwargs['pretrained_cfg_overlay'] = dict(file=cfg.pretrained_path, num_classes=-1)  # as timm's train.py
     if 'dropcluster' in cfg.name and not is_file_model:
         kwargs.update(drop_cluster_rate=0.0, img_size=img_size)
-    if 'dropcluster' in cfg.name or cfg.cluster_method or cfg.cluster_size or cfg.num_clusters:
-        kwargs.update(dc_cluster_method=cfg.cluster_method, dc_cluster_size=cfg.cluster_size,
-                      dc_num_clusters=cfg.num_clusters)
+    layer_args = dict(dc_cluster_method=cfg.cluster_method, dc_cluster_size=cfg.cluster_size,
+                      dc_num_clusters=cfg.num_clusters, dc_cluster_count=cfg.cluster_count,
+                      dc_min_cluster_size=cfg.min_cluster_size, dc_max_cluster_size=cfg.max_cluster_size,
+                      dc_skip_unstructured=cfg.skip_unstructured, dc_drop_mode=cfg.cluster_drop_mode,
+                      dc_batch_shared=cfg.batch_shared_mask)
+    if 'dropcluster' in cfg.name or any(v is not None for v in layer_args.values()):
+        kwargs.update(layer_args)
     kwargs.update(cfg.kwargs)
     if cfg.initial_checkpoint:
         kwargs['checkpoint_path'] = cfg.initial_checkpoint
@@ -120,6 +124,8 @@ def make_schedule(cfg: DropClusterConfig, steps_per_epoch: int, target: Optional
         warmup_epochs=cfg.warmup_epochs,
         shape=cfg.shape,
         update_freq=cfg.update_freq,
+        gamma=cfg.gamma,
+        milestones=cfg.milestones,
         steps_per_epoch=steps_per_epoch,
     )
 

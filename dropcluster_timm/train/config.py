@@ -102,6 +102,12 @@ class ModelConfig:
     cluster_method: Optional[str] = None  # DropCluster model arguments (None: the model's default)
     cluster_size: Optional[int] = None
     num_clusters: Optional[int] = None
+    cluster_count: Optional[str] = None  # 'fixed' or 'gap'
+    min_cluster_size: Optional[int] = None
+    max_cluster_size: Optional[int] = None
+    skip_unstructured: Optional[bool] = None
+    cluster_drop_mode: Optional[str] = None  # 'uniform' or 'size'
+    batch_shared_mask: Optional[bool] = None
     kwargs: Dict[str, Any] = field(default_factory=dict)
     head_init_scale: Optional[float] = None
     head_init_bias: Optional[float] = None
@@ -121,6 +127,8 @@ class DropClusterConfig:
     start_epoch: float = 0.0
     warmup_epochs: float = 0.0
     shape: str = 'linear'
+    gamma: float = 0.5  # factor of the 'exponential' and 'multistep' shapes
+    milestones: List[float] = field(default_factory=list)  # epochs where 'multistep' rises
     update_freq: int = 1
     update_batches: int = 2  # batches of training images the clusters are computed from
     soft_reset_interval: int = 0  # BRB soft reset every N epochs (0: never), re-clustering right after
@@ -259,7 +267,8 @@ class TrainConfig:
                             ('--validation-batch-size', o.validation_batch_size),
                             ('--grad-accum-steps', o.grad_accum_steps),
                             ('--drop-cluster-update-batches', dc.update_batches), ('--cluster-size', m.cluster_size),
-                            ('--num-clusters', m.num_clusters), ('--img-size', d.img_size),
+                            ('--num-clusters', m.num_clusters), ('--min-cluster-size', m.min_cluster_size),
+                            ('--max-cluster-size', m.max_cluster_size), ('--img-size', d.img_size),
                             ('--log-interval', out.log_interval), ('--val-interval', out.val_interval),
                             ('--train-batches-per-epoch', out.train_batches_per_epoch)):
             if value is not None and value < 1:
@@ -272,6 +281,13 @@ class TrainConfig:
                             ('--start-epoch', o.start_epoch), ('--soft-reset-interval', dc.soft_reset_interval)):
             if value is not None and value < 0:
                 fail(flag, value, '>= 0')
+        if not 0.0 < dc.gamma <= 1.0:
+            fail('--drop-cluster-gamma', dc.gamma, 'in (0, 1]')
+        if dc.shape == 'multistep' and not dc.milestones:
+            raise TrainingError('--drop-cluster-shape multistep needs --drop-cluster-milestones')
+        if m.min_cluster_size and m.max_cluster_size and m.min_cluster_size > m.max_cluster_size:
+            raise TrainingError(f'--min-cluster-size {m.min_cluster_size} exceeds --max-cluster-size '
+                                f'{m.max_cluster_size}')
         if not 0.0 <= dc.soft_reset_factor < 1.0:
             fail('--soft-reset-factor', dc.soft_reset_factor, 'in [0, 1)')
         if o.lr is not None and not o.lr > 0:
