@@ -4,9 +4,11 @@
 layers as FX leaf modules. The Hub functions (``save_pretrained``, ``push``) load on first use;
 training lives in ``dropcluster_timm.train``, evaluation in ``dropcluster_timm.evaluate``.
 """
+from .cluster_count import CLUSTER_COUNTS, gap_statistic_labels, structured_maps
 from .clustering import CLUSTER_METHODS, cluster_activations, within_cluster_variance
 from .convert import convert_drop_blocks
-from .drop_cluster import DropCluster1d, DropCluster2d, DropCluster3d, drop_cluster, resample_cluster_map
+from .drop_cluster import (
+    DROP_MODES, DropCluster1d, DropCluster2d, DropCluster3d, cluster_drop_probs, drop_cluster, resample_cluster_map)
 from .model_helpers import (
     cluster_state, copy_cluster_state, ddp_ignore_cluster_buffers, dropcluster_layers, init_cluster_maps,
     set_drop_prob, update_clusters)
@@ -18,6 +20,7 @@ __version__ = '0.1.0'
 
 __all__ = [
     'CLUSTER_METHODS', 'cluster_activations', 'within_cluster_variance',
+    'CLUSTER_COUNTS', 'gap_statistic_labels', 'structured_maps', 'DROP_MODES', 'cluster_drop_probs',
     'DropCluster1d', 'DropCluster2d', 'DropCluster3d', 'drop_cluster', 'resample_cluster_map',
     'dropcluster_layers', 'set_drop_prob', 'init_cluster_maps', 'update_clusters', 'copy_cluster_state',
     'cluster_state', 'ddp_ignore_cluster_buffers',

@@ -74,7 +74,6 @@ def gap_statistic_labels(
     k_max = min(k_max, N)
     k_min = min(k_min, k_max)
     ks = candidate_counts(k_min, k_max, num_candidates) if k_max > k_min else [k_max]
-    device = feats.device
     if len(ks) == 1:
         labels = cluster_features(feats, spatial, ks[0], method, generator, **kwargs)
         return labels, labels.amax(dim=1) + 1

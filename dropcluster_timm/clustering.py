@@ -638,16 +638,17 @@ def _kmeanspp_seeds(pts: Tensor, k: int, generator: Optional[torch.Generator]) -
     rows = torch.arange(G, device=device)
     first = torch.randint(N, (G,), generator=_gen_for(generator, device), device=device)
     picks = [first]
-    centres = pts[rows, first][:, None]
-    mind = (pts - centres).square().sum(-1)
+    # |x - c|^2 = |x|^2 - 2 x.c + |c|^2: a (G, N) matrix-vector product a step instead of a (G, N, D)
+    # difference, which made the seeding most of the k-means time.
+    sq = pts.square().sum(-1)
+    mind = (sq - 2 * torch.bmm(pts, pts[rows, first][:, :, None]).squeeze(2) + sq[rows, first][:, None]).clamp_min(0)
     for _ in range(1, k):
-        w = mind.clamp_min(0) + 1e-12
-        pick = torch.multinomial(w, 1, generator=_gen_for(generator, device)).squeeze(1)
+        pick = torch.multinomial(mind + 1e-12, 1, generator=_gen_for(generator, device)).squeeze(1)
         picks.append(pick)
-        c = pts[rows, pick][:, None]
-        centres = torch.cat([centres, c], dim=1)
-        mind = torch.minimum(mind, (pts - c).square().sum(-1))
-    return torch.stack(picks, dim=1), centres
+        d = sq - 2 * torch.bmm(pts, pts[rows, pick][:, :, None]).squeeze(2) + sq[rows, pick][:, None]
+        mind = torch.minimum(mind, d.clamp_min(0))
+    picks = torch.stack(picks, dim=1)
+    return picks, pts.gather(1, picks[:, :, None].expand(G, k, pts.shape[2]))
 
 
 def _merge_pieces(feats: Tensor, spatial: Sequence[int], num_clusters: int, assign: Tensor) -> Tensor:

@@ -364,6 +364,9 @@ def build_model_card(
             'Placement': _placement(model_name, model_args),
             'Cluster maps': 'saved in the checkpoint (`cluster_map`, `cluster_counts` buffers of every layer)',
         }
+        options = _clustering_options(model_args)
+        if options:
+            dc['Clustering'] = options
         if metrics and metrics.get('peak_drop_rate') is not None:
             dc['Peak rate in training'] = f'{metrics["peak_drop_rate"]:g}'
         if metrics and metrics.get('reclusterings') is not None:
@@ -435,6 +438,24 @@ def render_model_card(model_name: str, **kwargs) -> str:
         body = body.replace('\n## Model Usage\n', section + '\n## Model Usage\n', 1)
     header = card['card_data'].to_yaml(original_order=_HEADER_ORDER)
     return f'---\n{header}\n---\n{CARD_MARKER}\n{body}'
+
+
+def _clustering_options(model_args: Dict[str, Any]) -> str:
+    """The clustering method and reference options of a model that differ from the defaults ('' if none)."""
+    parts = []
+    if model_args.get('dc_cluster_method', 'rena') != 'rena':
+        parts.append(f"method {model_args['dc_cluster_method']}")
+    if model_args.get('dc_cluster_count', 'fixed') == 'gap':
+        parts.append('a count per map by gap statistic')
+    if model_args.get('dc_skip_unstructured'):
+        parts.append('maps without spatial structure left undropped')
+    if model_args.get('dc_drop_mode', 'uniform') == 'size':
+        parts.append('size-dependent cluster rates')
+    if model_args.get('dc_batch_shared'):
+        parts.append('one mask per batch')
+    if model_args.get('dc_couple_channels'):
+        parts.append('one map for all channels')
+    return '; '.join(parts)
 
 
 def _placement(model_name: str, model_args: Dict[str, Any]) -> str:

@@ -145,3 +145,14 @@ def test_results_tables_are_checked_where_they_enter(tmp_path):
     with pytest.raises(ValueError, match='resnet18_dropclustr'):
         write_model_cards(tmp_path, tables={'resnet18_dropclustr': []})
     assert not list(tmp_path.iterdir())  # refused before any card is written
+
+
+def test_card_names_the_clustering_options_that_differ_from_the_defaults():
+    plain = render_model_card('resnet18_dropcluster', model_args={'dc_cluster_method': 'rena'})
+    assert 'Clustering:' not in plain
+    text = render_model_card('resnet18_dropcluster', model_args={
+        'dc_cluster_method': 'kmedoids', 'dc_cluster_count': 'gap', 'dc_skip_unstructured': True,
+        'dc_drop_mode': 'size', 'dc_batch_shared': True})
+    line = next(line for line in text.splitlines() if 'Clustering:' in line)
+    for part in ('method kmedoids', 'gap statistic', 'undropped', 'size-dependent', 'one mask per batch'):
+        assert part in line, line
