@@ -32,6 +32,14 @@ CLUSTER_SHAPES = [(64, 256, 14, 4), (64, 64, 56, 64), (64, 64, 112, 256)]
 WARD_MAPS = 16
 
 
+def _forward_backward(layer, x, grad):
+    """One timed step: ``layer(x)`` forward and backward."""
+    def run():
+        x.grad = None
+        layer(x).backward(grad)
+    return run
+
+
 def bench_layers(device, repeats, drop_prob=0.1, block_size=7):
     print(f'\n## Forward + backward, {device.type}, drop_prob={drop_prob}, block/cluster 7x7 '
           f'(median of {repeats}, ratio to the `x * mask` floor)\n')
@@ -53,14 +61,7 @@ def bench_layers(device, repeats, drop_prob=0.1, block_size=7):
             'db_per_channel': DropBlock2d(drop_prob, block_size, couple_channels=False).train(),
             'db_coupled': DropBlock2d(drop_prob, block_size, couple_channels=True).train(),
         }
-
-        def step(layer):
-            def run():
-                x.grad = None
-                layer(x).backward(grad)
-            return run
-
-        t = time_interleaved({k: step(v) for k, v in layers.items()}, device, repeats)
+        t = time_interleaved({k: _forward_backward(v, x, grad) for k, v in layers.items()}, device, repeats)
         floor = t['floor']
         print(f'| {b}x{c}x{s}x{s} | {floor * 1e3:.2f} | {t["dc_per_channel"] / floor:.2f}x | '
               f'{t["dc_coupled"] / floor:.2f}x | {t["db_per_channel"] / floor:.1f}x | {t["db_coupled"] / floor:.2f}x |',
@@ -193,14 +194,7 @@ def bench_drop_modes(device, repeats, drop_prob=0.1, shape=(64, 64, 56, 56)):
             layer.set_cluster_map(layer.cluster_map, undropped=torch.arange(c, device=device) % 2 == 0)
         layers[name] = layer
     fns = {'floor': lambda x_: x_ * mask, **layers}
-
-    def step(layer):
-        def run():
-            x.grad = None
-            layer(x).backward(grad)
-        return run
-
-    t = time_interleaved({k: step(v) for k, v in fns.items()}, device, repeats)
+    t = time_interleaved({k: _forward_backward(v, x, grad) for k, v in fns.items()}, device, repeats)
     print('| floor ms | ' + ' | '.join(layers) + ' |')
     print('|---|' + '---|' * len(layers))
     print(f'| {t["floor"] * 1e3:.2f} | ' + ' | '.join(f'{t[k] / t["floor"]:.2f}x' for k in layers) + ' |', flush=True)
