@@ -165,9 +165,11 @@ def drop_cluster(
     # Drawn and scaled in float32 whatever x.dtype: the scale can exceed the float16 range.
     # Cluster sizes: a (M, K) reduction that sizes the keep count (and the size-dependent rates)
     # without a pass over x.
+    uniform = drop_mode == 'uniform' and cluster_counts is None
     sizes = torch.zeros((M, k), dtype=torch.float32, device=x.device)
-    sizes.scatter_add_(1, idx, torch.ones((M, n), dtype=torch.float32, device=x.device))
-    if drop_mode == 'uniform' and cluster_counts is None:
+    if not uniform or (scale_by_keep and not with_noise):
+        sizes.scatter_add_(1, idx, torch.ones((M, n), dtype=torch.float32, device=x.device))
+    if uniform:
         keep = torch.empty((draws, G, k), dtype=torch.float32, device=x.device).bernoulli_(1.0 - drop_prob)
     else:
         probs = cluster_drop_probs(sizes, drop_prob, drop_mode, cluster_counts)
