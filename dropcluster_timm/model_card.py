@@ -27,6 +27,7 @@ from timm.models import get_pretrained_cfg, list_pretrained
 from timm.models._hub import generate_readme
 
 from .model_stats import format_stat, model_stats
+from .prune import SLIM_SUFFIX
 from .run_results import (
     check_metrics, check_results_table, dataset_name, format_results_table, load_metrics, load_results_table)
 
@@ -136,6 +137,9 @@ def training_notes(model_name: str, metrics: Dict[str, Any], dropcluster: bool) 
     else:
         text += (' Its DropCluster layers were present but never switched on (rate 0 throughout), so it '
                  'was trained without structured dropout.')
+    if metrics.get('pruned_from'):
+        method = {'edropout': ' with EDropout', 'magnitude': ' by filter magnitude'}.get(metrics.get('pruning_method'), '')
+        text += f' Its channels were pruned from `{metrics["pruned_from"]}`{method} (see Pruning below).'
     if metrics.get('weights') == 'ema':
         decay = metrics.get('ema_decay')
         text += (' These are the exponential-moving-average (EMA) weights of the run'
@@ -166,11 +170,17 @@ dropcluster_timm.set_drop_prob(model, 0.1)  # or follow a schedule
 """
 
 
-def _usage(model_id: str, dropcluster: bool) -> str:
+def _usage(model_id: str, dropcluster: bool, slim: bool = False) -> str:
     """The Model Usage section. ``model_id``: a registered name, ``hf-hub:org/name`` for pushed
     weights or ``LOCAL_MODEL_ID`` for weights not pushed yet; ``dropcluster``: the architecture is a
-    DropCluster model (needs this package), else a plain timm model."""
-    if dropcluster:
+    DropCluster model (needs this package); ``slim``: a channel-pruned ``*_slim`` ResNet (timm's own
+    layers, but its per-block widths are registered by this package); else a plain timm model."""
+    if slim:
+        intro = (f'A plain timm ResNet with pruned per-block widths (`block_widths` in config.json). Install '
+                 f'`{PIP_PACKAGE}` and import `dropcluster_timm` before creating the model: the import registers '
+                 'the `*_slim` architectures with timm (timm has no plugin discovery).\n\n'
+                 f'```bash\npip install {PIP_PACKAGE}\n```\n')
+    elif dropcluster:
         intro = (f'Install `{PIP_PACKAGE}` and import `dropcluster_timm` before creating the model: the import '
                  'registers the DropCluster models with timm (timm has no plugin discovery).\n\n'
                  f'```bash\npip install {PIP_PACKAGE}\n```\n')
@@ -181,6 +191,8 @@ def _usage(model_id: str, dropcluster: bool) -> str:
                   'is in (`path/to/this/folder`). `dropcluster-timm push FOLDER --repo-id org/name` (or '
                   '`dropcluster_timm.push`) uploads them with this card rewritten to load `hf-hub:org/name`.\n')
     register = '\nimport dropcluster_timm  # registers *_dropcluster models with timm' if dropcluster else ''
+    if slim:
+        register = '\nimport dropcluster_timm  # registers the *_slim (pruned) architectures with timm'
     return intro + f"""
 ### Image Classification
 ```python
@@ -380,6 +392,8 @@ def build_model_card(
         citations = [_CITATIONS['timm']] + ([_CITATIONS['dropblock']] if drop_block else [])
         if not details['Papers']:
             del details['Papers']
+    if metrics and metrics.get('pruned_from'):
+        details['Pruning'] = _pruning_details(metrics, model_args, stats)
     if metrics:
         name = dataset_name(metrics)
         if name:
@@ -416,13 +430,36 @@ def build_model_card(
         'license': license,
         'description': description,
         'details': details,
-        'usage': _usage(model_id, dropcluster),
+        'usage': _usage(model_id, dropcluster, slim=arch.endswith(SLIM_SUFFIX)),
         'comparison': '\n'.join([_results(model_name, metrics, dropcluster)]
                                  + [format_results_table(t) for t in tables]),
         'citation': citations,
         'card_data': _card_data(model_name, metrics, dropcluster, license),
         'cluster_maps': cluster_maps,
     }
+
+
+def _pruning_details(metrics: Dict[str, Any], model_args: Dict[str, Any], stats: Dict[str, Any]) -> Dict[str, str]:
+    """The card's pruning section: what was pruned from, and parameters, MACs and top-1 before and
+    after, every figure measured (statistics counted on both architectures, accuracies from the run)."""
+    source = metrics['pruned_from']
+    before = model_stats(source, img_size=stats['img_size'],
+                         model_args={k: v for k, v in model_args.items() if k != 'block_widths'})
+    method = {'edropout': 'EDropout, energy-based channel states (https://arxiv.org/abs/2006.04270)',
+              'magnitude': 'magnitude (L1 norm of the filters, https://arxiv.org/abs/1608.08710)'}
+    details = {
+        'Pruned from': f'`{source}`',
+        'Method': method.get(metrics.get('pruning_method'), 'channel pruning'),
+        'Params (M), before -> after': f"{format_stat(before['params_m'])} -> {format_stat(stats['params_m'])}",
+        'GMACs, before -> after': f"{format_stat(before['gmacs'])} -> {format_stat(stats['gmacs'])}",
+    }
+    if metrics.get('top1_before_pruning') is not None:
+        details['Top-1, before -> after'] = f"{metrics['top1_before_pruning']:.2f} -> {metrics['top1']:.2f}"
+    if metrics.get('kept_channels') is not None:
+        details['Prunable channels kept'] = f"{100 * metrics['kept_channels']:.1f}%"
+    if metrics.get('edropout_steps') is not None:
+        details['Energy-search steps'] = metrics['edropout_steps']
+    return details
 
 
 def render_model_card(model_name: str, **kwargs) -> str:

@@ -39,6 +39,10 @@ def load_metrics(path: Union[str, Path]) -> Dict[str, Any]:
       * ``peak_drop_rate``: the highest DropCluster rate the schedule reached (0: never switched on);
         ``reclusterings``: how many times the cluster maps were re-computed.
       * ``drop_block_rate``: DropBlock rate of a plain timm model.
+      * ``pruned_from``: the architecture the weights were channel-pruned from (e.g. 'resnet18'), with
+        ``pruning_method`` ('edropout' or 'magnitude'), ``top1_before_pruning`` (the same evaluation of
+        the network before its channels were removed), ``kept_channels`` (share of the prunable
+        channels kept) and ``edropout_steps`` (evolution steps of the energy search).
       * ``notes``: free text shown under the results.
 
     A run's per-epoch files are read too: ``summary.csv`` (timm's train.py and ``train_timm.py``),
@@ -90,7 +94,8 @@ def check_metrics(metrics: Any, source: str = 'metrics') -> Dict[str, Any]:
     """
     if not isinstance(metrics, dict) or not _is_number(metrics.get('top1')):
         raise ValueError(f'{source}: expected a JSON object with a numeric "top1"')
-    for key in ('top5', 'eval_loss', 'ema_decay', 'peak_drop_rate', 'drop_block_rate'):
+    for key in ('top5', 'eval_loss', 'ema_decay', 'peak_drop_rate', 'drop_block_rate', 'top1_before_pruning',
+                'kept_channels'):
         if metrics.get(key) is not None and not _is_number(metrics[key]):
             raise ValueError(f'{source}: "{key}" must be a number, got {metrics[key]!r}')
     for key in ('dataset_id', 'base_model'):
@@ -102,9 +107,15 @@ def check_metrics(metrics: Any, source: str = 'metrics') -> Dict[str, Any]:
                                  f'got {metrics[key]!r}') from None
     if metrics.get('weights') not in (None, 'ema', 'raw'):
         raise ValueError(f'{source}: "weights" must be "ema" or "raw", got {metrics["weights"]!r}')
-    count = metrics.get('reclusterings')
-    if count is not None and not (isinstance(count, int) and not isinstance(count, bool) and count >= 0):
-        raise ValueError(f'{source}: "reclusterings" must be a count >= 0, got {count!r}')
+    for key in ('reclusterings', 'edropout_steps'):
+        count = metrics.get(key)
+        if count is not None and not (isinstance(count, int) and not isinstance(count, bool) and count >= 0):
+            raise ValueError(f'{source}: "{key}" must be a count >= 0, got {count!r}')
+    if metrics.get('pruning_method') not in (None, 'edropout', 'magnitude'):
+        raise ValueError(f'{source}: "pruning_method" must be "edropout" or "magnitude", got '
+                         f'{metrics["pruning_method"]!r}')
+    if metrics.get('kept_channels') is not None and not 0 < metrics['kept_channels'] <= 1:
+        raise ValueError(f'{source}: "kept_channels" must be in (0, 1], got {metrics["kept_channels"]!r}')
     return metrics
 
 

@@ -30,7 +30,7 @@ from ..convert import convert_drop_blocks
 from ..model_helpers import dropcluster_layers
 
 __all__ = ['ModelFamily', 'DROPCLUSTER_ARGS', 'ARCHITECTURES_FILE', 'load_architectures', 'register_family',
-           'dropcluster_model_args', 'plain_architecture', 'scan_dropblock_slots']
+           'dropcluster_model_args', 'plain_architecture', 'scan_dropblock_slots', 'input_cfg']
 
 ARCHITECTURES_FILE = os.path.join(os.path.dirname(__file__), 'dropblock_architectures.json')
 # The rate the base is built with so that timm creates its DropBlock slots; the slots become
@@ -158,12 +158,17 @@ def _variant_cfgs(base: str) -> Dict[str, Dict[str, Any]]:
         cfgs[f'{base}_dropcluster.{tag}'] = {k: v for k, v in dataclasses.asdict(
             dataclasses.replace(cfg, architecture=None, tag=None, notes=notes)).items() if v is not None}
     if not cfgs:
-        source = next(iter(get_arch_pretrained_cfgs(base).values()), None)
-        keep = ('input_size', 'fixed_input_size', 'interpolation', 'crop_pct', 'crop_mode', 'mean', 'std',
-                'first_conv', 'classifier', 'pool_size', 'num_classes', 'license', 'test_input_size')
-        cfg = {k: v for k, v in dataclasses.asdict(source).items() if k in keep and v is not None} if source else {}
-        cfgs[f'{base}_dropcluster'] = cfg
+        cfgs[f'{base}_dropcluster'] = input_cfg(base)
     return cfgs
+
+
+def input_cfg(base: str) -> Dict[str, Any]:
+    """The input settings (size, crop, normalisation, head names) of ``base``'s pretrained cfg, without
+    the identity of its weights: the cfg of a derived architecture that has no weights of its own."""
+    source = next(iter(get_arch_pretrained_cfgs(base).values()), None)
+    keep = ('input_size', 'fixed_input_size', 'interpolation', 'crop_pct', 'crop_mode', 'mean', 'std',
+            'first_conv', 'classifier', 'pool_size', 'num_classes', 'license', 'test_input_size')
+    return {k: v for k, v in dataclasses.asdict(source).items() if k in keep and v is not None} if source else {}
 
 
 def _entrypoint(variant: str, base: str, family: ModelFamily, module: str) -> Callable[..., nn.Module]:

@@ -18,7 +18,7 @@ from ..drop_cluster import DROP_MODES
 from ..data import EMBEDDED_DATASET
 from ..errors import TrainingError
 from ..schedules import SCHEDULE_SHAPES
-from .config import DataConfig, DropClusterConfig, LossConfig, ModelConfig, OptimConfig, OutputConfig, TrainConfig
+from .config import DataConfig, DropClusterConfig, EDropoutConfig, LossConfig, ModelConfig, OptimConfig, OutputConfig, TrainConfig
 
 __all__ = ['REFUSED', 'EMBEDDED_DEFAULTS', 'GENERAL_DEFAULTS', 'add_train_arguments', 'config_from_args',
            'parse_train_args']
@@ -56,6 +56,8 @@ EMBEDDED_DEFAULTS = dict(
     # At 32 px stages 3-4 are 2x2 and 1x1: put DropCluster in the stem (16x16) too, ~16-pixel clusters.
     cluster_size=16, model_kwargs={'dc_stem': True}, drop_cluster_fractions=(0.25, 0.25, 0.25),
 )
+# The defaults above that are arguments of a *_dropcluster model, not applied to other models.
+_DROPCLUSTER_MODEL_DEFAULTS = ('cluster_size', 'model_kwargs')
 GENERAL_DEFAULTS = dict(
     model='resnet50_dropcluster', img_size=None, batch_size=128, epochs=300, opt='sgd', lr=None,
     weight_decay=2e-5, warmup_epochs=5, drop_cluster=0.1, hflip=0.5, scale=[0.08, 1.0], workers=4,
@@ -152,6 +154,22 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument('--soft-reset-factor', type=float, default=0.9, metavar='ALPHA', help='share of the weights kept')
     g.add_argument('--soft-reset-scope', nargs='+', default=[], metavar='NAME',
                    help='parameter name prefixes to reset, e.g. layer4 fc (default: all)')
+    g = p.add_argument_group('EDropout (energy-based channel dropout and pruning; publishes the pruned model)')
+    g.add_argument('--edropout', action='store_true',
+                   help='evolve channel states in the drop_block slots of a timm ResNet and prune at the end')
+    g.add_argument('--edropout-candidates', type=int, default=8, metavar='N', help='population size')
+    g.add_argument('--edropout-interval', type=int, default=1, metavar='BATCHES', help='evolve every N batches')
+    g.add_argument('--edropout-converge', type=int, default=100, metavar='STEPS',
+                   help='stop evolving once the best state is unchanged for this many evolution steps (0: never)')
+    g.add_argument('--edropout-keep-prob', type=float, default=0.5, metavar='P',
+                   help='initial probability of a channel being on')
+    g.add_argument('--edropout-batch', type=int, default=16, metavar='IMAGES',
+                   help='images of each training batch every state is scored on')
+    g.add_argument('--edropout-stages', type=int, nargs='+', default=[1, 2, 3, 4], metavar='STAGE',
+                   help='stages whose blocks get EDropout')
+    g.add_argument('--edropout-unit', default='channel', choices=('channel', 'cluster'),
+                   help="'cluster': choose the dropped clusters of a *_dropcluster model's layers by energy "
+                        'instead of at random (no pruning)')
     g = p.add_argument_group('optimizer and learning rate (timm)')
     g.add_argument('--batch-size', '-b', type=int, default=None, help='per process')
     g.add_argument('--validation-batch-size', '-vb', type=int, default=None)
@@ -277,6 +295,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     embedded = not a.data_dir and a.dataset in ('', EMBEDDED_DATASET)
     defaults = dict(EMBEDDED_DEFAULTS if embedded else GENERAL_DEFAULTS)
     start, warmup, update = defaults.pop('drop_cluster_fractions')
+    if 'dropcluster' not in (a.model or defaults['model']):
+        for key in _DROPCLUSTER_MODEL_DEFAULTS:  # arguments only a *_dropcluster model takes
+            defaults.pop(key, None)
     for key, value in defaults.items():
         if getattr(a, key) is None:
             setattr(a, key, value)
@@ -317,6 +338,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
                          else max(1, round(update * a.epochs))),
             update_batches=a.drop_cluster_update_batches, soft_reset_interval=a.soft_reset_interval,
             soft_reset_factor=a.soft_reset_factor, soft_reset_scope=list(a.soft_reset_scope)),
+        edropout=EDropoutConfig(
+            enabled=a.edropout, candidates=a.edropout_candidates, interval=a.edropout_interval,
+            converge_steps=a.edropout_converge, keep_prob=a.edropout_keep_prob, batch_per_state=a.edropout_batch,
+            stages=list(a.edropout_stages), unit=a.edropout_unit),
         optim=OptimConfig(
             epochs=a.epochs, start_epoch=a.start_epoch, batch_size=a.batch_size,
             validation_batch_size=a.validation_batch_size, grad_accum_steps=a.grad_accum_steps, opt=a.opt, lr=a.lr,

@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from ..data import EMBEDDED_DATASET
 from ..errors import TrainingError
 
-__all__ = ['DataConfig', 'ModelConfig', 'DropClusterConfig', 'OptimConfig', 'LossConfig', 'OutputConfig',
+__all__ = ['DataConfig', 'ModelConfig', 'DropClusterConfig', 'EDropoutConfig', 'OptimConfig', 'LossConfig', 'OutputConfig',
            'TrainConfig']
 
 
@@ -137,6 +137,20 @@ class DropClusterConfig:
 
 
 @dataclass
+class EDropoutConfig:
+    """EDropout (``dropcluster_timm.edropout``): energy-based channel states in the blocks' drop_block
+    slots, evolved during training; the published model is the pruned one. Defaults: the paper's."""
+    enabled: bool = False
+    candidates: int = 8  # population size
+    interval: int = 1  # evolve every N training batches
+    converge_steps: int = 100  # stop evolving once the best state is unchanged this many evolution steps
+    keep_prob: float = 0.5  # initial probability of a channel being on
+    batch_per_state: int = 16  # images of the training batch each state is scored on
+    stages: List[int] = field(default_factory=lambda: [1, 2, 3, 4])
+    unit: str = 'channel'  # 'cluster': the clusters of the model's DropCluster maps (no pruning)
+
+
+@dataclass
 class OptimConfig:
     """Optimizer, learning rate and its schedule, precision, EMA and the seed (timm's names)."""
     epochs: int = 300
@@ -241,6 +255,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     dropcluster: DropClusterConfig = field(default_factory=DropClusterConfig)
+    edropout: EDropoutConfig = field(default_factory=EDropoutConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
@@ -254,6 +269,7 @@ class TrainConfig:
     def check(self) -> None:
         """One-line errors (``TrainingError``) for settings that cannot work, before any setup."""
         d, m, dc, o, loss, out = self.data, self.model, self.dropcluster, self.optim, self.loss, self.output
+        ed = self.edropout
 
         def fail(flag, value, expected):
             raise TrainingError(f'{flag} must be {expected}, got {value:g}')
@@ -270,7 +286,8 @@ class TrainConfig:
                             ('--num-clusters', m.num_clusters), ('--min-cluster-size', m.min_cluster_size),
                             ('--max-cluster-size', m.max_cluster_size), ('--img-size', d.img_size),
                             ('--log-interval', out.log_interval), ('--val-interval', out.val_interval),
-                            ('--train-batches-per-epoch', out.train_batches_per_epoch)):
+                            ('--train-batches-per-epoch', out.train_batches_per_epoch),
+                            ('--edropout-interval', ed.interval), ('--edropout-batch', ed.batch_per_state)):
             if value is not None and value < 1:
                 fail(flag, value, '>= 1')
         for flag, value in (('--drop-cluster-start', dc.start_epoch), ('--drop-cluster-warmup', dc.warmup_epochs),
@@ -281,6 +298,19 @@ class TrainConfig:
                             ('--start-epoch', o.start_epoch), ('--soft-reset-interval', dc.soft_reset_interval)):
             if value is not None and value < 0:
                 fail(flag, value, '>= 0')
+        if ed.enabled:
+            if ed.candidates < 4:
+                fail('--edropout-candidates', ed.candidates, '>= 4 (the evolution mixes three other states)')
+            if not 0.0 < ed.keep_prob <= 1.0:
+                fail('--edropout-keep-prob', ed.keep_prob, 'in (0, 1]')
+            if ed.converge_steps < 0:
+                fail('--edropout-converge', ed.converge_steps, '>= 0')
+            if ed.batch_per_state > o.batch_size:
+                raise TrainingError(f'--edropout-batch {ed.batch_per_state} exceeds --batch-size {o.batch_size}')
+            if ed.unit not in ('channel', 'cluster'):
+                raise TrainingError(f"--edropout-unit must be 'channel' or 'cluster', got {ed.unit!r}")
+            if not ed.stages or any(s not in (1, 2, 3, 4) for s in ed.stages):
+                raise TrainingError(f'--edropout-stages must be stage numbers in 1..4, got {ed.stages}')
         if not 0.0 < dc.gamma <= 1.0:
             fail('--drop-cluster-gamma', dc.gamma, 'in (0, 1]')
         if dc.shape == 'multistep' and not dc.milestones:

@@ -6,6 +6,8 @@ import torch
 from timm.utils import dispatch_clip_grad
 from tqdm.auto import tqdm
 
+from ..edropout import edropout_step
+from ..energy_search import EnergySearch
 from ..model_helpers import set_drop_prob
 from ..schedules import DropClusterSchedule
 
@@ -25,6 +27,7 @@ class TrainState:
         self.peak_drop_rate = 0.0  # what the run really did with DropCluster, for run.json and cards
         self.reclusterings = 0
         self.soft_resets = 0
+        self.edropout_steps = 0  # evolution steps of the EDropout energy search
 
     def state_dict(self):
         return dict(self.__dict__)
@@ -39,7 +42,8 @@ def train_one_epoch(
         checkpoint_fn: Optional[Callable[[str], str]] = None, checkpoint_steps: int = 0, progress: bool = True,
         log_interval: int = 0, drop_block: bool = False, channels_last: bool = False,
         max_steps: Optional[int] = None, synchronize_step: bool = False,
-        on_step: Optional[Callable[[TrainState], None]] = None,
+        on_step: Optional[Callable[[TrainState], None]] = None, search: Optional[EnergySearch] = None,
+        edropout_interval: int = 1, edropout_batch: int = 16,
 ) -> Dict[str, float]:
     """One epoch of training; resumes at ``state.step_in_epoch`` batches into the epoch (those batches
     are skipped without being loaded, Accelerate's ``skip_first_batches``).
@@ -48,7 +52,9 @@ def train_one_epoch(
     loss stays on the device: the host waits for it only to print (a bar on a terminal, or a line
     every ``log_interval`` batches) and once at the end. ``checkpoint_fn(name)`` is called every
     ``checkpoint_steps`` batches (not at the end of the epoch, which the caller checkpoints);
-    ``on_step(state)`` after every batch. ``max_steps`` caps the batches of the epoch.
+    ``on_step(state)`` after every batch. ``max_steps`` caps the batches of the epoch. With an EDropout
+    ``search``, every ``edropout_interval`` batches (until it converges) its states are scored on the
+    first ``edropout_batch`` images of the batch and the best is applied before the training step.
     """
     model.train()
     epoch = state.epoch
@@ -72,6 +78,10 @@ def train_one_epoch(
             images = images.contiguous(memory_format=torch.channels_last)
         if mixup_fn is not None:
             images, targets = mixup_fn(images, targets)
+        if search is not None and not search.converged and state.global_step % edropout_interval == 0:
+            with accelerator.autocast():
+                edropout_step(unwrapped, search, images[:edropout_batch], targets[:edropout_batch], loss_fn)
+            state.edropout_steps = search.step
         with accelerator.accumulate(model):
             output = model(images)
             loss = loss_fn(output, targets)

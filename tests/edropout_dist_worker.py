@@ -1,0 +1,20 @@
+""" Run by tests/test_edropout_runs.py under `accelerate launch` with two CPU processes (gloo): trains
+with ``--edropout`` and saves each rank's applied state and energy search for the test to compare."""
+import os
+import sys
+
+import torch
+
+from dropcluster_timm.edropout import edropout_state
+from dropcluster_timm.train import parse_train_args, train
+
+dump = sys.argv[1]
+run = train(parse_train_args(sys.argv[2:]))
+acc = run.accelerator
+torch.save({
+    'rank': acc.process_index,
+    'world_size': acc.num_processes,
+    'state': edropout_state(acc.unwrap_model(run.model)),
+    'search': run.search.state_dict(),
+}, os.path.join(dump, f'rank{acc.process_index}.pt'))
+acc.end_training()
