@@ -11,7 +11,9 @@ Arms, paired by seed (same training subset, data order, augmentation draws and i
 * ``unpruned``: the timm ResNet trained without EDropout (the reference accuracy and size).
 * ``edropout``: trained with EDropout in every block's drop_block slot (``dropcluster_timm.edropout``:
   the energy search runs from the first batch), then pruned (``prune_channels``); its eval accuracy
-  before and after pruning is measured (they must agree: removing zeroed channels is exact).
+  before and after pruning is measured (they must agree: removing zeroed channels is exact);
+  ``edropout_ft``: the pruned model fine-tuned like ``magnitude_ft``, so both pruned arms get the same
+  training budget (``--epochs`` + ``--ft-epochs``).
 * ``magnitude``: the trained ``unpruned`` model pruned by filter L1 norm to exactly the per-block
   widths EDropout kept (same parameter count), no fine-tuning; ``magnitude_ft``: the same, fine-tuned
   for ``--ft-epochs`` with the same recipe.
@@ -27,7 +29,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +44,7 @@ from .regularizer_study.stats import mean_std, paired_difference
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE.parents[1].parent / 'shared' / 'data' / 'cifar10-jpg.tar.gz'
-ARMS = ('unpruned', 'edropout', 'magnitude', 'magnitude_ft', 'random_state')
+ARMS = ('unpruned', 'edropout', 'edropout_ft', 'magnitude', 'magnitude_ft', 'random_state')
 MEAN = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
 STD = torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1)
 
@@ -150,7 +152,7 @@ def run_seed(args, data, seed: int, done: Dict[str, Dict], write) -> None:
         write(dict(arm='unpruned', seed=seed, top1=top1(model, test_x, test_y, device), params_m=params_m(model),
                    **model.times))
     edropout_widths = None
-    if any(a not in done for a in ('edropout', 'magnitude', 'magnitude_ft')):
+    if any(a not in done for a in ('edropout', 'edropout_ft', 'magnitude', 'magnitude_ft')):
         model = build(args, seed).to(device)
         add_edropout(model)
         search = make_search(model, num_states=args.candidates, keep_prob=args.keep_prob,
@@ -163,6 +165,10 @@ def run_seed(args, data, seed: int, done: Dict[str, Dict], write) -> None:
             write(dict(arm='edropout', seed=seed, top1=top1(pruned, test_x, test_y, device), top1_before_pruning=before,
                        params_m=params_m(pruned), kept_channels=search.kept_fraction(), evolution_steps=search.step,
                        converged=search.converged, widths=edropout_widths, **times))
+        if 'edropout_ft' not in done:
+            times = train(pruned, args, data, seed, args.ft_epochs, args.lr / 5, device=device)
+            write(dict(arm='edropout_ft', seed=seed, top1=top1(pruned, test_x, test_y, device),
+                       params_m=params_m(pruned), **times))
     if edropout_widths is not None and any(a not in done for a in ('magnitude', 'magnitude_ft')):
         base = get_unpruned()
         pruned = prune_channels(base, magnitude_keep(base, edropout_widths))
@@ -203,8 +209,8 @@ def report(rows: List[Dict[str, Any]], config: Dict[str, Any]) -> str:
         lines.append(f'| {arm} | {len(rs)} | {acc:.2f} ± {sd:.2f} | {mean("params_m"):.3f} | '
                      f'{mean("train_seconds"):.0f} | {mean("energy_seconds"):.0f} |')
     lines += ['', '| comparison (paired by seed) | n | mean difference | 95% CI | p |', '|---|---:|---:|---:|---:|']
-    for a, b in (('edropout', 'magnitude'), ('edropout', 'magnitude_ft'), ('edropout', 'random_state'),
-                 ('edropout', 'unpruned'), ('magnitude_ft', 'unpruned')):
+    for a, b in (('edropout_ft', 'magnitude_ft'), ('edropout', 'magnitude'), ('edropout', 'random_state'),
+                 ('edropout', 'unpruned'), ('edropout_ft', 'unpruned'), ('magnitude_ft', 'unpruned')):
         d = paired_difference({s: by[(a, s)]['top1'] for s in seeds if (a, s) in by},
                               {s: by[(b, s)]['top1'] for s in seeds if (b, s) in by})
         if d['n'] < 2:

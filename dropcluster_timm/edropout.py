@@ -27,6 +27,7 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import register_notrace_module
 from torch import Tensor
 
 from .drop_cluster import DropCluster2d, resample_cluster_map
@@ -59,6 +60,7 @@ def edropout(x: Tensor, state: Tensor) -> Tensor:
     return x * mask.reshape(x.shape[0], -1, *spatial)
 
 
+@register_notrace_module  # FX: a leaf, its state branch is decided at run time
 class EDropout2d(nn.Module):
     """Energy-based channel dropout (EDropout) of ``num_channels`` channels; see the module docstring.
 
@@ -109,6 +111,7 @@ def drop_cluster_state(x: Tensor, cluster_map: Tensor, state: Tensor, scale_by_k
     return (x.reshape(s, n_batch // s, c, h * w) * mask).view(n_batch, c, h, w)
 
 
+@register_notrace_module
 class EDropCluster2d(DropCluster2d):
     """DropCluster with the dropped clusters chosen by EDropout's energy search (see the module
     docstring); the arguments are ``DropCluster2d``'s, with ``feat_size`` and ``num_channels`` required

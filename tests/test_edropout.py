@@ -361,3 +361,19 @@ def test_cluster_unit_needs_dropcluster_layers_with_a_fixed_count():
         add_edropout(model, unit='cluster')
     with pytest.raises(ValueError, match='unknown EDropout unit'):
         add_edropout(model, unit='pixel')
+
+
+def test_every_slim_architecture_can_be_pruned_and_rebuilt():
+    from dropcluster_timm.models.resnet_slim import slim_bases
+    from dropcluster_timm.prune import block_parts, prunable_blocks
+    bases = slim_bases()
+    assert 'resnet50' in bases and not any('resnext' in b or 'blur' in b for b in bases)
+    for base in bases:
+        with torch.device('meta'):
+            model = timm.create_model(base)
+        name, _ = prunable_blocks(model)[0]  # raises for a structure pruning cannot rebuild
+        with torch.device('meta'):
+            slim = timm.create_model(f'{base}_slim', block_widths={name: 3})
+        producer, norm, consumer = block_parts(slim.get_submodule(name))
+        assert producer.out_channels == norm.num_features == consumer.in_channels == 3, base
+        assert sum(p.numel() for p in slim.parameters()) < sum(p.numel() for p in model.parameters()), base

@@ -37,7 +37,9 @@ def test_edropout_run_publishes_the_pruned_model_with_its_card(edropout_run):
     config = json.load(open(os.path.join(out, 'best', 'config.json')))
     assert config['architecture'] == 'resnet18_slim'
     widths = config['model_args']['block_widths']
-    assert len(widths) == 8 and all(1 <= w < 64 * 2 ** int(k[5]) // 2 ** 0 for k, w in widths.items())
+    full = {k: 64 * 2 ** (int(k[5]) - 1) for k in widths}  # resnet18's inner widths: 64 in layer1 ... 512
+    assert len(widths) == 8 and all(1 <= w <= full[k] for k, w in widths.items()) and sum(widths.values()) < sum(
+        full.values())
     metrics = json.load(open(os.path.join(out, 'best', 'metrics.json')))
     assert metrics['pruned_from'] == 'resnet18' and metrics['pruning_method'] == 'edropout'
     assert metrics['top1'] == metrics['top1_before_pruning'] and metrics['edropout_steps'] > 0

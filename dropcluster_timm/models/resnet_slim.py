@@ -14,7 +14,7 @@ a saved folder loads with::
 No ``*_slim`` weights are published by this package: these names have no pretrained tags.
 """
 import sys
-from typing import Any, Callable, Dict, Optional
+from typing import Callable, Dict, Optional
 
 import torch.nn as nn
 from timm.models import build_model_with_cfg, generate_default_cfgs, list_models, model_entrypoint, register_model
@@ -49,11 +49,16 @@ def _entrypoint(variant: str, base: str) -> Callable[..., nn.Module]:
     return entrypoint
 
 
+# Name parts of resnet.py architectures channel pruning refuses: grouped convs (ResNeXt), anti-aliasing
+# layers with per-channel state (blur pool, 'aa'), GroupNorm; SENet-154 is a grouped-conv ResNet too.
+_UNPRUNABLE = ('resnext', 'senet154', 'blur', 'resnetaa', 'seresnetaa', '_gn')
+
+
 def slim_bases() -> list:
-    """The timm ResNets that get a ``*_slim`` variant: ``resnet.py`` architectures without grouped
-    convs by name (ResNeXt and its SE/ECA/SK kin excluded), not already pruned."""
+    """The timm ResNets that get a ``*_slim`` variant: the ``resnet.py`` architectures channel pruning
+    can rebuild (by name: no ResNeXt, anti-aliased or GroupNorm variants), not already pruned."""
     return [name for name in list_models(module='resnet')
-            if not name.endswith(('_pruned', SLIM_SUFFIX)) and 'resnext' not in name and 'senet' not in name]
+            if not name.endswith(('_pruned', SLIM_SUFFIX)) and not any(part in name for part in _UNPRUNABLE)]
 
 
 _bases = slim_bases()
