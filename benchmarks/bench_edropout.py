@@ -32,7 +32,8 @@ def main(argv=None) -> int:
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--amp', action='store_true', help='bfloat16 autocast for both steps')
     p.add_argument('--candidates', type=int, default=8)
-    p.add_argument('--batch-per-state', type=int, nargs='+', default=[4, 8, 16])
+    p.add_argument('--batch-per-state', type=int, nargs='+', default=[0, 4, 8, 16],
+                   help="0: train_timm.py's default, batch / (2 x candidates)")
     p.add_argument('--repeats', type=int, default=5)
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -61,15 +62,18 @@ def main(argv=None) -> int:
             opt.step()
 
         fns = {'train': train_step}
-        for b in args.batch_per_state:
+        sizes = sorted({b or max(1, batch // (2 * args.candidates)) for b in args.batch_per_state})
+        default = max(1, batch // (2 * args.candidates))
+        for b in sizes:
             def evolve(b=b):
                 with autocast():
                     edropout_step(model, search, x[:b], y[:b])
             fns[b] = evolve
         times = time_interleaved(fns, device, args.repeats)
-        for b in args.batch_per_state:
+        for b in sizes:
             r = times[b] / times['train']
-            print(f'| {model_name} | {size} | {batch} | {b} | {times["train"]:.4f} | {times[b]:.4f} | {r:.3f} | '
+            label = f'{b} (default)' if b == default and 0 in args.batch_per_state else str(b)
+            print(f'| {model_name} | {size} | {batch} | {label} | {times["train"]:.4f} | {times[b]:.4f} | {r:.3f} | '
                   f'{100 * r:.1f}% / {100 * r / 2:.1f}% / {100 * r / 4:.1f}% |')
     return 0
 

@@ -121,6 +121,7 @@ class EDropCluster2d(DropCluster2d):
     a DropCluster checkpoint (the energy search's state, saved with the training checkpoint, re-applies
     it on resume), so a published model loads as the ``*_dropcluster`` model it was built from.
     Re-clustering renumbers the clusters: the state then selects other clusters until it evolves.
+    Every map keeps at least one cluster (the search keeps a unit of every group; here a group is a map).
     """
 
     def __init__(self, *args, **kwargs):

@@ -18,7 +18,8 @@ from test_train_runs import _free_port
 EVALUATE = [sys.executable, '-m', 'dropcluster_timm', 'evaluate']
 # digits: 1442 training images, 16 per batch; 5 batches per epoch keep the runs short
 DIGITS = ['--model', 'resnet18', '--edropout', '--epochs', '2', '--batch-size', '16', '--train-batches-per-epoch',
-          '5', '--edropout-batch', '4', '--edropout-candidates', '4', '--edropout-converge', '100', '--workers', '0',
+          '5', '--edropout-batch', '4', '--edropout-candidates', '4', '--edropout-converge', '100',
+          '--edropout-interval', '1', '--workers', '0',
           '--no-progress', '--checkpoint-hist', '3', '--warmup-epochs', '0']
 
 

@@ -7,7 +7,7 @@ import pytest
 
 import dropcluster_timm  # noqa: F401  registers the models
 from dropcluster_timm.model_card import CARD_MODELS, build_model_card, render_model_card, write_model_cards
-from dropcluster_timm.model_stats import model_stats
+from dropcluster_timm.model_stats import format_stat, model_stats
 from dropcluster_timm.run_results import load_metrics, load_results_table
 
 VARIANTS = ['resnet18_dropcluster', 'resnet34_dropcluster', 'resnet50_dropcluster', 'resnet101_dropcluster',
@@ -156,3 +156,28 @@ def test_card_names_the_clustering_options_that_differ_from_the_defaults():
     line = next(line for line in text.splitlines() if 'Clustering:' in line)
     for part in ('method kmedoids', 'gap statistic', 'undropped', 'size-dependent', 'one mask per batch'):
         assert part in line, line
+
+
+def test_card_of_pruned_weights_gives_measured_sizes_and_accuracies_before_and_after():
+    widths = {'layer1.0': 20, 'layer4.1': 100}
+    metrics = {'top1': 61.5, 'top1_before_pruning': 61.5, 'pruned_from': 'resnet18', 'pruning_method': 'edropout',
+               'kept_channels': 0.5, 'edropout_steps': 120, 'img_size': 32, 'dataset': 'CIFAR-10'}
+    card = build_model_card('resnet18_slim', metrics=metrics, model_args={'num_classes': 10, 'block_widths': widths})
+    pruning = card['details']['Pruning']
+    before = model_stats('resnet18', img_size=32, model_args={'num_classes': 10})
+    after = model_stats('resnet18_slim', img_size=32, model_args={'num_classes': 10, 'block_widths': widths})
+    assert after['params_m'] < before['params_m']
+    assert pruning['Params (M), before -> after'] == f"{format_stat(before['params_m'])} -> {format_stat(after['params_m'])}"
+    assert pruning['Top-1, before -> after'] == '61.50 -> 61.50' and pruning['Prunable channels kept'] == '50.0%'
+    assert 'EDropout' in pruning['Method'] and 'pruned from `resnet18` with EDropout' in card['description']
+    text = render_model_card('resnet18_slim', metrics=metrics, model_args={'num_classes': 10, 'block_widths': widths})
+    assert 'import dropcluster_timm  # registers the *_slim' in text and 'timm alone loads it' not in text
+
+
+@pytest.mark.parametrize('bad, words', [({'pruning_method': 'random'}, 'pruning_method'),
+                                        ({'kept_channels': 1.5}, 'kept_channels'),
+                                        ({'edropout_steps': -1}, 'edropout_steps')])
+def test_pruning_metrics_are_checked(bad, words):
+    from dropcluster_timm.run_results import check_metrics
+    with pytest.raises(ValueError, match=words):
+        check_metrics({'top1': 50.0, **bad})

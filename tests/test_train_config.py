@@ -59,6 +59,9 @@ def test_config_is_typed_and_the_namespace_is_read_once(tmp_path):
     (['--min-cluster-size', '40', '--max-cluster-size', '10'], ['--min-cluster-size 40', 'exceeds']),
     (['--min-cluster-size', '0'], ['--min-cluster-size', '>= 1']),
     (['--model-ema', '--model-ema-decay', '1'], ['--model-ema-decay', 'in (0, 1)']),
+    (['--edropout', '--edropout-interval', '0'], ['--edropout-interval', '>= 1']),
+    (['--edropout', '--edropout-converge', '-1'], ['--edropout-converge', '>= 0']),
+    (['--edropout', '--edropout-stages', '5'], ['--edropout-stages', '[5]']),
 ])
 def test_check_names_the_flag_and_the_value(argv, words):
     cfg = parse_train_args(argv)
@@ -70,3 +73,18 @@ def test_check_names_the_flag_and_the_value(argv, words):
 def test_defaults_pass_the_check():
     parse_train_args([]).check()
     parse_train_args(['--data-dir', 'somewhere', '--epochs', '1']).check()
+
+
+def test_dropcluster_model_defaults_are_not_given_to_other_models():
+    """The digits defaults carry DropCluster model arguments (cluster size, a stem layer): a plain timm
+    model, e.g. for --edropout, must not receive them (timm's ResNet would reject them)."""
+    dc = parse_train_args([])
+    assert dc.model.name == 'resnet18_dropcluster' and dc.model.cluster_size == 16 and dc.model.kwargs == {'dc_stem': True}
+    plain = parse_train_args(['--model', 'resnet18', '--edropout'])
+    assert plain.model.cluster_size is None and plain.model.kwargs == {} and plain.edropout.enabled
+    assert plain.to_dict()['edropout'] == dict(enabled=True, candidates=8, interval=2, converge_steps=100,
+                                               keep_prob=0.5, batch_per_state=None, stages=[1, 2, 3, 4],
+                                               unit='channel')
+    # by default the 2 x 8 states are scored on one batch of images in all: 64 / 16 each
+    assert plain.edropout.images_per_state(64) == 4 and plain.edropout.images_per_state(8) == 1
+    assert parse_train_args(['--edropout-batch', '5']).edropout.images_per_state(64) == 5

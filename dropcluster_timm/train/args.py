@@ -158,13 +158,14 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument('--edropout', action='store_true',
                    help='evolve channel states in the drop_block slots of a timm ResNet and prune at the end')
     g.add_argument('--edropout-candidates', type=int, default=8, metavar='N', help='population size')
-    g.add_argument('--edropout-interval', type=int, default=1, metavar='BATCHES', help='evolve every N batches')
+    g.add_argument('--edropout-interval', type=int, default=2, metavar='BATCHES', help='evolve every N batches')
     g.add_argument('--edropout-converge', type=int, default=100, metavar='STEPS',
                    help='stop evolving once the best state is unchanged for this many evolution steps (0: never)')
     g.add_argument('--edropout-keep-prob', type=float, default=0.5, metavar='P',
                    help='initial probability of a channel being on')
-    g.add_argument('--edropout-batch', type=int, default=16, metavar='IMAGES',
-                   help='images of each training batch every state is scored on')
+    g.add_argument('--edropout-batch', type=int, default=None, metavar='IMAGES',
+                   help='images of each training batch every state is scored on (default: batch size / '
+                        '(2 x candidates), one batch of images in the scoring forward)')
     g.add_argument('--edropout-stages', type=int, nargs='+', default=[1, 2, 3, 4], metavar='STAGE',
                    help='stages whose blocks get EDropout')
     g.add_argument('--edropout-unit', default='channel', choices=('channel', 'cluster'),

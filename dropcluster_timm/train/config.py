@@ -142,12 +142,17 @@ class EDropoutConfig:
     slots, evolved during training; the published model is the pruned one. Defaults: the paper's."""
     enabled: bool = False
     candidates: int = 8  # population size
-    interval: int = 1  # evolve every N training batches
+    interval: int = 2  # evolve every N training batches
     converge_steps: int = 100  # stop evolving once the best state is unchanged this many evolution steps
     keep_prob: float = 0.5  # initial probability of a channel being on
-    batch_per_state: int = 16  # images of the training batch each state is scored on
+    batch_per_state: Optional[int] = None  # images each state is scored on (None: see images_per_state)
     stages: List[int] = field(default_factory=lambda: [1, 2, 3, 4])
     unit: str = 'channel'  # 'cluster': the clusters of the model's DropCluster maps (no pruning)
+
+    def images_per_state(self, batch_size: int) -> int:
+        """``batch_per_state``, by default ``batch_size / (2 * candidates)``: the scoring forward of the
+        2 x candidates states then holds one batch of images, about 0.3 of a training step (BENCHMARKS.md)."""
+        return self.batch_per_state or max(1, batch_size // (2 * self.candidates))
 
 
 @dataclass
@@ -305,7 +310,7 @@ class TrainConfig:
                 fail('--edropout-keep-prob', ed.keep_prob, 'in (0, 1]')
             if ed.converge_steps < 0:
                 fail('--edropout-converge', ed.converge_steps, '>= 0')
-            if ed.batch_per_state > o.batch_size:
+            if ed.batch_per_state is not None and ed.batch_per_state > o.batch_size:
                 raise TrainingError(f'--edropout-batch {ed.batch_per_state} exceeds --batch-size {o.batch_size}')
             if ed.unit not in ('channel', 'cluster'):
                 raise TrainingError(f"--edropout-unit must be 'channel' or 'cluster', got {ed.unit!r}")

@@ -169,7 +169,7 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[TrainState], None]] = No
             checkpoint_steps=out.checkpoint_steps, progress=out.progress, log_interval=out.log_interval,
             drop_block=drop_block, channels_last=cfg.model.channels_last, max_steps=out.train_batches_per_epoch,
             synchronize_step=out.synchronize_step, on_step=on_step, search=search,
-            edropout_interval=cfg.edropout.interval, edropout_batch=cfg.edropout.batch_per_state))
+            edropout_interval=cfg.edropout.interval, edropout_batch=cfg.edropout.images_per_state(o.batch_size)))
         if accelerator.num_processes > 1 and out.dist_bn and not cfg.model.sync_bn:
             distribute_bn(model, accelerator.num_processes, out.dist_bn == 'reduce')
         evaluated = (epoch + 1) % out.val_interval == 0 or epoch + 1 == o.epochs
