@@ -377,3 +377,14 @@ def test_every_slim_architecture_can_be_pruned_and_rebuilt():
         producer, norm, consumer = block_parts(slim.get_submodule(name))
         assert producer.out_channels == norm.num_features == consumer.in_channels == 3, base
         assert sum(p.numel() for p in slim.parameters()) < sum(p.numel() for p in model.parameters()), base
+
+
+def test_slim_model_works_with_timm_features_and_torchscript():
+    widths = {'layer1.0': 5, 'layer4.1': 100}
+    model = timm.create_model('resnet18_slim', block_widths=widths, num_classes=10).eval()
+    assert model.layer1[0].conv1.out_channels == 5 and model.layer4[1].conv2.in_channels == 100
+    x = torch.randn(1, 3, 64, 64)
+    features = timm.create_model('resnet18_slim', block_widths=widths, features_only=True).eval()
+    assert [f.shape[1] for f in features(x)] == features.feature_info.channels() == [64, 64, 128, 256, 512]
+    with torch.no_grad():
+        assert torch.allclose(torch.jit.script(model)(x), model(x))
