@@ -29,6 +29,9 @@ from timm.layers import register_notrace_module
 from .cluster_count import CLUSTER_COUNTS, gap_statistic_labels, structured_maps
 from .clustering import CLUSTER_METHODS, activation_features, cluster_features, grid_cluster_map
 
+if torch.cuda.is_available():  # the fused CUDA path (imports Triton): only where CUDA tensors can occur
+    from . import fused_drop
+
 __all__ = ['drop_cluster', 'cluster_drop_probs', 'DROP_MODES', 'resample_cluster_map', 'DropClusterNd', 'DropCluster1d', 'DropCluster2d', 'DropCluster3d']
 
 
@@ -157,7 +160,8 @@ def drop_cluster(
     n = 1
     for s in spatial:
         n *= s
-    idx = resample_cluster_map(cluster_map, spatial).reshape(M, n).long()
+    labels = resample_cluster_map(cluster_map, spatial).reshape(M, n)
+    idx = labels.long()
     k = int(idx.max()) + 1 if num_clusters is None else num_clusters
     draws = 1 if batch_shared else B
 
@@ -184,6 +188,10 @@ def drop_cluster(
             keep = keep.clamp(max=_max_finite(x.dtype))
     # Cast the (B, G, K) table, not the full-size mask. (B, G, *spatial) with G = 1 or C broadcasts
     # over x in any memory format.
+    if x.is_cuda and not with_noise and not inplace and not torch.jit.is_scripting():
+        # One fused kernel reads x once and keeps only the small table for the backward
+        # (``fused_drop``); the result is bit-identical to the torch path below.
+        return _apply_fused(x, labels, keep)
     keep = keep.to(x.dtype)
     mask = keep.gather(2, idx.unsqueeze(0).expand(draws, G, n)).view([draws, G] + spatial)
 
@@ -195,6 +203,11 @@ def drop_cluster(
     if inplace:
         return x.mul_(mask)
     return x * mask
+
+
+@torch.jit.unused
+def _apply_fused(x: Tensor, labels: Tensor, keep: Tensor) -> Tensor:
+    return fused_drop.apply_cluster_keep(x, labels, keep)
 
 
 # int32 rather than int16: DistributedDataParallel broadcasts buffers, and neither gloo nor NCCL
