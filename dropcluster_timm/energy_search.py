@@ -76,6 +76,7 @@ class EnergySearch:
             torch.rand(self.num_states, self.num_units, generator=g) < self.keep_prob, g)
         self.energies = torch.full((self.num_states,), float('inf'))
         self.best_state = self.population[0].clone()
+        self._proposed = None  # (step, proposals): what update() scores, drawn once per step
 
     def _generator(self, step: int) -> torch.Generator:
         # One stream per (seed, step): resuming needs no generator state, and processes agree.
@@ -99,6 +100,8 @@ class EnergySearch:
         each member's trial state. Deterministic for (seed, step)."""
         if self.converged:
             raise RuntimeError('the search has converged: use best_state')
+        if self._proposed is not None and self._proposed[0] == self.step:
+            return self._proposed[1]
         g = self._generator(self.step)
         s, d = self.num_states, self.num_units
         # a, b, c: three distinct members other than j (a random permutation of the others per j)
@@ -111,7 +114,8 @@ class EnergySearch:
         take = torch.rand(s, d, generator=g) < self.crossover
         take[torch.arange(s), torch.randint(d, (s,), generator=g)] = True
         trials = self._fill_empty_groups(torch.where(take, mutant, self.population), g)
-        return torch.cat([self.population, trials])
+        self._proposed = (self.step, torch.cat([self.population, trials]))
+        return self._proposed[1]
 
     def update(self, energies: Tensor) -> Tensor:
         """Take the energies of ``proposals()`` (same order) and evolve; returns the best state.
@@ -166,6 +170,7 @@ class EnergySearch:
         self.population = state['population'].to(torch.bool).cpu().clone()
         self.energies = state['energies'].float().cpu().clone()
         self.best_state = state['best_state'].to(torch.bool).cpu().clone()
+        self._proposed = None
 
     def __repr__(self) -> str:
         return (f'EnergySearch(units={self.num_units}, groups={len(self.group_sizes)}, states={self.num_states}, '
