@@ -27,7 +27,6 @@ class TrainState:
         self.peak_drop_rate = 0.0  # what the run really did with DropCluster, for run.json and cards
         self.reclusterings = 0
         self.soft_resets = 0
-        self.edropout_steps = 0  # evolution steps of the EDropout energy search
 
     def state_dict(self):
         return dict(self.__dict__)
@@ -81,7 +80,6 @@ def train_one_epoch(
         if search is not None and not search.converged and state.global_step % edropout_interval == 0:
             with accelerator.autocast():
                 edropout_step(unwrapped, search, images[:edropout_batch], targets[:edropout_batch], loss_fn)
-            state.edropout_steps = search.step
         with accelerator.accumulate(model):
             output = model(images)
             loss = loss_fn(output, targets)
