@@ -32,6 +32,7 @@ from torch import Tensor
 
 from .drop_cluster import DropCluster2d, resample_cluster_map
 from .energy_search import EnergySearch
+from .model_helpers import _distributed  # one definition of "a process group of several"
 
 __all__ = ['edropout', 'EDropout2d', 'drop_cluster_state', 'EDropCluster2d', 'EDROPOUT_UNITS', 'add_edropout',
            'edropout_layers', 'set_edropout_state', 'edropout_state', 'state_energies', 'edropout_step',
@@ -263,11 +264,6 @@ def make_search(model: nn.Module, **kwargs) -> EnergySearch:
     search = EnergySearch(sizes, **kwargs)
     set_edropout_state(model, search.best_state)
     return search
-
-
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized() \
-        and torch.distributed.get_world_size() > 1
 
 
 @torch.no_grad()
