@@ -9,6 +9,7 @@ no timing is asserted anywhere). Runs on CPU, and on CUDA too when a GPU is pres
 
     python -m benchmarks.bench_layer            # full run (the Ward loops take ~1.5 min on 2 cores)
     python -m benchmarks.bench_layer --quick    # smaller repeat counts, skips the largest Ward case
+    python -m benchmarks.bench_layer --device cuda --sections layers modes --dtype bfloat16 --channels-last
 """
 import argparse
 import statistics
@@ -28,6 +29,8 @@ from .timing import synchronize, time_interleaved
 LAYER_SHAPES = [(64, 256, 14), (64, 64, 56), (32, 64, 112)]
 # (batch, channels, size, num_clusters): cluster size 49 (a 7x7 block).
 CLUSTER_SHAPES = [(64, 256, 14, 4), (64, 64, 56, 64), (64, 64, 112, 256)]
+# The tables main() can print, in order.
+SECTIONS = ['layers', 'modes', 'clustering', 'methods']
 # The Ward loop clusters map by map: it is timed on this many maps of a layer and scaled.
 WARD_MAPS = 16
 
@@ -40,13 +43,25 @@ def _forward_backward(layer, x, grad):
     return run
 
 
-def bench_layers(device, repeats, drop_prob=0.1, block_size=7):
-    print(f'\n## Forward + backward, {device.type}, drop_prob={drop_prob}, block/cluster 7x7 '
-          f'(median of {repeats}, ratio to the `x * mask` floor)\n')
+def _input(shape, device, dtype, channels_last):
+    """A leaf input of ``shape`` in the benchmarked dtype and memory format."""
+    x = torch.randn(*shape, device=device, dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x.requires_grad_()
+
+
+def _layout(dtype, channels_last):
+    return str(dtype).replace('torch.', '') + (', channels_last' if channels_last else '')
+
+
+def bench_layers(device, repeats, drop_prob=0.1, block_size=7, dtype=torch.float32, channels_last=False):
+    print(f'\n## Forward + backward, {device.type}, {_layout(dtype, channels_last)}, drop_prob={drop_prob}, '
+          f'block/cluster 7x7 (median of {repeats}, ratio to the `x * mask` floor)\n')
     print('| shape | floor ms | DropCluster2d per-channel | DropCluster2d coupled | DropBlock2d per-channel | DropBlock2d coupled |')
     print('|---|---|---|---|---|---|')
     for b, c, s in LAYER_SHAPES:
-        x = torch.randn(b, c, s, s, device=device, requires_grad=True)
+        x = _input((b, c, s, s), device, dtype, channels_last)
         grad = torch.randn_like(x)
         feats = torch.randn(8, c, s, s, device=device)
         per_channel = DropCluster2d(drop_prob, block_size=block_size, device=device).train()
@@ -176,12 +191,13 @@ def bench_methods(device, quick, b=64, c=64, s=56, k=64):
               flush=True)
 
 
-def bench_drop_modes(device, repeats, drop_prob=0.1, shape=(64, 64, 56, 56)):
+def bench_drop_modes(device, repeats, drop_prob=0.1, shape=(64, 64, 56, 56), dtype=torch.float32,
+                     channels_last=False):
     """Forward + backward of the reference drop modes, against the `x * mask` floor."""
     b, c, h, w = shape
-    print(f'\n## Drop modes, forward + backward, {device.type}, {b}x{c}x{h}x{w}, drop_prob={drop_prob}, '
-          f'7x7 clusters (median of {repeats}, ratio to the `x * mask` floor)\n')
-    x = torch.randn(*shape, device=device, requires_grad=True)
+    print(f'\n## Drop modes, forward + backward, {device.type}, {_layout(dtype, channels_last)}, {b}x{c}x{h}x{w}, '
+          f'drop_prob={drop_prob}, 7x7 clusters (median of {repeats}, ratio to the `x * mask` floor)\n')
+    x = _input(shape, device, dtype, channels_last)
     grad = torch.randn_like(x)
     feats = torch.randn(8, c, h, w, device=device)
     mask = (torch.rand_like(x) > drop_prob).to(x.dtype) / (1 - drop_prob)
@@ -205,17 +221,27 @@ def main():
     parser.add_argument('--quick', action='store_true', help='fewer repeats, skip the largest Ward case')
     parser.add_argument('--repeats', type=int, default=None, help='timed repeats per layer (default 15, quick 5)')
     parser.add_argument('--device', action='append', help='device(s) to run on (default: cpu, and cuda if present)')
+    parser.add_argument('--sections', nargs='+', choices=SECTIONS, default=SECTIONS,
+                        help='tables to print (default: all)')
+    parser.add_argument('--dtype', choices=('float32', 'bfloat16', 'float16'), default='float32',
+                        help='input dtype of the layer and drop-mode tables')
+    parser.add_argument('--channels-last', action='store_true', help='channels_last inputs in those tables')
     args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
     repeats = args.repeats or (5 if args.quick else 15)
     devices = args.device or (['cpu'] + (['cuda'] if torch.cuda.is_available() else []))
     print(f'torch {torch.__version__}, {torch.get_num_threads()} CPU threads'
           + (f', {torch.cuda.get_device_name()}' if torch.cuda.is_available() else ''))
     for name in devices:
         device = torch.device(name)
-        bench_layers(device, repeats)
-        bench_drop_modes(device, repeats)
-        bench_clustering(device, args.quick)
-        bench_methods(device, args.quick)
+        if 'layers' in args.sections:
+            bench_layers(device, repeats, dtype=dtype, channels_last=args.channels_last)
+        if 'modes' in args.sections:
+            bench_drop_modes(device, repeats, dtype=dtype, channels_last=args.channels_last)
+        if 'clustering' in args.sections:
+            bench_clustering(device, args.quick)
+        if 'methods' in args.sections:
+            bench_methods(device, args.quick)
 
 
 if __name__ == '__main__':

@@ -192,8 +192,7 @@ def drop_cluster(
         # One fused kernel reads x once and keeps only the small table for the backward
         # (``fused_drop``); the result is bit-identical to the torch path below.
         return _apply_fused(x, labels, keep)
-    keep = keep.to(x.dtype)
-    mask = keep.gather(2, idx.unsqueeze(0).expand(draws, G, n)).view([draws, G] + spatial)
+    mask = _keep_mask(keep, idx, x)
 
     if with_noise:
         noise = torch.randn_like(x) * (1.0 - mask)
@@ -203,6 +202,21 @@ def drop_cluster(
     if inplace:
         return x.mul_(mask)
     return x * mask
+
+
+def _keep_mask(keep: Tensor, idx: Tensor, x: Tensor) -> Tensor:
+    """The mask ``keep[d, g, idx[m, s]]`` of shape ``(draws, G, *spatial)`` in x's dtype."""
+    draws = keep.shape[0]
+    G = keep.shape[1]
+    table = keep.to(x.dtype)
+    half = x.dtype == torch.float16 or x.dtype == torch.bfloat16
+    if half:
+        # The same bits gathered as int16: on the CPU that is 4-5x faster than gathering the half types.
+        table = table.view(torch.int16)
+    mask = table.gather(2, idx.unsqueeze(0).expand(draws, G, idx.shape[1])).view([draws, G] + list(x.shape[2:]))
+    if half:
+        mask = mask.view(x.dtype)
+    return mask
 
 
 @torch.jit.unused
