@@ -186,8 +186,6 @@ def drop_cluster(
         if x.dtype == torch.float16 or x.dtype == torch.bfloat16:
             # A scale past the dtype's range would cast to inf (and 0 * inf to NaN).
             keep = keep.clamp(max=_max_finite(x.dtype))
-    # Cast the (B, G, K) table, not the full-size mask. (B, G, *spatial) with G = 1 or C broadcasts
-    # over x in any memory format.
     if x.is_cuda and not with_noise and not inplace and not torch.jit.is_scripting():
         # One fused kernel reads x once and keeps only the small table for the backward
         # (``fused_drop``); the result is bit-identical to the torch path below.
@@ -208,6 +206,8 @@ def _keep_mask(keep: Tensor, idx: Tensor, x: Tensor) -> Tensor:
     """The mask ``keep[d, g, idx[m, s]]`` of shape ``(draws, G, *spatial)`` in x's dtype."""
     draws = keep.shape[0]
     G = keep.shape[1]
+    # Cast the (draws, G, K) table, not the full-size mask; (draws, G, *spatial) with G = 1 or C
+    # broadcasts over x in any memory format.
     table = keep.to(x.dtype)
     half = x.dtype == torch.float16 or x.dtype == torch.bfloat16
     if half:
