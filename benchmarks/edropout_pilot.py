@@ -102,7 +102,7 @@ def top1(model, x: torch.Tensor, y: torch.Tensor, device) -> float:
 def train(model, args, data, seed: int, epochs: int, lr: float, search=None, device='cpu') -> Dict[str, float]:
     """SGD (Nesterov, wd 5e-4) with a per-step cosine schedule; with ``search``, an EDropout evolution
     step every ``args.interval`` batches. Returns the seconds spent training and in the energy steps."""
-    train_idx = balanced_split(data['train_y'], args.train_images // 10, seed)
+    train_idx = balanced_split(data['train_y'], args.train_images // 10, torch.Generator().manual_seed(seed))
     x_all, y_all = data['train_x'][train_idx], data['train_y'][train_idx]
     steps = len(x_all) // args.batch_size
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)

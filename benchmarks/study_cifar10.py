@@ -127,10 +127,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def splits(labels_train: torch.Tensor, labels_test: torch.Tensor, args) -> Dict[str, torch.Tensor]:
-    val = balanced_split(labels_train, args.val_images // 10, seed=12345)
-    out = {'val': val, 'test': balanced_split(labels_test, args.test_images // 10, seed=54321)}
+    val = balanced_split(labels_train, args.val_images // 10, torch.Generator().manual_seed(12345))
+    out = {'val': val, 'test': balanced_split(labels_test, args.test_images // 10, torch.Generator().manual_seed(54321))}
     for seed in range(args.seeds):
-        out[f'train_seed{seed}'] = balanced_split(labels_train, max(args.train_sizes) // 10, seed=seed, exclude=val)
+        out[f'train_seed{seed}'] = balanced_split(labels_train, max(args.train_sizes) // 10, torch.Generator().manual_seed(seed),
+                                                   exclude=val)
     return out
 
 
@@ -192,9 +193,9 @@ def run_one(job: Dict[str, Any]) -> Dict[str, Any]:
     """Train and evaluate one (arm, size, seed, rate); returns the row for the results file."""
     cfg = job['cfg']
     torch.set_num_threads(cfg['threads'])
-    cache = str(Path(cfg['cache_dir']) / 'cifar10_uint8.pt')
-    if cache not in _DATA:  # loaded once per worker process
-        _DATA[cache] = torch.load(cache)
+    cache = cfg['cache_dir']
+    if cache not in _DATA:  # loaded once per worker process (from the cache main() wrote)
+        _DATA[cache] = load_cifar10('', cache)
     data = _DATA[cache]
     device = torch.device(cfg['device'])
     arm, size, seed, rate, epochs = job['arm'], job['size'], job['seed'], job['rate'], job['epochs']
@@ -516,7 +517,7 @@ def main(argv=None) -> int:
             return 2
         print(write_card_table(json.loads(results_path.read_text()), args.output))
         return 0
-    if not Path(args.data).exists() and not (Path(args.cache_dir) / 'cifar10_uint8.pt').exists():
+    if not Path(args.data).exists() and not (Path(args.cache_dir) / 'cifar10_uint8.safetensors').exists():
         print(f'skipped: CIFAR-10 not found at {args.data} (see ../shared/data/README.md; --data PATH)')
         return 0
     results = run_study(args)

@@ -17,7 +17,7 @@ _MOVED = {
     'evaluate': 'evaluate', 'evaluate_checkpoint': 'evaluate', 'format_corruption_report': 'evaluate',
     'init_cluster_maps': 'model_helpers', 'cluster_state': 'model_helpers',
     'TrainState': 'train.loop', 'train_one_epoch': 'train.loop',
-    'build_model': 'train.builders', 'make_schedule': 'train.builders', 'schedule_warnings': 'train.builders',
+    'build_model': 'train.builders', 'make_schedule': 'train.recipe', 'schedule_warnings': 'train.recipe',
     'recluster': 'train.builders', 'use_cpu_cores': 'train.builders',
     'save_checkpoint': 'train.run_folder', 'find_checkpoint': 'train.run_folder',
     'check_checkpoint_files': 'train.run_folder', 'load_checkpoint': 'train.run_folder',

@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, 'train_timm.py')
@@ -80,12 +81,12 @@ def load_checkpoint_clusters(folder):
 
 
 def tiny_cifar_cache(folder, n_train=60, n_test=40):
-    """A CIFAR-shaped cache file ``folder/cifar10_uint8.pt`` of random images (for pipeline tests);
+    """A CIFAR-shaped cache file ``folder/cifar10_uint8.safetensors`` of random images (for pipeline tests);
     returns its content."""
     g = torch.Generator().manual_seed(0)
     data = {'train_x': torch.randint(0, 256, (n_train, 3, 32, 32), dtype=torch.uint8, generator=g),
             'train_y': torch.arange(n_train) % 10,
             'test_x': torch.randint(0, 256, (n_test, 3, 32, 32), dtype=torch.uint8, generator=g),
             'test_y': torch.arange(n_test) % 10}
-    torch.save(data, os.path.join(folder, 'cifar10_uint8.pt'))
+    save_file(data, os.path.join(folder, 'cifar10_uint8.safetensors'))
     return data

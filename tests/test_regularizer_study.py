@@ -1,185 +1,200 @@
-""" benchmarks/regularizer_study: matched arms, deterministic paired runs, resumable phases, choice rules.
-The real CIFAR-10 --quick pipeline is a slow test that skips where the data is absent."""
+""" The regulariser study's harness: separate random streams, arms paired from the first step to the
+last, matched dropped fractions, the recipe of the package, one rule for duplicate rows, rows that
+re-run bit for bit. Runs on synthetic CIFAR-shaped data; the end-to-end ones need the CIFAR-10 archive."""
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from benchmarks.regularizer_study import arms as A
-from benchmarks.regularizer_study import protocol, run
-from benchmarks.regularizer_study.data import augment, cutout
-from run_helpers import tiny_cifar_cache
+from benchmarks.regularizer_study import run as R
+from benchmarks.regularizer_study.data import load_cifar10
+from benchmarks.regularizer_study.rows import append_row, merge_rows, read_rows
+from benchmarks.regularizer_study.streams import PURPOSES, purpose_seed, stream
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR = REPO.parent / 'shared' / 'data' / 'cifar10-jpg.tar.gz'
+needs_cifar = pytest.mark.skipif(not CIFAR.exists(), reason=f'CIFAR-10 archive not found at {CIFAR}')
 
-CFG = dict(run.QUICK)
+
+def _fake_data(n_train=200, n_test=100):
+    g = torch.Generator().manual_seed(0)
+    return {'train_x': torch.randint(0, 256, (n_train, 3, 32, 32), dtype=torch.uint8, generator=g),
+            'train_y': torch.arange(n_train) % 10,
+            'test_x': torch.randint(0, 256, (n_test, 3, 32, 32), dtype=torch.uint8, generator=g),
+            'test_y': torch.arange(n_test) % 10}
 
 
-@pytest.fixture(scope='module')
-def calibration():
-    """DropBlock calibration tables for the quick model, with few draws (the runner uses more)."""
-    cache = {}
-    for block, feat in ((5, (8, 8)), (3, (8, 8)), (7, (32, 32))):
-        cache[(block, feat)] = A.calibrate_dropblock(block, feat, draws=6)
+def test_streams_differ_by_purpose_and_repeat_by_seed():
+    draws = {p: torch.rand(4, generator=stream(3, p)) for p in PURPOSES}
+    assert len({tuple(d.tolist()) for d in draws.values()}) == len(PURPOSES)
+    assert torch.equal(torch.rand(4, generator=stream(3, 'order')), draws['order'])
+    assert purpose_seed(3, 'order') != purpose_seed(4, 'order')
+    with pytest.raises(ValueError, match='unknown random stream'):
+        stream(0, 'data order')
+
+
+def test_every_arm_of_a_seed_starts_from_the_same_weights():
+    params = {arm: dict(A.build_model(arm, R.TINY, seed=5).named_parameters()) for arm in A.ARMS}
+    ref = params['none']
+    for arm, p in params.items():
+        assert p.keys() == ref.keys(), arm
+        assert all(torch.equal(p[k], ref[k]) for k in ref), arm
+    other = dict(A.build_model('none', R.TINY, seed=6).named_parameters())
+    assert not torch.equal(other['conv1.weight'], ref['conv1.weight'])
+
+
+def test_drop_slots_and_maps_sit_where_the_protocol_says():
+    model = A.build_model('dropcluster', R.CPU, seed=0)
+    maps = {n: tuple(m.cluster_map.shape[1:]) for n, m in A.regulariser_layers(model)}
+    assert maps == {'maxpool.drop_cluster': (32, 32), 'layer1.0.drop_block': (32, 32), 'layer2.0.drop_block': (16, 16)}
+    counts = {n: int(m.cluster_counts.max()) for n, m in A.regulariser_layers(model)}
+    assert min(counts.values()) >= 16  # learned and grid partitions can differ
+    blocks = A.build_model('dropblock', R.CPU, seed=0)
+    assert [n for n, _ in A.regulariser_layers(blocks)] == [n.replace('drop_cluster', 'drop_block') for n in maps]
+    assert A.regulariser_layers(A.build_model('none', R.CPU, seed=0)) == []
+
+
+def _recorded_inputs(arm, monkeypatch, seed=1):
+    """The images of every training step of a tiny run of ``arm`` (forward inputs with grad enabled)."""
+    seen = []
+    build = A.build_model
+
+    def recording_build(arm_, cfg, seed_):
+        model = build(arm_, cfg, seed_)
+        model.register_forward_pre_hook(
+            lambda m, args: seen.append(args[0].detach().clone()) if torch.is_grad_enabled() else None)
+        return model
+
+    monkeypatch.setattr(A, 'build_model', recording_build)
+    row = R.run_one(arm, seed, R.TINY, 'cpu', _fake_data(), commit='test')
+    monkeypatch.setattr(A, 'build_model', build)
+    return seen, row
+
+
+def test_two_arms_of_a_seed_see_the_same_batches_and_augmentations_to_the_last_step(monkeypatch):
+    none, _ = _recorded_inputs('none', monkeypatch)
+    clustered, row = _recorded_inputs('dropcluster', monkeypatch)
+    blocks, _ = _recorded_inputs('dropblock', monkeypatch)
+    assert row['reclusters'] == 2 and len(none) == R.TINY['epochs'] * (R.TINY['train_images'] // R.TINY['batch_size']) > 1
+    assert len(clustered) == len(none) == len(blocks)
+    for step, (a, b, c) in enumerate(zip(none, clustered, blocks)):
+        assert torch.equal(a, b) and torch.equal(a, c), f'step {step} differs'
+    cut, _ = _recorded_inputs('cutout', monkeypatch)
+    for a, b in zip(none, cut):  # the same images, each with one square of at most 8 x 8 pixels changed
+        changed = (a != b).any(1).flatten(1).sum(1)
+        assert bool((changed <= 64).all()) and bool((changed > 0).any())
+    other_seed, _ = _recorded_inputs('none', monkeypatch, seed=2)
+    assert not torch.equal(other_seed[0], none[0])
+
+
+def test_drop_arms_drop_the_target_fraction_and_the_recipe_ramps_them():
+    data = _fake_data()
+    for arm, tol in (('dropcluster', 0.015), ('dropcluster_grid', 0.015), ('dropblock', 0.03)):
+        row = R.run_one(arm, 0, R.TINY, 'cpu', data, commit='test')
+        assert row['final_rate'] == pytest.approx(0.1)
+        assert row['dropped_fraction'] == pytest.approx(0.1, abs=tol), arm
+        assert len(row['dropped_fraction_layers']) == 3
+    assert R.run_one('none', 0, R.TINY, 'cpu', data, commit='test')['dropped_fraction'] == 0.0
+
+
+def test_a_run_is_deterministic_on_the_cpu():
+    data = _fake_data()
+    a = R.run_one('dropcluster', 3, R.TINY, 'cpu', data, commit='test')
+    b = R.run_one('dropcluster', 3, R.TINY, 'cpu', data, commit='test')
+    for key in ('top1', 'mca', 'train_top1', 'final_loss', 'dropped_fraction', 'corruptions'):
+        assert a[key] == b[key], key
+    assert a['command'][-4:] == ['--arm', 'dropcluster', '--seed', '3'] and a['deterministic']
+
+
+def test_duplicate_rows_merge_when_identical_and_are_refused_when_they_conflict(tmp_path):
+    row = dict(config='cpu', arm='none', seed=0, top1=50.0, train_time_s=10.0)
+    assert merge_rows([row, dict(row, train_time_s=12.0)]) == [row]
+    with pytest.raises(ValueError, match='cpu/none/0 disagree on top1'):
+        merge_rows([row, dict(row, top1=51.0)])
+    append_row(tmp_path, row)
+    append_row(tmp_path, dict(row, seed=1))
+    (tmp_path / 'runs_gpu.jsonl').write_text(json.dumps(row) + '\n')
+    assert [r['seed'] for r in read_rows(tmp_path)] == [0, 1]
+    (tmp_path / 'runs_bad.jsonl').write_text('{"config": "cpu"\n')
+    with pytest.raises(ValueError, match='runs_bad.jsonl:1: not a JSON line'):
+        read_rows(tmp_path)
+
+
+def test_missing_jobs_are_seed_major():
+    rows = [dict(config='cpu', arm='none', seed=0)]
+    jobs = R.missing_jobs(R.CPU, rows, [0, 1])
+    assert [(j['seed'], j['arm']) for j in jobs[:5]] == [(0, a) for a in A.ARMS[1:]] + [(1, 'none')]
+
+
+def test_command_line_errors():
+    with pytest.raises(SystemExit):
+        R.parse_args(['--arm', 'none'])
+    with pytest.raises(SystemExit):
+        R.parse_args([])
+    with pytest.raises(SystemExit):
+        R.parse_args(['--arm', 'dropblock_timm', '--seed', '0'])
+
+
+def test_the_study_refuses_another_checkout_of_the_package(monkeypatch, tmp_path):
+    monkeypatch.setattr(R, 'REPO', tmp_path)
+    with pytest.raises(SystemExit, match='not from this checkout'):
+        R.check_package_location()
+
+
+def test_data_files_are_checked(tmp_path):
+    from safetensors.torch import save_file
+    bad = tmp_path / 'cifar.tar.gz'
+    bad.write_bytes(b'not the archive')
+    with pytest.raises(ValueError, match='sha256'):
+        load_cifar10(str(bad), str(tmp_path / 'cache'))
+    cache = tmp_path / 'cache2'
+    cache.mkdir()
+    save_file({'train_x': torch.zeros(5, 3, 32, 32, dtype=torch.uint8)}, str(cache / 'cifar10_uint8.safetensors'))
+    with pytest.raises(ValueError, match='train_y must be 5 int64 labels, got missing'):
+        load_cifar10('unused', str(cache))
+    fake = _fake_data()
+    save_file(dict(fake, test_y=fake['test_y'] + 5), str(cache / 'cifar10_uint8.safetensors'))
+    with pytest.raises(ValueError, match='test_y holds labels outside 0..9'):
+        load_cifar10('unused', str(cache))
+
+
+@pytest.fixture(scope='session')
+def cifar_cache(tmp_path_factory):
+    if not CIFAR.exists():
+        pytest.skip(f'CIFAR-10 archive not found at {CIFAR}')
+    cache = tmp_path_factory.mktemp('cifar_cache')
+    load_cifar10(str(CIFAR), str(cache))
     return cache
 
 
-@pytest.mark.parametrize('rate', [0.1, 0.25])
-def test_matched_arms_drop_the_target_fraction_and_timm_dropblock_does_not(calibration, rate):
-    x = torch.randn(32, 3, 64, 64)
-    measured = {}
-    for arm in A.REGULARISED:
-        model = A.build_model(arm, CFG, calibration)
-        A.set_rate(model, rate)
-        fractions = A.measure_dropped_fraction(model, x, draws=6)
-        assert fractions, arm
-        measured[arm] = fractions
-        if arm == 'dc_hopkins_stages':  # maps without structure stay undropped: at most the rate
-            assert all(f <= rate * 1.25 for f in fractions.values()), (arm, fractions)
-        elif arm != 'dropblock_timm':
-            for name, f in fractions.items():
-                assert f == pytest.approx(rate, abs=0.25 * rate), (arm, name, f)
-    # timm's DropBlock (gamma_scale 0.25 in stage 3) drops clearly less than its nominal rate there
-    stage3 = [f for n, f in measured['dropblock_timm'].items() if n.startswith('layer3')]
-    assert max(stage3) < 0.85 * rate
-    # placements: stem arms regularise only the stem slot, stage arms only stages 3-4
-    assert set(measured['dc_stem']) == {'maxpool.drop_cluster'} and set(measured['dropblock_stem']) == {'maxpool.drop_block'}
-    assert {n.split('.')[0] for n in measured['dropblock_matched']} == {'layer3', 'layer4'}
-    assert set(measured['dropblock_matched']) == set(measured['dc_grid_stages'])
-
-
-def test_arms_share_initial_weights_per_seed(calibration):
-    params = {}
-    for arm in A.ALL_ARMS:
-        torch.manual_seed(7)
-        model = A.build_model(arm, CFG, calibration)
-        params[arm] = {k: v for k, v in model.state_dict().items() if k.endswith(('weight', 'bias'))}
-    ref = params['none']
-    for arm, p in params.items():
-        assert p.keys() == ref.keys() and all(torch.equal(p[k], ref[k]) for k in ref), arm
-
-
-def test_augment_and_cutout_on_the_batch_device():
-    x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
-    a = augment(x, torch.Generator().manual_seed(0))
-    b = augment(x, torch.Generator().manual_seed(0))
-    assert torch.equal(a, b) and a.shape == (8, 3, 32, 32) and 0 <= a.min() and a.max() <= 1
-    c = cutout(torch.zeros(64, 3, 32, 32), 16, torch.Generator().manual_seed(1), fill=1.0)
-    area = c[:, 0].sum((1, 2))
-    assert area.max() == 256 and area.min() >= 64  # a 16x16 square, clipped at the border down to 8x8
-
-
-def _job(tmp_path, calibration, **kw):
-    cfg = dict(CFG, val_images=100, test_images=100, corruption_images=20, cluster_images=16)
-    job = dict(phase='final', regime='n200_e2', arm='dc_stem', rate=0.2, seed=3, config=cfg, device='cpu',
-               threads=1, calibration=calibration, cache=str(tmp_path / 'cifar10_uint8.pt'))
-    tiny_cifar_cache(tmp_path, n_train=400, n_test=100)
-    job.update(kw)
-    job['key'] = f"{job['phase']}/{job['arm']}/{job['seed']}"
-    return job
-
-
-def test_run_is_deterministic_and_records_the_protocol(tmp_path, calibration):
-    job = _job(tmp_path, calibration)
-    a, b = run.run_one(job), run.run_one(job)
-    timing = ('train_time_s', 'images_per_s', 'total_time_s')
-    assert {k: v for k, v in a.items() if k not in timing} == {k: v for k, v in b.items() if k not in timing}
-    assert a['deterministic'] and a['reclusters'] >= 1 and a['train_size'] == 200 and a['epochs'] == 2
-    assert a['test_images'] == 100 and a['corruption_images'] == 20 and len(a['corruptions']) == 8
-    assert set(a['dropped_fraction']) == {'maxpool.drop_cluster'}
-    other = run.run_one(dict(job, seed=4, key='other'))
-    assert other['val_top1'] != a['val_top1'] or other['final_loss'] != a['final_loss']  # the seed matters
-
-
-def _row(phase, regime, arm, seed, val, rate=None):
-    return dict(key=f'{phase}/{regime}/{arm}/{rate}/{seed}', phase=phase, regime=regime, arm=arm, seed=seed,
-                rate=rate, val_top1=val)
-
-
-def test_choice_rules():
-    seeds = [0, 1, 2]
-    rows = [_row('regime', 'n1_e1', 'none', s, 50 + s) for s in seeds]
-    rows += [_row('regime', 'n1_e1', 'cutout', s, 50 + s + d) for s, d in zip(seeds, (0.4, -0.3, 0.1))]  # no gain
-    assert protocol.choose_regime(rows, ['n1_e1'], seeds) is None
-    rows += [_row('regime', 'n2_e1', 'none', s, 40 + s) for s in seeds]
-    assert protocol.choose_regime(rows, ['n1_e1', 'n2_e1'], seeds) is None  # cutout runs of n2_e1 missing
-    rows += [_row('regime', 'n2_e1', 'cutout', s, 42 + s + 0.1 * s) for s in seeds]  # a clear gain
-    assert protocol.choose_regime(rows, ['n1_e1', 'n2_e1'], seeds) == 'n2_e1'
-    tune = [_row('tune', 'n2_e1', 'dc_stem', s, v, rate) for rate, vals in ((0.1, (60, 62)), (0.2, (61, 61)),
-                                                                            (0.3, (59, 60))) for s, v in zip((0, 1), vals)]
-    assert protocol.choose_rate(tune, 'dc_stem', 'n2_e1', [0.1, 0.2, 0.3], [0, 1]) == 0.1  # tie: smaller rate
-    assert protocol.choose_rate(tune[:-1], 'dc_stem', 'n2_e1', [0.1, 0.2, 0.3], [0, 1]) is None
-
-
-def test_jobs_resume_and_need_earlier_choices(tmp_path):
-    plan = {'config': CFG, 'chosen_regime': None, 'chosen_rates': {}}
-    regime_jobs = run.make_jobs('regime', plan, [])
-    assert len(regime_jobs) == len(CFG['regimes']) * 2 * len(CFG['regime_seeds'])
-    done = [dict(j) for j in regime_jobs[:3]]
-    assert len(run.make_jobs('regime', plan, done)) == len(regime_jobs) - 3
-    with pytest.raises(RuntimeError, match='no regime chosen'):
-        run.make_jobs('tune', plan, [])
-    plan['chosen_regime'] = CFG['regimes'][0]
-    base = [a for a in A.ARMS if a in A.REGULARISED]
-    assert len(run.make_jobs('tune', plan, [])) == len(base) * len(CFG['rates']) * len(CFG['tune_seeds'])
-    with pytest.raises(RuntimeError, match='no rate chosen'):
-        run.make_jobs('final', plan, [])
-    plan['chosen_rates'] = {arm: 0.1 for arm in base}
-    final = run.make_jobs('final', plan, [])
-    assert len(final) == len(A.ARMS) * len(CFG['final_seeds'])
-    # option arms join the tune and final phases of the folder that was given them
-    with_options = dict(plan, option_arms=['dc_gap_stages', 'dc_softreset_stages'])
-    tune = run.make_jobs('tune', with_options, [])
-    assert sorted({j['arm'] for j in tune} - set(base)) == ['dc_gap_stages', 'dc_softreset_stages']
-    with pytest.raises(RuntimeError, match='dc_gap_stages'):
-        run.make_jobs('final', with_options, [])
-    only = dict(with_options, options_only=True, forced_regime=CFG['regimes'][0])
-    assert run.make_jobs('regime', only, []) == []
-    assert {j['arm'] for j in run.make_jobs('tune', only, [])} == {'dc_stages', 'dc_gap_stages', 'dc_softreset_stages'}
-    with pytest.raises(RuntimeError, match='--regime'):
-        run.make_jobs('regime', dict(only, forced_regime=None), [])
-    assert [j['seed'] for j in final[:len(A.ARMS)]] == [CFG['final_seeds'][0]] * len(A.ARMS)  # whole pairs first
-    # results from several machines merge: runs*.jsonl, unique keys
-    (tmp_path / 'runs.jsonl').write_text(json.dumps(dict(final[0], val_top1=1.0)) + '\n')
-    (tmp_path / 'runs_gpu2.jsonl').write_text(json.dumps(dict(final[0], val_top1=1.0)) + '\n'
-                                              + json.dumps(dict(final[1], val_top1=2.0)) + '\n')
-    assert len(run.read_rows(tmp_path)) == 2
-    (tmp_path / 'runs_bad.jsonl').write_text('{not json\n')
-    with pytest.raises(ValueError, match='runs_bad.jsonl:1'):
-        run.read_rows(tmp_path)
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not CIFAR.exists(), reason=f'CIFAR-10 archive not found at {CIFAR}')
-def test_quick_pipeline_on_cifar10(tmp_path):
-    """--quick on the real CIFAR-10: every phase, a resumed second command, and the report."""
-    from benchmarks.regularizer_study import report
+@needs_cifar
+def test_driver_writes_rows_that_re_run_alone_bit_for_bit(cifar_cache, tmp_path, capsys):
     results = tmp_path / 'results'
-    argv = ['--quick', '--results', str(results), '--cache-dir', str(tmp_path / 'cache'), '--parallel', '2',
-            '--regime', 'n200_e2', '--budget-minutes', '60']  # at 2 epochs Cutout need not help: the regime is forced for the pipeline
-    assert run.main(argv + ['--max-runs', '3']) == 0  # a first chunk
-    assert len(run.read_rows(results)) == 3
-    assert run.main(argv) == 0  # resumes and finishes every phase
-    plan = json.loads((results / 'plan.json').read_text())
-    rows = run.read_rows(results)
-    assert {r['phase'] for r in rows} == {'regime', 'tune', 'final'}
-    assert set(plan['chosen_rates']) == set(A.REGULARISED)
-    assert len([r for r in rows if r['phase'] == 'final']) == len(A.ARMS) * len(run.QUICK['final_seeds'])
-    markdown, table = report.build_report(report.load_rows(results), plan)
-    assert 'regime' in markdown.lower() and table['columns']
+    args = ['--config', 'tiny', '--results', str(results), '--seeds', '0', '0', '--cache-dir', str(cifar_cache)]
+    assert R.main(args) == 0
+    rows = read_rows(results)
+    assert sorted(r['arm'] for r in rows) == sorted(A.ARMS)
+    assert R.main(args) == 0 and '0 runs left' in capsys.readouterr().out  # done rows are skipped
+    row = next(r for r in rows if r['arm'] == 'dropcluster')
+    out = subprocess.run([sys.executable] + row['command'][1:] + ['--cache-dir', str(cifar_cache)], cwd=REPO,
+                         capture_output=True, text=True, check=True).stdout
+    again = json.loads(out.strip().splitlines()[-1])
+    assert again['top1'] == row['top1']
+    assert {k: v for k, v in again.items() if 'time' not in k} == {k: v for k, v in row.items() if 'time' not in k}
 
 
-def test_option_arms_run_their_option(tmp_path, calibration, monkeypatch):
-    """The BRB arm soft-resets before every re-clustering but the first; the ramp arm uses its shape."""
-    resets = []
-    monkeypatch.setattr(run, 'soft_reset', lambda model, opt, factor, seed: resets.append((factor, seed)))
-    cfg = dict(CFG, val_images=100, test_images=100, corruption_images=20, cluster_images=16, reclusters=2)
-    row = run.run_one(_job(tmp_path, calibration, arm='dc_softreset_stages', phase='tune', regime='n200_e3',
-                           config=cfg))
-    assert row['reclusters'] >= 2 and len(resets) == row['reclusters'] - 1 and resets[0][0] == 0.9
-    assert A.schedule_shape('dc_expramp_stages') == 'exponential' and A.schedule_shape('dc_stages') == 'linear'
-    model = A.build_model('dc_gmm_stages', CFG)
-    from dropcluster_timm import dropcluster_layers
-    assert {layer.cluster_method for _, layer in dropcluster_layers(model)} == {'gmm'}
+@needs_cifar
+def test_device_script_dry_run_on_the_cpu(cifar_cache, tmp_path):
+    out = tmp_path / 'device_out'
+    env = dict(__import__('os').environ, DEVICE='cpu', CONFIG='tiny', SEEDS='1 1', PARALLEL='2', BUDGET='5',
+               DATA=str(CIFAR), CACHE_DIR=str(cifar_cache), OUT=str(out), COMMIT='0123abc')
+    subprocess.run(['bash', 'benchmarks/device_study.sh'], cwd=REPO, env=env, check=True, capture_output=True)
+    rows = read_rows(out)
+    assert sorted(r['arm'] for r in rows) == sorted(A.ARMS) and {r['seed'] for r in rows} == {1}
+    assert 'runs done' in (out / 'driver.txt').read_text()
+    subprocess.run(['bash', 'benchmarks/device_study.sh'], cwd=REPO, env=env, check=True, capture_output=True)
+    assert '0 runs left' in (out / 'driver.txt').read_text() and len(read_rows(out)) == 5

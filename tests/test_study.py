@@ -21,15 +21,15 @@ RESULTS = REPO / 'benchmarks' / 'results' / 'study_cifar10'  # the committed stu
 
 def test_balanced_split_is_balanced_nested_and_excludes():
     labels = torch.arange(10).repeat_interleave(30)
-    val = study.balanced_split(labels, 5, seed=1)
+    val = study.balanced_split(labels, 5, torch.Generator().manual_seed(1))
     assert torch.bincount(labels[val], minlength=10).tolist() == [5] * 10
-    train = study.balanced_split(labels, 20, seed=2, exclude=val)
+    train = study.balanced_split(labels, 20, torch.Generator().manual_seed(2), exclude=val)
     assert not set(train.tolist()) & set(val.tolist())
     # interleaved by class: every prefix of a multiple of 10 is class-balanced (the size regimes)
     assert torch.bincount(labels[train[:70]], minlength=10).tolist() == [7] * 10
-    assert torch.equal(train, study.balanced_split(labels, 20, seed=2, exclude=val))
+    assert torch.equal(train, study.balanced_split(labels, 20, torch.Generator().manual_seed(2), exclude=val))
     with pytest.raises(ValueError, match='requested'):
-        study.balanced_split(labels, 26, seed=2, exclude=val)
+        study.balanced_split(labels, 26, torch.Generator().manual_seed(2), exclude=val)
 
 
 def test_augment_crops_padded_images_and_flips():

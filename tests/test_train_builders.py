@@ -76,7 +76,7 @@ def test_recluster_runs_outside_accelerates_autocast():
 def test_reference_options_reach_the_layers_and_the_schedule():
     from dropcluster_timm import dropcluster_layers
     from dropcluster_timm.train import build_model, parse_train_args
-    from dropcluster_timm.train.builders import make_schedule
+    from dropcluster_timm.train.recipe import make_schedule
     cfg = parse_train_args(['--cluster-count', 'gap', '--min-cluster-size', '4', '--max-cluster-size', '64',
                             '--skip-unstructured', '--cluster-drop-mode', 'size', '--batch-shared-mask',
                             '--drop-cluster', '0.2', '--drop-cluster-shape', 'multistep',

@@ -4,8 +4,8 @@ import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader, TensorDataset
 
-from dropcluster_timm import DropCluster2d, DropClusterSchedule
-from dropcluster_timm.train import TrainState, train_one_epoch
+from dropcluster_timm import DropCluster2d
+from dropcluster_timm.train import DropClusterConfig, DropClusterRecipe, TrainState, train_one_epoch
 
 
 class _Sched:
@@ -13,7 +13,7 @@ class _Sched:
         pass
 
 
-def _setup(seed=0):
+def _setup(seed=0, drop_block=False):
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), DropCluster2d(0.0, block_size=2),
                                 torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 2))
@@ -21,8 +21,9 @@ def _setup(seed=0):
     accelerator = Accelerator(cpu=True)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     model, optimizer, loader = accelerator.prepare(model, optimizer, DataLoader(data, batch_size=4))
-    schedule = DropClusterSchedule(0.2, start_epoch=0, warmup_epochs=1, steps_per_epoch=len(loader))
-    return accelerator, model, optimizer, loader, schedule
+    recipe = DropClusterRecipe(DropClusterConfig(rate=0.2, start_epoch=0, warmup_epochs=1), len(loader),
+                               drop_block=drop_block)
+    return accelerator, model, optimizer, loader, recipe
 
 
 def test_rate_stepped_per_batch_and_callback_after_each():
@@ -48,14 +49,14 @@ def test_resume_mid_epoch_skips_the_batches_done():
 
 
 def test_drop_block_baseline_ramps_like_dropcluster():
-    """A plain timm model's DropBlock layers follow the same schedule with drop_block=True."""
+    """A plain timm model's DropBlock layers follow the same ramp with drop_block=True."""
     from timm.layers import DropBlock2d
-    accelerator, model, optimizer, loader, schedule = _setup()
+    accelerator, model, optimizer, loader, schedule = _setup(drop_block=True)
     block = DropBlock2d(0.3, block_size=3)
     accelerator.unwrap_model(model)[1] = block
     rates = []
     train_one_epoch(accelerator, model, loader, optimizer, torch.nn.CrossEntropyLoss(), _Sched(), schedule,
-                    TrainState(), progress=False, drop_block=True, on_step=lambda s: rates.append(block.drop_prob))
+                    TrainState(), progress=False, on_step=lambda s: rates.append(block.drop_prob))
     assert rates == pytest.approx([0.2 * i / 5 for i in range(5)])
 
 

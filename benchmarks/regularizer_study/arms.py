@@ -1,31 +1,21 @@
-""" The study's arms: the same timm ResNet and recipe, only the regulariser differs.
+""" The study's five arms: one small CIFAR network, one recipe; only the regulariser differs.
 
-    none                no structured dropout
-    cutout              positive control: Cutout on the input images (not tuned, no rate)
-    dropblock_timm      DropBlock as timm configures it (``drop_block_rate``: stages 3-4, gamma_scale
-                        0.25 in stage 3, channels coupled), so it drops less than its nominal rate
-    dropblock_matched   DropBlock in the same slots, per channel, gamma_scale 1, its rate calibrated
-                        so the measured dropped fraction equals the target rate, as DropCluster's does
-    dropblock_stem      matched DropBlock in the stem slot of ``dc_stem``
-    dc_stages, dc_stem  DropCluster with learned (rena) clusters in stages 3-4 or in the stem
-    dc_grid_*           DropCluster with fixed grid clusters at the same placement: the control for "learned"
-    dc_random_*         DropCluster with random connected clusters at the same placement
+    none              no regulariser
+    cutout            the positive control: one 8 px Cutout square per training image
+    dropblock         timm's DropBlock2d in the drop slots, per channel, its drop_prob calibrated so
+                      that the measured dropped fraction equals the target rate (blocks overlap and
+                      are clipped at the border, so DropBlock's gamma formula alone drops less)
+    dropcluster       DropCluster2d in the same slots with learned clusters (the layer's default method)
+    dropcluster_grid  the same layers with a fixed grid partition of the same cluster count: the
+                      control that isolates "learned"
 
-Option arms (``run.py --option-arms``), each ``dc_stages`` with one of the reference options:
-
-    dc_gap_stages       per-map cluster counts from the gap statistic (``dc_cluster_count='gap'``)
-    dc_hopkins_stages   maps without spatial structure left undropped (``dc_skip_unstructured``)
-    dc_sizedrop_stages  size-dependent cluster rates (``dc_drop_mode='size'``)
-    dc_shared_stages    one mask for the whole batch (``dc_batch_shared``)
-    dc_kmedoids_stages, dc_gmm_stages   k-medoids / Gaussian-mixture re-clustering
-    dc_expramp_stages   the 'exponential' ramp shape instead of the linear one
-    dc_softreset_stages BRB: a soft reset (keep 90%) before every re-clustering after the first
-
-Block and cluster sizes are matched: DropBlock blocks of side 5 (stage 3), 3 (stage 4) and 7 (stem),
-DropCluster clusters of 25, 9 and 49 elements (the zoo's defaults for those slots).
+The network: timm's ResNet with a CIFAR stem (one 3x3 stride-1 conv, no max-pool), so the drop slots
+(the stem and the blocks of ``drop_stages``) see 32x32 and 16x16 maps. Blocks and clusters are
+``block_size`` on a side (16 elements at 4): a 16x16 map holds 16 clusters, a 32x32 map 64, so
+learned and grid partitions can differ.
 """
 from collections import OrderedDict
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Tuple
 
 import numpy as np
 import torch
@@ -33,105 +23,94 @@ import torch.nn as nn
 from timm.layers import DropBlock2d
 
 import timm
-import dropcluster_timm  # noqa: F401  registers resnet18_dropcluster
-from dropcluster_timm import set_drop_prob
+from dropcluster_timm import dropcluster_layers, set_drop_prob  # (the import registers resnet18_dropcluster)
 from dropcluster_timm.drop_cluster import DropClusterNd
 
-__all__ = ['ARMS', 'OPTION_ARMS', 'ALL_ARMS', 'REGULARISED', 'DC_ARMS', 'schedule_shape', 'soft_reset_factor',
-           'build_model', 'set_rate', 'regulariser_layers',
-           'calibrate_dropblock', 'measure_dropped_fraction']
+from .streams import purpose_seed
 
-ARMS = ('none', 'cutout', 'dropblock_timm', 'dropblock_matched', 'dropblock_stem', 'dc_stages', 'dc_stem',
-        'dc_grid_stages', 'dc_grid_stem', 'dc_random_stages', 'dc_random_stem')
-# name -> (model arguments, schedule shape, soft reset factor or None), on top of dc_stages
-OPTION_ARMS = {
-    'dc_gap_stages': (dict(dc_cluster_count='gap'), 'linear', None),
-    'dc_hopkins_stages': (dict(dc_skip_unstructured=True), 'linear', None),
-    'dc_sizedrop_stages': (dict(dc_drop_mode='size'), 'linear', None),
-    'dc_shared_stages': (dict(dc_batch_shared=True), 'linear', None),
-    'dc_kmedoids_stages': (dict(dc_cluster_method='kmedoids'), 'linear', None),
-    'dc_gmm_stages': (dict(dc_cluster_method='gmm'), 'linear', None),
-    'dc_expramp_stages': ({}, 'exponential', None),
-    'dc_softreset_stages': ({}, 'linear', 0.9),
-}
-ALL_ARMS = ARMS + tuple(OPTION_ARMS)
-REGULARISED = tuple(a for a in ALL_ARMS if a not in ('none', 'cutout'))  # the arms with a tuned rate
-DC_ARMS = tuple(a for a in ALL_ARMS if a.startswith('dc_'))
-_BLOCK = {'stem': 7, 3: 5, 4: 3}
+__all__ = ['ARMS', 'DROP_ARMS', 'CLUSTER_ARMS', 'build_model', 'set_rate', 'calibrate_dropblock',
+           'measure_dropped_fraction']
+
+ARMS = ('none', 'cutout', 'dropblock', 'dropcluster', 'dropcluster_grid')
+DROP_ARMS = ('dropblock', 'dropcluster', 'dropcluster_grid')
+CLUSTER_ARMS = ('dropcluster', 'dropcluster_grid')
 
 
-def _dc_settings(arm: str) -> Tuple[str, Dict]:
-    method = 'grid' if '_grid_' in arm else 'random' if '_random_' in arm else 'rena'
-    placement = dict(dc_stages=(), dc_stem=True) if arm.endswith('_stem') else dict(dc_stages=(3, 4), dc_stem=False)
-    if arm in OPTION_ARMS:
-        placement.update(OPTION_ARMS[arm][0])
-        method = placement.pop('dc_cluster_method', method)
-    return method, placement
-
-
-def schedule_shape(arm: str) -> str:
-    """The drop-rate ramp shape of ``arm`` (``'linear'`` but for ``dc_expramp_stages``)."""
-    return OPTION_ARMS[arm][1] if arm in OPTION_ARMS else 'linear'
-
-
-def soft_reset_factor(arm: str) -> Optional[float]:
-    """The BRB soft-reset factor of ``arm``, or ``None`` for no soft reset."""
-    return OPTION_ARMS[arm][2] if arm in OPTION_ARMS else None
-
-
-def build_model(arm: str, cfg: Dict, calibration_cache: Optional[Dict] = None) -> nn.Module:
-    """The arm's model, rate 0 (the schedule sets it); ``cfg``: layers, channels, img_size."""
-    if arm not in ALL_ARMS:
-        raise ValueError(f'unknown arm {arm!r}, expected one of {ALL_ARMS}')
-    kwargs = dict(num_classes=10, layers=tuple(cfg['layers']), channels=tuple(cfg['channels']),
-                  stem_width=cfg['channels'][0], output_stride=8)
-    if arm.startswith('dc_'):
-        method, placement = _dc_settings(arm)
-        return timm.create_model('resnet18_dropcluster', drop_cluster_rate=0.0, img_size=cfg['img_size'],
-                                 dc_cluster_method=method, **placement, **kwargs)
-    if arm == 'dropblock_timm':
-        # timm builds DropBlock layers only for a non-zero rate; the schedule starts them at 0.
-        model = timm.create_model('resnet18', drop_block_rate=0.1, **kwargs)
-        set_drop_prob(model, 0.0, drop_block=True)
-        return model
-    model = timm.create_model('resnet18', **kwargs)
-    if arm in ('dropblock_matched', 'dropblock_stem'):
-        feats = _feature_sizes(model, cfg['img_size'])
-        cache = calibration_cache if calibration_cache is not None else {}
-        if arm == 'dropblock_matched':
-            for stage in (3, 4):
-                for blk in getattr(model, f'layer{stage}'):
-                    blk.drop_block = _matched_dropblock(_BLOCK[stage], feats[stage], cache)
+def build_model(arm: str, cfg: Dict, seed: int) -> nn.Module:
+    """The arm's network at rate 0 (the recipe ramps it), initial weights from the ``init`` stream
+    of ``seed``: identical in every arm of a seed. ``cfg``: layers, channels, drop_stages, block_size, img_size."""
+    if arm not in ARMS:
+        raise ValueError(f'unknown arm {arm!r}, expected one of {ARMS}')
+    width = cfg['channels'][0]
+    # stem_type 'deep' makes the stem end in `width` channels; its convs are replaced below.
+    kwargs = dict(num_classes=10, layers=tuple(cfg['layers']), channels=tuple(cfg['channels']), stem_type='deep',
+                  stem_width=width // 2)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(purpose_seed(seed, 'init'))
+        if arm in CLUSTER_ARMS:
+            method = dict(dc_cluster_method='grid') if arm == 'dropcluster_grid' else {}
+            model = timm.create_model('resnet18_dropcluster', drop_cluster_rate=0.0, dc_stem=True,
+                                      dc_stages=tuple(cfg['drop_stages']), dc_block_size=cfg['block_size'],
+                                      **method, **kwargs)
         else:
-            model.maxpool = nn.Sequential(OrderedDict([
-                ('drop_block', _matched_dropblock(_BLOCK['stem'], feats['stem'], cache)), ('pool', model.maxpool)]))
+            model = timm.create_model('resnet18', **kwargs)
+        model.conv1 = nn.Conv2d(3, width, 3, stride=1, padding=1, bias=False)
+        nn.init.kaiming_normal_(model.conv1.weight, mode='fan_out', nonlinearity='relu')  # as timm's ResNet
+    if arm in CLUSTER_ARMS:
+        model.maxpool.pool = nn.Identity()
+        _grid_maps(model, cfg['img_size'])
+    elif arm == 'dropblock':
+        feats = _slot_sizes(model, cfg)
+        model.maxpool = nn.Sequential(OrderedDict([('drop_block', _matched_dropblock(cfg['block_size'], feats[0])),
+                                                   ('pool', nn.Identity())]))
+        for stage in cfg['drop_stages']:
+            for block in getattr(model, f'layer{stage}'):
+                block.drop_block = _matched_dropblock(cfg['block_size'], feats[stage])
+    else:
+        model.maxpool = nn.Identity()
     return model
 
 
-def _feature_sizes(model: nn.Module, img_size: int) -> Dict:
-    """Spatial size of the stem output (before pooling) and of stages 3 and 4."""
-    red = {info['module']: info['reduction'] for info in model.feature_info}
-    size = lambda r: (-(-img_size // r),) * 2  # noqa: E731  'same'-padded convs and pools round up
-    return {'stem': size(red['act1']), 3: size(red['layer3']), 4: size(red['layer4'])}
+@torch.no_grad()
+def _grid_maps(model: nn.Module, img_size: int) -> None:
+    """Grid maps sized for the CIFAR stem (the model was built with timm's stride-4 stem)."""
+    def hook(layer, args):
+        layer.set_cluster_map(layer.grid_map(list(args[0].shape[2:]), layer.cluster_map.device))
+
+    handles = [layer.register_forward_pre_hook(hook) for _, layer in dropcluster_layers(model)]
+    try:
+        model.eval()(torch.zeros(1, 3, img_size, img_size))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train()
 
 
-def _matched_dropblock(block_size: int, feat: Tuple[int, int], cache: Dict) -> DropBlock2d:
+def _slot_sizes(model: nn.Module, cfg: Dict) -> Dict[int, Tuple[int, int]]:
+    """Spatial size at the stem (key 0) and in each stage: stride 1 stem, stages 2-4 halve."""
+    size = cfg['img_size']
+    return {0: (size, size), **{s: ((size >> (s - 1)),) * 2 for s in (1, 2, 3, 4)}}
+
+
+_CALIBRATION: Dict[Tuple[int, Tuple[int, int]], Tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _matched_dropblock(block_size: int, feat: Tuple[int, int]) -> DropBlock2d:
     layer = DropBlock2d(drop_prob=0.0, block_size=block_size, gamma_scale=1.0, couple_channels=False)
     key = (block_size, feat)
-    if key not in cache:
-        cache[key] = calibrate_dropblock(block_size, feat)
-    layer.calibration = cache[key]  # (drop_prob grid, measured dropped fraction), read by set_rate
+    if key not in _CALIBRATION:
+        _CALIBRATION[key] = calibrate_dropblock(block_size, feat)
+    layer.calibration = _CALIBRATION[key]  # (drop_prob grid, measured dropped fraction), read by set_rate
     return layer
 
 
 @torch.no_grad()
 def calibrate_dropblock(block_size: int, feat: Tuple[int, int], draws: int = 40, seed: int = 0,
-                        grid: Sequence[float] = tuple(np.linspace(0.0, 0.9, 46))) -> Tuple[np.ndarray, np.ndarray]:
-    """Measured dropped fraction of a per-channel ``DropBlock2d`` on ``feat`` maps for every
-    ``drop_prob`` of ``grid``: DropBlock's gamma formula only approximates its rate (blocks overlap
-    and are clipped at the border), so matched arms invert this table instead."""
+                        grid: Tuple[float, ...] = tuple(np.linspace(0.0, 0.9, 46))) -> Tuple[np.ndarray, np.ndarray]:
+    """Measured dropped fraction of a per-channel ``DropBlock2d`` on ``feat`` maps at every
+    ``drop_prob`` of ``grid`` (a fixed seed: the same table in every run)."""
     layer = DropBlock2d(drop_prob=0.0, block_size=block_size, gamma_scale=1.0, couple_channels=False).train()
-    x = torch.ones(32, 4, *feat)  # 128 maps a draw: enough elements for a smooth table
+    x = torch.ones(32, 4, *feat)
     fractions = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -143,13 +122,13 @@ def calibrate_dropblock(block_size: int, feat: Tuple[int, int], draws: int = 40,
 
 
 def set_rate(model: nn.Module, rate: float) -> None:
-    """Set every regulariser of ``model`` to ``rate``: DropCluster layers and timm's DropBlock take it
-    as their drop_prob; matched DropBlock layers take the drop_prob whose measured fraction is ``rate``."""
+    """Every regulariser of ``model`` at ``rate``: DropCluster layers take it as their drop_prob,
+    calibrated DropBlock layers the drop_prob whose measured dropped fraction is ``rate``."""
     set_drop_prob(model, rate)
     for module in model.modules():
         if isinstance(module, DropBlock2d):
-            table = getattr(module, 'calibration', None)
-            module.drop_prob = float(rate if table is None or rate == 0 else np.interp(rate, table[1], table[0]))
+            grid, fraction = module.calibration
+            module.drop_prob = float(0.0 if rate == 0 else np.interp(rate, fraction, grid))
 
 
 def regulariser_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
@@ -157,9 +136,10 @@ def regulariser_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
 
 
 @torch.no_grad()
-def measure_dropped_fraction(model: nn.Module, x: torch.Tensor, draws: int = 4) -> Dict[str, float]:
-    """Fraction of each regulariser's non-zero inputs that it zeroes, in training mode at the current
-    rate, over ``draws`` forwards of ``x``. BatchNorm statistics are saved and restored."""
+def measure_dropped_fraction(model: nn.Module, x: torch.Tensor, seed: int, draws: int = 4) -> Dict[str, float]:
+    """Share of the non-zero inputs that the regularisers zero, in training mode at their current
+    rate, over ``draws`` forwards of ``x``: ``{'all': ..., layer name: ...}`` ({} without any).
+    The masks come from the ``dropped_fraction`` stream; BatchNorm statistics are restored."""
     layers = regulariser_layers(model)
     if not layers:
         return {}
@@ -176,12 +156,16 @@ def measure_dropped_fraction(model: nn.Module, x: torch.Tensor, draws: int = 4) 
     handles = [m.register_forward_hook(hook(n)) for n, m in layers]
     was_training = model.training
     try:
-        model.train()
-        for _ in range(draws):
-            model(x)
+        with torch.random.fork_rng(devices=[x.device] if x.device.type == 'cuda' else []):
+            torch.manual_seed(purpose_seed(seed, 'dropped_fraction'))
+            model.train()
+            for _ in range(draws):
+                model(x)
     finally:
         for h in handles:
             h.remove()
         model.load_state_dict(state)
         model.train(was_training)
-    return {n: c[0] / max(c[1], 1) for n, c in counts.items()}
+    out = {'all': sum(c[0] for c in counts.values()) / max(1, sum(c[1] for c in counts.values()))}
+    out.update({n: c[0] / max(c[1], 1) for n, c in counts.items()})
+    return out

@@ -1,5 +1,6 @@
 """ CIFAR-10 for the study: decoded once into uint8 tensors, class-balanced splits, augmentation on
 the device that holds the images (GPU or CPU), so no per-image PIL pipeline sits in the loop."""
+import hashlib
 import os
 import tarfile
 from pathlib import Path
@@ -7,24 +8,31 @@ from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from timm.data import create_dataset
 
-__all__ = ['load_cifar10', 'balanced_split', 'augment', 'cutout']
+__all__ = ['CIFAR10_SHA256', 'load_cifar10', 'balanced_split', 'augment', 'cutout']
+
+
+CIFAR10_SHA256 = '1fde636a137192241399fe9928af8c30ba7c867ca7901121faa671a7363be792'  # ../shared/data/README.md
 
 
 def load_cifar10(data: str, cache_dir: str) -> Dict[str, torch.Tensor]:
     """``{'train_x', 'train_y', 'test_x', 'test_y'}``: uint8 ``(N, 3, 32, 32)`` images and int64 labels.
 
-    ``data`` is ``cifar10-jpg.tar.gz`` or its unpacked ImageFolder root (``train/``, ``test/``); the
-    decoded tensors are cached in ``cache_dir``.
+    ``data`` is ``cifar10-jpg.tar.gz`` (its sha256 is checked) or its unpacked ImageFolder root
+    (``train/``, ``test/``); the decoded tensors are cached in ``cache_dir`` as safetensors.
     """
-    cache = Path(cache_dir) / 'cifar10_uint8.pt'
+    cache = Path(cache_dir) / 'cifar10_uint8.safetensors'
     if cache.exists():
-        return torch.load(cache)
+        return _checked(load_file(str(cache)), cache)
     root = Path(data)
     if not root.exists():
         raise FileNotFoundError(f'CIFAR-10 not found at {data} (see ../shared/data/README.md)')
     if root.is_file():
+        digest = hashlib.sha256(root.read_bytes()).hexdigest()
+        if digest != CIFAR10_SHA256:
+            raise ValueError(f'{root}: sha256 {digest} is not that of the CIFAR-10 archive ({CIFAR10_SHA256})')
         folder = Path(cache_dir) / 'images'
         if not (folder / 'test').is_dir():
             folder.mkdir(parents=True, exist_ok=True)
@@ -40,18 +48,34 @@ def load_cifar10(data: str, cache_dir: str) -> Dict[str, torch.Tensor]:
             images.append(torch.frombuffer(bytearray(img.convert('RGB').tobytes()), dtype=torch.uint8).view(32, 32, 3))
             labels.append(label)
         out[f'{split}_x'] = torch.stack(images).permute(0, 3, 1, 2).contiguous()
-        out[f'{split}_y'] = torch.tensor(labels)
+        out[f'{split}_y'] = torch.tensor(labels, dtype=torch.int64)
+    _checked(out, root)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix('.tmp')
-    torch.save(out, tmp)
+    tmp = cache.with_name(f'{cache.name}.{os.getpid()}.tmp')
+    save_file(out, str(tmp))
     os.replace(tmp, cache)
     return out
 
 
-def balanced_split(labels: torch.Tensor, per_class: int, seed: int, exclude: Optional[torch.Tensor] = None):
-    """``per_class`` indices of every class drawn by ``seed``, interleaved by class, so that every
-    prefix of a multiple of 10 is class-balanced and a larger count extends a smaller one."""
-    g = torch.Generator().manual_seed(seed)
+def _checked(data: Dict[str, torch.Tensor], source) -> Dict[str, torch.Tensor]:
+    """Refuse anything but uint8 ``(N, 3, 32, 32)`` images with one int64 label in 0..9 each."""
+    for split in ('train', 'test'):
+        x, y = data.get(f'{split}_x'), data.get(f'{split}_y')
+        if x is None or x.dtype != torch.uint8 or x.dim() != 4 or tuple(x.shape[1:]) != (3, 32, 32):
+            got = 'missing' if x is None else f'{x.dtype} {tuple(x.shape)}'
+            raise ValueError(f'{source}: {split}_x must be uint8 images of shape (N, 3, 32, 32), got {got}')
+        if y is None or y.dtype != torch.int64 or tuple(y.shape) != (len(x),):
+            got = 'missing' if y is None else f'{y.dtype} {tuple(y.shape)}'
+            raise ValueError(f'{source}: {split}_y must be {len(x)} int64 labels, got {got}')
+        if len(y) and (int(y.min()) < 0 or int(y.max()) > 9):
+            raise ValueError(f'{source}: {split}_y holds labels outside 0..9')
+    return data
+
+
+def balanced_split(labels: torch.Tensor, per_class: int, generator: torch.Generator,
+                   exclude: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``per_class`` indices of every class (none of ``exclude``), drawn with ``generator``,
+    interleaved by class, so that every prefix of a multiple of 10 is class-balanced."""
     keep = torch.ones(len(labels), dtype=torch.bool)
     if exclude is not None:
         keep[exclude] = False
@@ -60,7 +84,7 @@ def balanced_split(labels: torch.Tensor, per_class: int, seed: int, exclude: Opt
         idx = torch.nonzero((labels == c) & keep).flatten()
         if len(idx) < per_class:
             raise ValueError(f'class {c} has {len(idx)} images, {per_class} requested')
-        chosen.append(idx[torch.randperm(len(idx), generator=g)[:per_class]])
+        chosen.append(idx[torch.randperm(len(idx), generator=generator)[:per_class]])
     return torch.stack(chosen, 1).flatten()
 
 

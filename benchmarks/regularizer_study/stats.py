@@ -1,117 +1,72 @@
-""" The study's statistics: paired differences by seed, Holm's correction and equivalence tests (TOST).
+""" The study's statistics, from scipy and statsmodels: paired differences by seed with t intervals,
+Holm's correction over the primary family, and paired equivalence tests (TOST).
 
-Runs are paired by seed across arms (same data, order, augmentation and initial weights), so every
-comparison works on the per-seed differences: seed-to-seed variation, which is usually larger than
-the effects studied, cancels out.
+Runs are paired by seed across arms (same subset, batches, augmentation and initial weights), so every
+comparison works on the per-seed differences: the seed-to-seed variation cancels out.
 """
 import math
-from typing import Dict, Mapping, Sequence, Tuple
+from typing import Dict, List, Mapping, Sequence, Tuple
 
 import numpy as np
-from scipy import stats as _st
+from statsmodels.stats.multitest import multipletests
+from statsmodels.stats.weightstats import DescrStatsW, ttost_paired
 
-__all__ = ['mean_std', 'mean_ci', 'paired_difference', 'holm', 'tost']
+__all__ = ['mean_std', 'paired_difference', 'holm', 'tost']
 
 _NAN = float('nan')
 
 
 def mean_std(values: Sequence[float]) -> Tuple[float, float]:
-    """Mean and sample standard deviation (ddof=1); std 0.0 for one value, (nan, nan) for none."""
+    """Mean and sample standard deviation (ddof=1); std nan for one value, (nan, nan) for none."""
     x = np.asarray(list(values), dtype=np.float64)
     if x.size == 0:
         return _NAN, _NAN
-    return float(x.mean()), float(x.std(ddof=1)) if x.size > 1 else 0.0
+    return float(x.mean()), float(x.std(ddof=1)) if x.size > 1 else _NAN
 
 
-def mean_ci(values: Sequence[float], confidence: float = 0.95) -> Tuple[float, float, float]:
-    """Mean and its t interval (low, high); the interval is nan with fewer than two values."""
-    x = np.asarray(list(values), dtype=np.float64)
-    if x.size == 0:
-        return _NAN, _NAN, _NAN
-    mean = float(x.mean())
-    if x.size < 2:
-        return mean, _NAN, _NAN
-    half = float(_st.t.ppf(0.5 + confidence / 2, x.size - 1)) * float(x.std(ddof=1)) / math.sqrt(x.size)
-    return mean, mean - half, mean + half
-
-
-def _differences(a: Mapping[int, float], b: Mapping[int, float]) -> Tuple[list, np.ndarray]:
-    """The seeds present in both and ``a[seed] - b[seed]`` for each, in seed order."""
+def _pairs(a: Mapping[int, float], b: Mapping[int, float]) -> Tuple[List[int], np.ndarray, np.ndarray]:
     seeds = sorted(set(a) & set(b))
-    return seeds, np.asarray([a[s] - b[s] for s in seeds], dtype=np.float64)
+    return seeds, np.asarray([a[s] for s in seeds], dtype=np.float64), np.asarray([b[s] for s in seeds], dtype=np.float64)
 
 
-def paired_difference(a: Mapping[int, float], b: Mapping[int, float], confidence: float = 0.95) -> Dict:
-    """Mean of ``a - b`` over the seeds in both, with a t interval and a two-sided paired t-test.
-
-    Returns n, mean, std (of the differences), ci_low, ci_high, t, p and seeds. With fewer than two
-    pairs there is no variance estimate: the interval, t and p are nan. When every difference is the
-    same the variance is zero: identical pairs give t = nan, p = 1.0 (no evidence of a difference);
-    a constant non-zero shift gives t = +-inf, p = 0.0 and an interval of width zero.
-    """
-    seeds, d = _differences(a, b)
-    n = len(d)
-    out = dict(n=n, mean=_NAN, std=_NAN, ci_low=_NAN, ci_high=_NAN, t=_NAN, p=_NAN, seeds=seeds)
-    if n == 0:
+def paired_difference(a: Mapping[int, float], b: Mapping[int, float], alpha: float = 0.05) -> Dict:
+    """Mean of ``a[seed] - b[seed]`` over the seeds in both, its ``1 - alpha`` t interval and the
+    two-sided paired t-test: ``{n, seeds, mean, std, ci_low, ci_high, t, p}`` (nan where undefined:
+    fewer than two pairs, or differences without spread)."""
+    seeds, x, y = _pairs(a, b)
+    out = dict(n=len(seeds), seeds=seeds, mean=_NAN, std=_NAN, ci_low=_NAN, ci_high=_NAN, t=_NAN, p=_NAN)
+    if not seeds:
         return out
-    mean = float(d.mean())
-    out['mean'] = mean
-    if n < 2:
-        out['std'] = 0.0
+    d = DescrStatsW(x - y)
+    out['mean'] = float(d.mean)
+    if len(seeds) < 2 or d.std == 0:
         return out
-    std = float(d.std(ddof=1))
-    out['std'] = std
-    if std == 0.0:
-        out.update(ci_low=mean, ci_high=mean)
-        if mean == 0.0:
-            out.update(t=_NAN, p=1.0)
-        else:
-            out.update(t=math.copysign(math.inf, mean), p=0.0)
-        return out
-    se = std / math.sqrt(n)
-    half = float(_st.t.ppf(0.5 + confidence / 2, n - 1)) * se
-    t = mean / se
-    out.update(ci_low=mean - half, ci_high=mean + half, t=t, p=float(2 * _st.t.sf(abs(t), n - 1)))
+    low, high = d.tconfint_mean(alpha=alpha)
+    t, p, _ = d.ttest_mean(0.0)
+    out.update(std=float(np.std(x - y, ddof=1)), ci_low=float(low), ci_high=float(high),
+               t=float(t), p=float(p))
     return out
 
 
-def holm(pvalues: Mapping[str, float]) -> Dict[str, float]:
-    """Holm-Bonferroni adjusted p-values, same keys: the i-th smallest of m p-values is multiplied by
-    m - i + 1, made non-decreasing in rank order and capped at 1. nan values pass through and do not
-    count towards m (a comparison that could not be tested is not part of the family)."""
-    finite = sorted(((p, k) for k, p in pvalues.items() if not math.isnan(p)), key=lambda pk: pk[0])
-    m = len(finite)
-    out = {k: _NAN for k, p in pvalues.items() if math.isnan(p)}
-    running = 0.0
-    for i, (p, k) in enumerate(finite):
-        running = max(running, min(1.0, (m - i) * p))  # step-down: never below an earlier, smaller rank
-        out[k] = running
-    return {k: out[k] for k in pvalues}
+def holm(pvalues: Mapping[str, float], alpha: float = 0.05) -> Dict[str, float]:
+    """Holm-adjusted p-values of a family, same keys; untestable (nan) members stay nan and are not
+    counted in the family."""
+    keys = [k for k, p in pvalues.items() if not math.isnan(p)]
+    out = {k: _NAN for k in pvalues}
+    if keys:
+        _, adjusted, _, _ = multipletests([pvalues[k] for k in keys], alpha=alpha, method='holm')
+        out.update({k: float(p) for k, p in zip(keys, adjusted)})
+    return out
 
 
-def tost(a: Mapping[int, float], b: Mapping[int, float], margin: float = 0.5, alpha: float = 0.05) -> Dict:
-    """Paired two one-sided tests for equivalence of ``a`` and ``b`` within +-``margin``.
-
-    H0: mean(a - b) <= -margin or >= +margin. Returns n, mean, margin, p_lower (H0: mean <= -margin),
-    p_upper (H0: mean >= margin), p (the larger), equivalent (p < alpha) and the (1 - 2 alpha)
-    interval ci_low, ci_high (90% for alpha 0.05): equivalence holds exactly when that interval lies
-    inside (-margin, margin). Fewer than two pairs: p nan, not equivalent.
-    """
-    seeds, d = _differences(a, b)
-    n = len(d)
-    pd = paired_difference(a, b, confidence=1 - 2 * alpha)
-    out = dict(n=n, mean=pd['mean'], margin=margin, ci_low=pd['ci_low'], ci_high=pd['ci_high'],
-               p_lower=_NAN, p_upper=_NAN, p=_NAN, equivalent=False)
-    if n < 2:
+def tost(a: Mapping[int, float], b: Mapping[int, float], margin: float, alpha: float = 0.05) -> Dict:
+    """Paired equivalence of ``a`` and ``b`` within +-``margin`` (two one-sided t-tests):
+    ``{n, margin, p, equivalent}``; equivalence holds exactly when the ``1 - 2 alpha`` interval of
+    the mean difference lies inside (-margin, margin)."""
+    seeds, x, y = _pairs(a, b)
+    out = dict(n=len(seeds), margin=margin, p=_NAN, equivalent=False)
+    if len(seeds) < 2 or np.std(x - y) == 0:
         return out
-    std = float(d.std(ddof=1))
-    mean = float(d.mean())
-    if std == 0.0:  # no noise: each one-sided null is rejected outright or not at all
-        p_lower, p_upper = float(mean <= -margin), float(mean >= margin)
-    else:
-        se = std / math.sqrt(n)
-        p_lower = float(_st.t.sf((mean + margin) / se, n - 1))
-        p_upper = float(_st.t.cdf((mean - margin) / se, n - 1))
-    p = max(p_lower, p_upper)
-    out.update(p_lower=p_lower, p_upper=p_upper, p=p, equivalent=bool(p < alpha))
+    p, _, _ = ttost_paired(x, y, -margin, margin)
+    out.update(p=float(p), equivalent=bool(p < alpha))
     return out

@@ -1,5 +1,6 @@
 """ Training with Accelerate: typed settings (``config``), the command line that builds them (``args``),
-the run's parts (``builders``), one epoch (``loop``), the run folder (``run_folder``) and the whole run
+the run's parts (``builders``), the DropCluster
+recipe (``recipe``), one epoch (``loop``), the run folder (``run_folder``) and the whole run
 (``trainer.train``).
 
     from dropcluster_timm.train import parse_train_args, train
@@ -8,8 +9,9 @@ the run's parts (``builders``), one epoch (``loop``), the run folder (``run_fold
 from .args import add_train_arguments, config_from_args, parse_train_args, parse_with_config_file
 from .builders import (
     build_accelerator, build_ema, build_loaders, build_loss, build_model, build_optimizer, build_scheduler,
-    make_schedule, recluster, schedule_warnings, use_cpu_cores)
+    recluster, use_cpu_cores)
 from .config import DataConfig, DropClusterConfig, LossConfig, ModelConfig, OptimConfig, OutputConfig, TrainConfig
+from .recipe import DropClusterRecipe, make_schedule, schedule_warnings
 from .loop import TrainState, train_one_epoch
 from .trainer import train
 
@@ -17,6 +19,7 @@ __all__ = [
     'TrainConfig', 'DataConfig', 'ModelConfig', 'DropClusterConfig', 'OptimConfig', 'LossConfig', 'OutputConfig',
     'add_train_arguments', 'config_from_args', 'parse_train_args', 'parse_with_config_file',
     'build_accelerator', 'build_loaders', 'build_model', 'build_optimizer', 'build_scheduler', 'build_ema',
-    'build_loss', 'make_schedule', 'schedule_warnings', 'recluster', 'use_cpu_cores',
+    'build_loss', 'recluster', 'use_cpu_cores',
+    'DropClusterRecipe', 'make_schedule', 'schedule_warnings',
     'TrainState', 'train_one_epoch', 'train',
 ]

@@ -2,7 +2,7 @@
 optimizer, learning-rate schedule, EMA, loss, the DropCluster schedule; re-clustering; CPU threads."""
 import dataclasses
 import os
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -23,11 +23,10 @@ from timm.utils import ModelEmaV3
 from ..data import DataBundle, cluster_batch
 from ..errors import TrainingError, first_line
 from ..model_helpers import copy_cluster_state, update_clusters
-from ..schedules import DropClusterSchedule
-from .config import DropClusterConfig, LossConfig, ModelConfig, OptimConfig, TrainConfig
+from .config import LossConfig, ModelConfig, OptimConfig, TrainConfig
 
-__all__ = ['build_accelerator', 'build_loaders', 'build_model', 'build_optimizer', 'build_scheduler', 'build_ema', 'build_loss', 'make_schedule',
-           'schedule_warnings', 'recluster', 'use_cpu_cores']
+__all__ = ['build_accelerator', 'build_loaders', 'build_model', 'build_optimizer', 'build_scheduler', 'build_ema', 'build_loss',
+           'recluster', 'use_cpu_cores']
 
 
 def build_model(cfg: ModelConfig, num_classes: Optional[int], img_size: Optional[Tuple[int, ...]] = None,
@@ -114,39 +113,6 @@ def build_loss(cfg: LossConfig, num_classes: int) -> Tuple[Optional[Mixup], nn.M
             return None, BinaryCrossEntropy(smoothing=cfg.smoothing, **bce)
         return None, LabelSmoothingCrossEntropy(smoothing=cfg.smoothing)
     return None, BinaryCrossEntropy(smoothing=0.0, **bce) if cfg.bce_loss else nn.CrossEntropyLoss()
-
-
-def make_schedule(cfg: DropClusterConfig, steps_per_epoch: int, target: Optional[float] = None) -> DropClusterSchedule:
-    """The drop-rate ramp; ``target`` replaces ``--drop-cluster`` (a DropBlock baseline's rate)."""
-    return DropClusterSchedule(
-        target=cfg.rate if target is None else target,
-        start_epoch=cfg.start_epoch,
-        warmup_epochs=cfg.warmup_epochs,
-        shape=cfg.shape,
-        update_freq=cfg.update_freq,
-        gamma=cfg.gamma,
-        milestones=cfg.milestones,
-        steps_per_epoch=steps_per_epoch,
-    )
-
-
-def schedule_warnings(schedule: DropClusterSchedule, num_epochs: int) -> List[str]:
-    """What a run of ``num_epochs`` epochs with ``schedule`` will not do that a user may expect."""
-    if schedule.target == 0.0:
-        return ['--drop-cluster is 0: the DropCluster layers stay off for the whole run']
-    warnings = []
-    peak = schedule.peak_rate(num_epochs)
-    if peak == 0.0:
-        warnings.append(f'DropCluster never switches on: the rate stays 0 for all {num_epochs} epochs '
-                        f'(--drop-cluster-start {schedule.start_epoch:g} >= --epochs {num_epochs})')
-    elif peak < schedule.target - 1e-12:
-        warnings.append(f'the drop rate reaches only {peak:.4f} of --drop-cluster {schedule.target:g} by the last '
-                        f'epoch (--drop-cluster-start {schedule.start_epoch:g} + --drop-cluster-warmup '
-                        f'{schedule.warmup_epochs:g} > --epochs {num_epochs})')
-    if peak > 0.0 and not schedule.update_epochs(num_epochs):
-        warnings.append(f'the clusters are never re-computed (--drop-cluster-update-freq {schedule.update_freq}): '
-                        'the layers keep their grid maps')
-    return warnings
 
 
 def recluster(accelerator, model: nn.Module, ema, dataset: Dataset, batch_size: int, num_batches: int,

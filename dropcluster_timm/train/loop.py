@@ -8,8 +8,7 @@ from tqdm.auto import tqdm
 
 from ..edropout import edropout_step
 from ..energy_search import EnergySearch
-from ..model_helpers import set_drop_prob
-from ..schedules import DropClusterSchedule
+from .recipe import DropClusterRecipe
 
 __all__ = ['TrainState', 'train_one_epoch']
 
@@ -36,10 +35,10 @@ class TrainState:
 
 
 def train_one_epoch(
-        accelerator, model, loader, optimizer, loss_fn, lr_scheduler, schedule: DropClusterSchedule,
+        accelerator, model, loader, optimizer, loss_fn, lr_scheduler, recipe: DropClusterRecipe,
         state: TrainState, ema=None, mixup_fn=None, clip_grad: Optional[float] = None, clip_mode: str = 'norm',
         checkpoint_fn: Optional[Callable[[str], str]] = None, checkpoint_steps: int = 0, progress: bool = True,
-        log_interval: int = 0, drop_block: bool = False, channels_last: bool = False,
+        log_interval: int = 0, channels_last: bool = False,
         max_steps: Optional[int] = None, synchronize_step: bool = False,
         on_step: Optional[Callable[[TrainState], None]] = None, search: Optional[EnergySearch] = None,
         edropout_interval: int = 1, edropout_batch: int = 16,
@@ -47,7 +46,7 @@ def train_one_epoch(
     """One epoch of training; resumes at ``state.step_in_epoch`` batches into the epoch (those batches
     are skipped without being loaded, Accelerate's ``skip_first_batches``).
 
-    The drop rate is stepped every batch (also on timm's DropBlock layers with ``drop_block``). The
+    The ``recipe`` steps the drop rate every batch. The
     loss stays on the device: the host waits for it only to print (a bar on a terminal, or a line
     every ``log_interval`` batches) and once at the end. ``checkpoint_fn(name)`` is called every
     ``checkpoint_steps`` batches (not at the end of the epoch, which the caller checkpoints);
@@ -70,8 +69,7 @@ def train_one_epoch(
     for i, (images, targets) in enumerate(batches, start=skip):
         if i >= steps:
             break
-        rate = schedule.step(epoch + i / steps)
-        set_drop_prob(unwrapped, rate, drop_block=drop_block)
+        rate = recipe.step(unwrapped, epoch + i / steps)
         state.peak_drop_rate = max(state.peak_drop_rate, rate)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -120,4 +118,4 @@ def train_one_epoch(
     state.step_in_epoch = 0
     state.epoch = epoch + 1
     mean_loss = accelerator.reduce(loss_sum / max(count, 1), reduction='mean').item()
-    return {'train_loss': mean_loss, 'drop_rate': schedule.rate, 'lr': optimizer.param_groups[0]['lr']}
+    return {'train_loss': mean_loss, 'drop_rate': recipe.schedule.rate, 'lr': optimizer.param_groups[0]['lr']}

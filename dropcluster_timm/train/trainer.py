@@ -23,14 +23,14 @@ from ..errors import TrainingError, first_line
 from ..evaluate import evaluate
 from ..model_helpers import ddp_ignore_cluster_buffers, dropcluster_layers, init_cluster_maps, set_drop_prob
 from ..prune import prune_channels
-from ..soft_reset import soft_reset
 from ..visualization import plot_cluster_maps
 from . import run_folder as rf
 from .builders import (
-    build_accelerator, build_ema, build_loaders, build_loss, build_model, build_optimizer, build_scheduler, make_schedule,
-    recluster, schedule_warnings, use_cpu_cores)
+    build_accelerator, build_ema, build_loaders, build_loss, build_model, build_optimizer, build_scheduler,
+    recluster, use_cpu_cores)
 from .config import TrainConfig
 from .loop import TrainState, train_one_epoch
+from .recipe import DropClusterRecipe, schedule_warnings
 
 __all__ = ['train']
 
@@ -101,7 +101,10 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[TrainState], None]] = No
     model, optimizer = accelerator.prepare(model, optimizer)
     steps_per_epoch = min(len(train_loader), out.train_batches_per_epoch or len(train_loader))
     lr_scheduler = build_scheduler(optimizer, o, max(1, steps_per_epoch // o.grad_accum_steps))
-    schedule = make_schedule(cfg.dropcluster, steps_per_epoch, cfg.model.drop_block_rate if drop_block else None)
+    recipe = DropClusterRecipe(cfg.dropcluster, steps_per_epoch, seed=o.seed,
+                               target=cfg.model.drop_block_rate if drop_block else None,
+                               clustered=bool(num_dropcluster), drop_block=drop_block)
+    schedule = recipe.schedule
     if num_dropcluster:
         for warning in schedule_warnings(schedule, o.epochs):
             accelerator.print(f'warning: {warning}')
@@ -150,24 +153,20 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[TrainState], None]] = No
         train_loader.set_epoch(epoch)
         if mixup_fn is not None and cfg.loss.mixup_off_epoch and epoch >= cfg.loss.mixup_off_epoch:
             mixup_fn.mixup_enabled = False
-        dc = cfg.dropcluster
-        reset = bool(dc.soft_reset_interval) and 0 < epoch and epoch % dc.soft_reset_interval == 0 \
-            and state.step_in_epoch == 0
-        if reset:  # BRB: a soft reset, identical on every process (seeded), then re-clustering
-            soft_reset(accelerator.unwrap_model(model), optimizer, dc.soft_reset_factor, dc.soft_reset_scope,
-                       seed=o.seed * 1000 + epoch)
-            state.soft_resets += 1
-        reclustered = bool(num_dropcluster) and state.step_in_epoch == 0 and (schedule.is_update_epoch(epoch) or reset)
-        if reclustered:
-            recluster(accelerator, model, ema, data.cluster, o.batch_size, cfg.dropcluster.update_batches,
-                      seed=o.seed * 1000 + epoch)
-            state.reclusterings += 1
+        # BRB soft reset and re-clustering, identical on every process (seeded from the epoch)
+        begun = recipe.begin_epoch(
+            epoch, accelerator.unwrap_model(model), optimizer, resuming=state.step_in_epoch > 0,
+            recluster=lambda seed: recluster(accelerator, model, ema, data.cluster, o.batch_size,
+                                             cfg.dropcluster.update_batches, seed=seed))
+        reset, reclustered = begun['soft_reset'], begun['reclustered']
+        state.soft_resets += reset
+        state.reclusterings += reclustered
         row = {'epoch': epoch}
         row.update(train_one_epoch(
-            accelerator, model, train_loader, optimizer, loss_fn, lr_scheduler, schedule, state, ema=ema,
+            accelerator, model, train_loader, optimizer, loss_fn, lr_scheduler, recipe, state, ema=ema,
             mixup_fn=mixup_fn, clip_grad=o.clip_grad, clip_mode=o.clip_mode, checkpoint_fn=checkpoint_fn,
             checkpoint_steps=out.checkpoint_steps, progress=out.progress, log_interval=out.log_interval,
-            drop_block=drop_block, channels_last=cfg.model.channels_last, max_steps=out.train_batches_per_epoch,
+            channels_last=cfg.model.channels_last, max_steps=out.train_batches_per_epoch,
             synchronize_step=out.synchronize_step, on_step=on_step, search=search,
             edropout_interval=cfg.edropout.interval, edropout_batch=cfg.edropout.images_per_state(o.batch_size)))
         if accelerator.num_processes > 1 and out.dist_bn and not cfg.model.sync_bn:
