@@ -12,6 +12,8 @@ The Hub token is never taken on the command line, printed or written: it comes f
 argument, the ``HF_TOKEN`` environment variable or the ``hf auth login`` cache, as everywhere in
 ``huggingface_hub``.
 """
+import contextlib
+import itertools
 import json
 import os
 import tempfile
@@ -88,7 +90,8 @@ def save_pretrained(
     # meets a half-written file, and files of an earlier save stay usable until replaced.
     with tempfile.TemporaryDirectory(dir=save_directory.parent, prefix=f'.{save_directory.name}.') as tmp:
         staging = Path(tmp)
-        save_for_hf(model, staging, model_args=model_args, safe_serialization=True, data_config=data_config)
+        with _contiguous_tensors(model):  # safetensors refuses channels-last (strided) tensors
+            save_for_hf(model, staging, model_args=model_args, safe_serialization=True, data_config=data_config)
         if model_args:
             _drop_former_names(staging / 'config.json')
         if metrics:
@@ -103,6 +106,23 @@ def save_pretrained(
             if (staging / name).exists():
                 os.replace(staging / name, save_directory / name)
     return save_directory
+
+
+@contextlib.contextmanager
+def _contiguous_tensors(model: nn.Module):
+    """Give ``model``'s non-contiguous parameters and buffers contiguous storage for the block, and
+    their own (e.g. channels-last) storage back afterwards: the Parameter objects, and so an
+    optimizer's references to them, stay the same."""
+    swapped = []
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        if not t.is_contiguous():
+            swapped.append((t, t.data))
+            t.data = t.data.contiguous()
+    try:
+        yield model
+    finally:
+        for t, data in swapped:
+            t.data = data
 
 
 def _drop_former_names(config_path: Path) -> None:
@@ -138,6 +158,10 @@ def export_plain(
     else:
         folder = Path(model_or_folder)
         _check_folder(folder)
+        out = Path(save_directory).resolve()
+        if out == folder.resolve() or out in folder.resolve().parents:
+            raise ValueError(f'the output {save_directory} is or contains the source folder {folder}: '
+                             'the export would overwrite the model it reads; give another folder')
         model = timm.create_model(f'local-dir:{folder}', pretrained=True)
         if (folder / 'metrics.json').is_file():
             metrics = load_metrics(folder / 'metrics.json')

@@ -72,3 +72,8 @@ def test_cli_export_plain_and_push_plain(trained, fake_hub, monkeypatch, capsys,
     assert 'import dropcluster_timm' not in (uploaded / 'README.md').read_text()
     assert cli_main(['export-plain', str(tmp_path / 'nope'), str(tmp_path / 'x')]) == 1
     assert 'no such folder' in capsys.readouterr().err
+    before = (out / 'config.json').read_text()
+    for target in (out, tmp_path):  # the source itself, or a folder above it
+        assert cli_main(['export-plain', str(out), str(target)]) == 1
+        assert 'is or contains the source folder' in capsys.readouterr().err
+    assert (out / 'config.json').read_text() == before
