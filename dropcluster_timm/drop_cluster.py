@@ -229,6 +229,38 @@ def _apply_fused(x: Tensor, labels: Tensor, keep: Tensor) -> Tensor:
 LABEL_DTYPE = torch.int32
 
 
+_LABEL_DTYPES = (torch.int16, torch.int32, torch.int64)
+
+
+def _cluster_values_error(cluster_map: Tensor, counts: Tensor) -> Optional[str]:
+    """Why loaded ``cluster_map`` / ``cluster_counts`` values are not a valid cluster state, or None.
+
+    Valid: signed integer labels; per map, a count K in [0, map size] with labels in [0, K) and the
+    largest label K - 1 (an undropped map: K = 0, all labels 0).
+    """
+    for name, t in (('cluster_map', cluster_map), ('cluster_counts', counts)):
+        if t.dtype not in _LABEL_DTYPES:
+            return f'{name}: dtype {t.dtype} is not a label type (int16, int32 or int64)'
+    if cluster_map.is_meta or counts.is_meta or cluster_map.numel() == 0:
+        return None
+    size = cluster_map[0].numel()
+    labels = cluster_map.flatten(1).long()
+    counts = counts.long().to(labels.device)
+    low, high = labels.amin(dim=1), labels.amax(dim=1)
+    if bool((counts < 0).any()) or bool((counts > size).any()):
+        return (f'cluster_counts: values must be in [0, {size}] (at most one cluster per element of a map), '
+                f'got {int(counts.min())} to {int(counts.max())}')
+    if bool((low < 0).any()):
+        return f'cluster_map: labels must be >= 0, got {int(low.min())}'
+    expected = torch.where(counts > 0, counts - 1, torch.zeros_like(counts))
+    bad = torch.nonzero(high != expected).flatten()
+    if len(bad):
+        m = int(bad[0])
+        return (f'cluster_map: map {m} has labels up to {int(high[m])} but cluster_counts[{m}] = {int(counts[m])} '
+                f'(labels must run from 0 to count - 1; 0 for an undropped map)')
+    return None
+
+
 class DropClusterNd(nn.Module):
     """Shared implementation of DropCluster1d/2d/3d (``spatial_dims`` set by the subclass).
 
@@ -522,6 +554,10 @@ class DropClusterNd(nn.Module):
                 error_msgs.append(f'{prefix}cluster_counts: shape {tuple(counts.shape)} does not match the '
                                   f'{incoming.shape[0]} maps of cluster_map {tuple(incoming.shape)}, '
                                   f'expected one count per map')
+                return
+            error = _cluster_values_error(incoming, counts)
+            if error is not None:  # a file from outside: the values must be what set_cluster_map makes
+                error_msgs.append(f'{prefix}{error}')
                 return
             device = self.cluster_map.device
             # Replace the buffers only when the shape or dtype changes; otherwise the default load

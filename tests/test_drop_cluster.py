@@ -350,6 +350,59 @@ def test_load_refuses_counts_not_matching_maps():
         DropCluster2d(0.1, block_size=3).load_state_dict(state)
 
 
+def _tampered(kind):
+    state = _clustered_state(4)
+    m, c = state['cluster_map'], state['cluster_counts']
+    if kind == 'huge label':
+        m = m.clone()
+        m[1, 0, 0] = 10 ** 6
+    elif kind == 'negative label':
+        m = m.clone()
+        m[2, 3, 3] = -5
+    elif kind == 'huge count':
+        c = c.clone()
+        c[0] = 10 ** 9
+    elif kind == 'count above labels':
+        c = c + 1
+    elif kind == 'bool map':
+        m = m > 0
+    elif kind == 'uint8 map':
+        m = m.to(torch.uint8)
+    elif kind == 'float counts':
+        c = c.float()
+    return dict(state, cluster_map=m, cluster_counts=c)
+
+
+@pytest.mark.parametrize('kind, words', [
+    ('huge label', 'map 1 has labels up to 1000000'), ('negative label', 'labels must be >= 0, got -5'),
+    ('huge count', 'cluster_counts: values must be in [0, 144]'), ('count above labels', 'labels must run from 0'),
+    ('bool map', 'cluster_map: dtype torch.bool is not a label type'),
+    ('uint8 map', 'cluster_map: dtype torch.uint8 is not a label type'),
+    ('float counts', 'cluster_counts: dtype torch.float32 is not a label type')])
+def test_load_refuses_cluster_values_that_are_not_a_cluster_state(kind, words):
+    layer = DropCluster2d(0.1, block_size=3)
+    before = layer.state_dict()
+    with pytest.raises(RuntimeError) as err:
+        layer.load_state_dict(_tampered(kind))
+    assert words in str(err.value)
+    assert all(torch.equal(a, b) for a, b in zip(before.values(), layer.state_dict().values()))
+    layer.load_state_dict(_clustered_state(4))  # the untampered state loads and runs
+    layer.train()(torch.randn(2, 4, 12, 12))
+
+
+def test_model_file_with_tampered_labels_is_refused_naming_the_layer(tmp_path):
+    from safetensors.torch import load_file, save_file
+    from dropcluster_timm import save_pretrained
+    model = timm.create_model('resnet18_dropcluster', num_classes=3, img_size=64)
+    update_clusters(model, torch.randn(2, 3, 64, 64))
+    folder = save_pretrained(model, tmp_path / 'm')
+    state = load_file(str(folder / 'model.safetensors'))
+    state['layer4.1.drop_block.cluster_map'][0, 0, 0] = 10 ** 6
+    save_file(state, str(folder / 'model.safetensors'))
+    with pytest.raises(RuntimeError, match=r'layer4\.1\.drop_block\.cluster_map: map 0 has labels up to 1000000'):
+        timm.create_model(f'local-dir:{folder}', pretrained=True)
+
+
 def test_channel_count_checked_and_recorded():
     with pytest.raises(ValueError, match='num_channels'):
         DropCluster2d(0.1, num_channels=0)
