@@ -35,10 +35,10 @@ __all__ = ['main']
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog='dropcluster-timm', description=__doc__.split('\n\n')[0].strip())
-    sub = parser.add_subparsers(dest='command', required=True)
+    from .train.args import ShortErrorParser, add_train_arguments  # the train options: the only place that defines them
+    parser = ShortErrorParser(prog='dropcluster-timm', description=__doc__.split('\n\n')[0].strip())
+    sub = parser.add_subparsers(dest='command', required=True)  # the subcommands' parsers are of the same class
 
-    from .train.args import add_train_arguments  # the train options: the only place that defines them
     add_train_arguments(sub.add_parser(
         'train', help='train a model with Accelerate (run under `accelerate launch` for several processes)',
         formatter_class=argparse.RawDescriptionHelpFormatter))
@@ -151,11 +151,14 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from accelerate import PartialState
     from .evaluate import evaluate_checkpoint, format_corruption_report
     from .train.run_folder import write_json_atomic
     corruptions = list(CORRUPTIONS) if args.corruptions == ['all'] else args.corruptions
     result = evaluate_checkpoint(args.checkpoint, args.dataset, args.data_dir, args.split, args.batch_size,
                                  args.workers, args.img_size, corruptions, args.severities, args.corruption_seed)
+    if not PartialState().is_main_process:  # under accelerate launch every process has the result: one reports
+        return 0
     if args.json:
         write_json_atomic(args.json, result)
     if corruptions is None:

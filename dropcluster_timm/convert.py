@@ -118,6 +118,7 @@ def drop_cluster_from_drop_block(block: DropBlock2d, **dropcluster_args: Any) ->
 def convert_drop_blocks(
         model: nn.Module,
         img_size: Optional[Union[int, Sequence[int]]] = None,
+        allow_none: bool = False,
         **dropcluster_args: Any,
 ) -> nn.Module:
     """Replace every timm ``DropBlock2d`` of ``model`` by an equivalent ``DropCluster2d`` in its place.
@@ -129,6 +130,7 @@ def convert_drop_blocks(
             a shape-only forward on the 'meta' device, else by the model's ``feature_info``), so
             checkpoints carry the cluster state from the start; without it the maps stay empty
             until the first clustering (a grid is made on the fly).
+        allow_none: return a model without DropBlock layers unchanged instead of raising.
         **dropcluster_args: ``DropCluster2d`` arguments for every layer (``drop_prob``,
             ``cluster_size``, ``num_clusters``, ``couple_channels``, ``cluster_method``, ...).
 
@@ -138,6 +140,10 @@ def convert_drop_blocks(
     if isinstance(model, DropBlock2d):
         return drop_cluster_from_drop_block(model, **dropcluster_args)
     slots = [name for name, module in model.named_modules() if isinstance(module, DropBlock2d)]
+    if not slots and not allow_none:
+        raise ValueError(f'{type(model).__name__} has no timm DropBlock2d layers to convert: build it with '
+                         "drop_block_rate > 0 (e.g. timm.create_model('resnet50', drop_block_rate=0.1)); "
+                         'architectures without DropBlock slots (ConvNeXt, EfficientNet, ...) cannot be converted')
     shapes = probe_input_shapes(model, slots, img_size) if img_size is not None and slots else {}
     param = next(model.parameters(), None)
     for name in slots:

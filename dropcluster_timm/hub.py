@@ -13,22 +13,27 @@ argument, the ``HF_TOKEN`` environment variable or the ``hf auth login`` cache, 
 ``huggingface_hub``.
 """
 import contextlib
+import ctypes
 import itertools
 import json
 import os
+import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
 import timm
 import torch.nn as nn
 from huggingface_hub import HfApi, get_token
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 from safetensors import safe_open
 from timm.models import get_model_args, save_for_hf
 
 from .model_card import CARD_MARKER, CLUSTER_MAPS_IMAGE, is_dropcluster_architecture, render_model_card, training_notes
 from .run_results import check_metrics, load_metrics
 from .models import dropcluster_model_args
+from .errors import first_line
 from .models.variants import plain_architecture
 from .visualization import plot_cluster_maps
 
@@ -85,11 +90,12 @@ def save_pretrained(
     # the current drop rate, which set_drop_prob may have changed; timm records the other arguments
     model_args = dropcluster_model_args(model)
     save_directory = Path(save_directory)
-    save_directory.mkdir(parents=True, exist_ok=True)
-    # Written beside the folder, then each file renamed into place: a reader (or a crash) never
-    # meets a half-written file, and files of an earlier save stay usable until replaced.
-    with tempfile.TemporaryDirectory(dir=save_directory.parent, prefix=f'.{save_directory.name}.') as tmp:
-        staging = Path(tmp)
+    _check_replaceable(save_directory)
+    save_directory.parent.mkdir(parents=True, exist_ok=True)
+    # The whole folder is staged beside the target, synced, then swapped in at once: a reader (or a
+    # crash) meets the old folder or the new one, never a mix of new weights and an old config.
+    staging = Path(tempfile.mkdtemp(dir=save_directory.parent, prefix=f'.{save_directory.name}.new.'))
+    try:
         with _contiguous_tensors(model):  # safetensors refuses channels-last (strided) tensors
             save_for_hf(model, staging, model_args=model_args, safe_serialization=True, data_config=data_config)
         if model_args:
@@ -99,13 +105,88 @@ def save_pretrained(
             (staging / 'metrics.json').write_text(json.dumps(metrics, indent=2))
         plot_cluster_maps(model, str(staging / CLUSTER_MAPS_IMAGE))  # writes nothing without 2-D cluster maps
         (staging / 'README.md').write_text(_folder_card(staging, repo_id), encoding='utf-8')
-        for name in ('metrics.json', CLUSTER_MAPS_IMAGE):  # this function's own files from an earlier save
-            if not (staging / name).exists():
-                (save_directory / name).unlink(missing_ok=True)
-        for name in ('model.safetensors', 'config.json', 'metrics.json', CLUSTER_MAPS_IMAGE, 'README.md'):
-            if (staging / name).exists():
-                os.replace(staging / name, save_directory / name)
+        # Every file gets the mode the umask gives config.json (safetensors writes 0600), and the folder
+        # the same with search bits (mkdtemp's 0700 is for staging only).
+        mode = (staging / 'config.json').stat().st_mode & 0o666
+        for path in staging.iterdir():
+            path.chmod(mode)
+        staging.chmod(mode | (mode & 0o444) >> 2)
+        _keep_other_files(save_directory, staging)
+        _replace_folder(staging, save_directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone already after a swap
     return save_directory
+
+
+_FOLDER_FILES = ('model.safetensors', 'config.json', 'metrics.json', CLUSTER_MAPS_IMAGE, 'README.md')
+
+
+def _check_replaceable(folder: Path) -> None:
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f'{folder} is a file, not a model folder')
+
+
+def _keep_other_files(target: Path, staging: Path) -> None:
+    """Carry what else the old folder holds (a user's notes, say) into the new one, as hard links
+    (copies across file systems): a save replaces only the files it writes."""
+    if not target.is_dir():
+        return
+    for path in target.iterdir():
+        if path.name in _FOLDER_FILES or (staging / path.name).exists():
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.copytree(path, staging / path.name, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(path, staging / path.name)
+
+
+def _link_or_copy(src, dst) -> None:
+    if os.path.islink(src):
+        os.symlink(os.readlink(src), dst)
+        return
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def _replace_folder(staging: Path, target: Path) -> None:
+    """Put the complete folder ``staging`` at ``target``: its files and itself synced first, then
+    swapped with the old folder in one step (or renamed into place when there is none)."""
+    for path in staging.iterdir():
+        if path.name in _FOLDER_FILES:
+            _fsync(path)
+    _fsync(staging)
+    if target.is_dir() and _exchange(staging, target):
+        shutil.rmtree(staging)  # now the old folder
+    else:
+        if target.is_dir():  # no atomic exchange here: move the old folder aside, then rename
+            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f'.{target.name}.old.'))
+            os.replace(target, old)
+            os.replace(staging, target)
+            shutil.rmtree(old)
+        else:
+            os.replace(staging, target)
+    _fsync(target.parent)
 
 
 @contextlib.contextmanager
@@ -241,9 +322,14 @@ def _check_folder(folder: Path) -> Dict[str, Any]:
 
 
 def _check_repo_id(repo_id: str) -> None:
-    """Raise ``ValueError`` unless ``repo_id`` is ``org/name`` (push needs the owner spelled out)."""
+    """Raise ``ValueError`` unless ``repo_id`` is a valid ``org/name`` (huggingface_hub's own rules;
+    push needs the owner spelled out)."""
     if not isinstance(repo_id, str) or repo_id.count('/') != 1 or not all(repo_id.split('/')):
         raise ValueError(f'repo_id must look like "org/name", got {repo_id!r}')
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise ValueError(f'repo_id {repo_id!r} is not a valid Hub repo id: {first_line(e)}') from None
 
 
 def resolve_push_token(repo_id: str, token: Optional[str] = None) -> str:
@@ -316,7 +402,11 @@ def push(
 
         api = HfApi(token=token, library_name='dropcluster-timm')
         try:
+            existed = private and api.repo_exists(repo_id)
             repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+            if existed:
+                warnings.warn(f'{repo_id} exists already: private=True is ignored, its visibility is unchanged '
+                              '(change it in the repo settings on the Hub)', stacklevel=2)
             if revision:
                 api.create_branch(repo_id, branch=revision, exist_ok=True)
             return api.upload_folder(

@@ -90,6 +90,9 @@ def fake_hub(monkeypatch, tmp_path):
         calls['create_repo'] = dict(repo_id=repo_id, private=private, token=self.token)
         return type('RepoUrl', (), {'repo_id': repo_id})()
 
+    def repo_exists(self, repo_id, **kwargs):  # a test lists existing repos in calls['existing']
+        return repo_id in calls.get('existing', ())
+
     def create_branch(self, repo_id, branch, exist_ok=False, **kwargs):
         calls['create_branch'] = dict(repo_id=repo_id, branch=branch)
 
@@ -103,5 +106,6 @@ def fake_hub(monkeypatch, tmp_path):
 
     monkeypatch.setattr(HfApi, 'create_repo', create_repo)
     monkeypatch.setattr(HfApi, 'create_branch', create_branch)
+    monkeypatch.setattr(HfApi, 'repo_exists', repo_exists)
     monkeypatch.setattr(HfApi, 'upload_folder', upload_folder)
     return calls, uploaded

@@ -90,3 +90,20 @@ def tiny_cifar_cache(folder, n_train=60, n_test=40):
             'test_y': torch.arange(n_test) % 10}
     save_file(data, os.path.join(folder, 'cifar10_uint8.safetensors'))
     return data
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def launch_two(args, timeout=600):
+    """``accelerate launch`` with two CPU processes over gloo, running ``args`` (a script and its
+    arguments, or ``-m module ...``); returns the finished process."""
+    env = dict(os.environ, ACCELERATE_USE_CPU='1', OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
+    cmd = [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2',
+           '--num_machines', '1', '--mixed_precision', 'no', '--dynamo_backend', 'no',
+           '--main_process_port', str(free_port())] + list(args)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)

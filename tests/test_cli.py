@@ -77,3 +77,11 @@ def test_cli_export_plain_and_push_plain(trained, fake_hub, monkeypatch, capsys,
         assert cli_main(['export-plain', str(out), str(target)]) == 1
         assert 'is or contains the source folder' in capsys.readouterr().err
     assert (out / 'config.json').read_text() == before
+
+
+def test_an_argument_error_is_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(['train', '--cluster-method', 'nope'])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count('\n') == 1
+    assert "argument --cluster-method: invalid choice: 'nope'" in err and '--help' in err

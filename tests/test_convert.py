@@ -28,14 +28,18 @@ def test_converts_every_drop_block_in_place_with_its_settings():
     assert layers['layer3.0.drop_block'].gamma_scale == 0.25  # timm's third-stage scaling is kept
 
 
-def test_without_img_size_maps_start_empty_and_a_model_without_slots_is_unchanged():
+def test_without_img_size_maps_start_empty_and_a_model_without_slots_is_refused():
     model = convert_drop_blocks(timm.create_model('resnet18', drop_block_rate=0.2))
     assert all(layer.cluster_map.numel() == 0 for _, layer in dropcluster_layers(model))
     y = model.train()(torch.randn(2, 3, 64, 64))  # a grid is made on the fly
     assert torch.isfinite(y).all()
     plain = timm.create_model('resnet18')
+    with pytest.raises(ValueError, match=r'ResNet has no timm DropBlock2d layers to convert: build it with drop_block_rate > 0'):
+        convert_drop_blocks(plain)
+    with pytest.raises(ValueError, match='cannot be converted'):
+        convert_drop_blocks(timm.create_model('convnext_atto'))
     before = [type(m) for m in plain.modules()]
-    assert [type(m) for m in convert_drop_blocks(plain).modules()] == before
+    assert [type(m) for m in convert_drop_blocks(plain, allow_none=True).modules()] == before
 
 
 def test_a_drop_block_itself_and_its_keyword_arguments():

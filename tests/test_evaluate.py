@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from run_helpers import assert_fails, run_script
+from run_helpers import assert_fails, launch_two, run_script
 
 EVALUATE = [sys.executable, '-m', 'dropcluster_timm', 'evaluate']
 
@@ -37,3 +37,13 @@ def test_old_spellings_of_evaluate_still_work(full_run, image_folder):
     module = run_script([best, '--data-dir', image_folder], command=[sys.executable, '-m', 'dropcluster_timm.training'])
     assert old.stdout == new.stdout == module.stdout and new.stdout.startswith('top1 ')
     assert 'deprecated' in old.stderr and 'deprecated' in module.stderr and 'deprecated' not in new.stderr
+
+
+def test_two_process_evaluate_reports_and_writes_once(full_run, image_folder, tmp_path):
+    out = tmp_path / 'eval.json'
+    proc = launch_two(['-m', 'dropcluster_timm', 'evaluate', os.path.join(full_run, 'best'), '--data-dir',
+                       image_folder, '--json', str(out)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith('top1 ')]
+    assert len(lines) == 1  # one process reports (and writes the JSON); both evaluated
+    assert float(lines[0].split()[1]) == pytest.approx(json.loads(out.read_text())['top1'], abs=0.01)

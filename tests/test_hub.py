@@ -1,6 +1,8 @@
 """ Hub format: save, reload through local-dir and a real (offline) HF cache, push with faked network calls."""
 import json
+import os
 import shutil
+import warnings
 
 import pytest
 import safetensors.torch
@@ -110,10 +112,16 @@ def test_push_model(trained, fake_hub, monkeypatch, capsys, tmp_path):
     monkeypatch.setenv('HF_TOKEN', TOKEN)
     metrics = tmp_path / 'metrics.json'
     metrics.write_text(json.dumps({'top1': 55.5, 'top5': 80.25, 'dataset': 'imagenette'}))
-    push(trained, 'someorg/r18-dc', private=True, revision='v1', metrics=metrics)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # a new repo: nothing to say
+        push(trained, 'someorg/r18-dc', private=True, revision='v1', metrics=metrics)
     assert calls['create_repo'] == dict(repo_id='someorg/r18-dc', private=True, token=TOKEN)
     assert calls['create_branch'] == dict(repo_id='someorg/r18-dc', branch='v1')
     assert calls['upload_folder']['revision'] == 'v1'
+    calls['existing'] = {'someorg/r18-dc'}
+    shutil.rmtree(uploaded)
+    with pytest.warns(UserWarning, match='exists already: private=True is ignored'):
+        push(trained, 'someorg/r18-dc', private=True, metrics=metrics)
     assert sorted(p.name for p in uploaded.iterdir()) == sorted(UPLOAD_FILES)  # no pickle files
     tensors = safetensors.torch.load_file(str(uploaded / 'model.safetensors'))
     for name, layer in dropcluster_layers(trained):
@@ -146,6 +154,11 @@ def test_push_errors(trained, tmp_path, monkeypatch, capsys):
 
     with pytest.raises(ValueError, match='org/name'):
         push(out, 'no-org')
+    for bad in ('a/b c', '../x', 'org/name\nmore'):  # huggingface_hub's own rules, before anything is sent
+        with pytest.raises(ValueError, match='is not a valid Hub repo id'):
+            push(out, bad)
+        with pytest.raises(ValueError, match='is not a valid Hub repo id'):
+            save_pretrained(trained, tmp_path / 'c', repo_id=bad)
     with pytest.raises(FileNotFoundError, match='model.safetensors'):
         push(tmp_path, 'someorg/r18-dc')
     with pytest.raises(SystemExit):
@@ -403,3 +416,54 @@ def test_export_plain_loads_in_stock_timm_with_the_same_outputs(variant, kwargs,
     torch.testing.assert_close(torch.load(tmp_path / 'y.pt'), expected)
     with pytest.raises(ValueError, match='not a registered'):
         export_plain(timm.create_model('resnet18'), tmp_path / 'x')
+
+
+@pytest.mark.parametrize('exchange', [True, False])  # Linux's atomic exchange, and the two-rename fallback
+def test_a_save_replaces_the_folder_whole_or_not_at_all(trained, tmp_path, monkeypatch, exchange):
+    from dropcluster_timm import hub
+    if not exchange:
+        monkeypatch.setattr(hub, '_exchange', lambda a, b: False)
+    out = tmp_path / 'out'
+    save_pretrained(trained, out, metrics={'top1': 50.0, 'top5': 90.0, 'epochs': 3})
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def crash(*args, **kwargs):  # dies after the weights and config are written, before the card
+        raise KeyboardInterrupt
+    monkeypatch.setattr(hub, '_folder_card', crash)
+    plain = timm.create_model('resnet18', num_classes=10)
+    with pytest.raises(KeyboardInterrupt):
+        save_pretrained(plain, out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the old folder, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['out']  # nothing staged is left
+    monkeypatch.undo()
+    if not exchange:
+        monkeypatch.setattr(hub, '_exchange', lambda a, b: False)
+    save_pretrained(plain, out)
+    assert json.loads((out / 'config.json').read_text())['architecture'] == 'resnet18'
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert len(set(modes.values())) == 1, modes  # model.safetensors as readable as the rest
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['out']
+
+
+def test_a_crash_while_moving_files_leaves_a_folder_that_loads(trained, tmp_path, monkeypatch):
+    """Dying between two renames (weights moved, config not yet) must not mix two saves."""
+    from dropcluster_timm import hub
+    out = tmp_path / 'out'
+    save_pretrained(trained, out)
+    real_replace, calls = os.replace, []
+
+    def dying_replace(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+    monkeypatch.setattr(hub.os, 'replace', dying_replace)
+    plain = timm.create_model('resnet18', num_classes=10)
+    try:
+        save_pretrained(plain, out)
+    except KeyboardInterrupt:
+        pass
+    monkeypatch.undo()
+    reloaded = timm.create_model(f'local-dir:{out}', pretrained=True)  # loads: old or new, not a mix
+    arch = json.loads((out / 'config.json').read_text())['architecture']
+    assert torch.equal(reloaded.fc.weight, (plain if arch == 'resnet18' else trained).fc.weight)

@@ -16,7 +16,10 @@ def test_schedule_warnings_name_what_never_happens():
     assert 'never switches on' in warning and '--drop-cluster-start 20' in warning
     partial = DropClusterSchedule(0.1, start_epoch=2, warmup_epochs=10, update_freq=0, steps_per_epoch=5)
     text = ' '.join(schedule_warnings(partial, 4))
-    assert 'reaches only' in text and 'never re-computed' in text
+    assert 'reaches only' in text and 'never re-computed (--drop-cluster-update-freq is 0)' in text
+    one_epoch = DropClusterSchedule(0.1, start_epoch=0.25, warmup_epochs=0.25, update_freq=1, steps_per_epoch=5)
+    (warning,) = schedule_warnings(one_epoch, 1)  # says why, not that update-freq 1 is at fault
+    assert 're-clustering starts epochs from 1 (--drop-cluster-start 0.25, rounded up) and the run has 1' in warning
     assert partial.peak_rate(4) == pytest.approx(partial.rate_at(3.8))
     fine = DropClusterSchedule(0.1, start_epoch=1, warmup_epochs=1, update_freq=1, steps_per_epoch=5)
     assert schedule_warnings(fine, 4) == []

@@ -128,7 +128,7 @@ def _create(variant: str, base: str, family: ModelFamily, pretrained: bool = Fal
         if not family.takes_img_size:
             model_kwargs.pop('img_size', None)
         model = model_entrypoint(base)(pretrained=False, drop_block_rate=_SLOT_RATE, **model_kwargs)
-        convert_drop_blocks(model, img_size=img_size, **_layer_args(dc))
+        convert_drop_blocks(model, img_size=img_size, allow_none=True, **_layer_args(dc))  # placement follows
         recorded = family.place(model, img_size, _layer_args(dc), family_args) if family.place else {}
         if not any(True for _ in dropcluster_layers(model)):
             raise ValueError(f'{variant}: no DropCluster placement (see its model arguments)')

@@ -20,7 +20,7 @@ from ..errors import TrainingError
 from ..schedules import SCHEDULE_SHAPES
 from .config import DataConfig, DropClusterConfig, EDropoutConfig, LossConfig, ModelConfig, OptimConfig, OutputConfig, TrainConfig
 
-__all__ = ['REFUSED', 'EMBEDDED_DEFAULTS', 'GENERAL_DEFAULTS', 'add_train_arguments', 'config_from_args',
+__all__ = ['ShortErrorParser', 'REFUSED', 'EMBEDDED_DEFAULTS', 'GENERAL_DEFAULTS', 'add_train_arguments', 'config_from_args',
            'parse_train_args']
 
 # timm flags that cannot be supported here: an error, with why, when set to another value than timm's default.
@@ -64,6 +64,13 @@ GENERAL_DEFAULTS = dict(
     smoothing=0.1, color_jitter=0.4, train_interpolation='random', checkpoint_hist=10, sched_on_updates=False,
     model_kwargs={}, drop_cluster_fractions=(0.2, 0.1, 0.1),
 )
+
+
+class ShortErrorParser(argparse.ArgumentParser):
+    """Argument errors in one line: the usage of some 170 training flags would bury the one that matters."""
+
+    def error(self, message: str):
+        self.exit(2, f'{self.prog}: error: {message} (see {self.prog} --help)\n')
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -392,7 +399,7 @@ def _read_config_file(path: str, parser: argparse.ArgumentParser) -> Dict[str, A
 def parse_train_args(argv: Optional[List[str]] = None, prog: Optional[str] = None,
                      description: Optional[str] = None) -> TrainConfig:
     """Parse a ``train`` command line (with ``-c config.yaml`` defaults) into a ``TrainConfig``."""
-    parser = add_train_arguments(argparse.ArgumentParser(
+    parser = add_train_arguments(ShortErrorParser(
         prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter))
     return config_from_args(parse_with_config_file(parser, argv))
 

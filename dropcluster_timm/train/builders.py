@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.data_loader import DataLoaderShard
-from accelerate.utils import DistributedDataParallelKwargs, TorchDynamoPlugin
+from accelerate.utils import DistributedDataParallelKwargs, TorchDynamoPlugin, parse_flag_from_env
 from torch.utils.data import DataLoader, Dataset
 
 import timm
@@ -157,6 +157,13 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
     ``--torchcompile`` as its dynamo plugin, ``--no-ddp-bb`` as a DDP setting, ``--device cpu``;
     ``accelerate launch`` settings apply where these are not given."""
     o, out = cfg.optim, cfg.output
+    # Set by `accelerate launch --use_fsdp / --use_deepspeed / --use_megatron_lm` (or its config file).
+    sharded = [name for name, var in (('FSDP', 'ACCELERATE_USE_FSDP'), ('DeepSpeed', 'ACCELERATE_USE_DEEPSPEED'),
+                                      ('Megatron-LM', 'ACCELERATE_USE_MEGATRON_LM')) if parse_flag_from_env(var)]
+    if sharded:
+        raise TrainingError(f'{sharded[0]} is not supported: re-clustering, the EMA and the published weights need '
+                            'the whole model on every process. Supported: one process (GPU or CPU) and data '
+                            'parallel runs (accelerate launch --multi_gpu, or CPU processes over gloo)')
     handlers = [DistributedDataParallelKwargs(broadcast_buffers=False)] if out.no_ddp_bb else []
     kwargs = {}
     if o.amp:

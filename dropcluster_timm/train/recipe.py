@@ -12,6 +12,7 @@ Order at the start of an epoch: a soft reset when one is due, then re-clustering
 says so or right after a soft reset (the activations changed). Both are seeded from ``(seed, epoch)``,
 so every process of a distributed run does the same.
 """
+import math
 from functools import partial
 from typing import Callable, Dict, List, Optional
 
@@ -53,8 +54,10 @@ def schedule_warnings(schedule: DropClusterSchedule, num_epochs: int) -> List[st
                         f'epoch (--drop-cluster-start {schedule.start_epoch:g} + --drop-cluster-warmup '
                         f'{schedule.warmup_epochs:g} > --epochs {num_epochs})')
     if peak > 0.0 and not schedule.update_epochs(num_epochs):
-        warnings.append(f'the clusters are never re-computed (--drop-cluster-update-freq {schedule.update_freq}): '
-                        'the layers keep their grid maps')
+        when = ('--drop-cluster-update-freq is 0' if schedule.update_freq == 0 else
+                f're-clustering starts epochs from {math.ceil(schedule.start_epoch)} (--drop-cluster-start '
+                f'{schedule.start_epoch:g}, rounded up) and the run has {num_epochs}')
+        warnings.append(f'the clusters are never re-computed ({when}): the layers keep their grid maps')
     return warnings
 
 

@@ -7,10 +7,12 @@ metrics files, and the results a published model's card shows.
     OUTPUT/metrics.json, metrics.csv one row per epoch; summary.csv as timm's train.py writes it
 """
 import csv
+import fcntl
 import io
 import json
 import os
 import shutil
+import socket
 import zipfile
 from typing import Any, Dict, List, Optional
 
@@ -32,6 +34,7 @@ __all__ = [
 
 CHECKPOINT_DIR = 'checkpoints'
 RUN_FILE = 'run.json'
+LOCK_FILE = '.lock'
 META_FILE = 'meta.json'
 
 
@@ -141,6 +144,35 @@ def check_output(output: str, checkpoint: Optional[str]) -> None:
         if not same:
             raise TrainingError(f'output folder {output} already holds another run; '
                                 f'resume it with --resume {output} or choose another --output')
+
+
+def lock_output(output: str):
+    """Hold an exclusive lock on ``output`` for the run's lifetime (main process), so that a second run
+    into the same folder stops at start. The system releases it when the process ends, however it
+    ends, so the file a killed run leaves behind never blocks a resume. Returns the open lock file:
+    keep it, and close it when the run is over."""
+    os.makedirs(output, exist_ok=True)
+    path = os.path.realpath(os.path.join(output, LOCK_FILE))
+    if path in _HELD:  # left open by an earlier run in this process that stopped with an error
+        _HELD.pop(path).close()
+    f = open(path, 'a+')
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or 'unknown process'
+        f.close()
+        raise TrainingError(f'--output {output} is in use by another run ({holder}); wait for it to end or '
+                            'choose another --output') from None
+    f.seek(0)
+    f.truncate()
+    f.write(f'pid {os.getpid()} on {socket.gethostname()}\n')
+    f.flush()
+    _HELD[path] = f
+    return f
+
+
+_HELD: Dict[str, Any] = {}  # lock path -> open lock file of this process
 
 
 def write_run_file(output: str, config: Dict[str, Any], data_splits: Dict[str, str],

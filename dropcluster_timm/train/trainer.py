@@ -62,14 +62,18 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[TrainState], None]] = No
     if out.push_to_hub:
         _check_push(out.push_to_hub)
     accelerator = build_accelerator(cfg)
+    lock = rf.lock_output(out.output) if accelerator.is_main_process else None
+    if lock is not None:
+        rf.check_output(out.output, checkpoint)  # again, now that no other run can start writing here
     use_cpu_cores(accelerator)
     set_seed(o.seed)
     if out.resume and checkpoint is None:
         accelerator.print(f'{out.resume} holds no checkpoint yet (its run stopped in the first epoch): starting over')
 
     # Build: data, model, optimisation.
-    data = build_data(d.dataset, d.data_dir, d.train_split, d.val_split, d.num_classes, d.dataset_args(),
-                      d.train_num_samples, d.val_num_samples)
+    with accelerator.main_process_first():  # --dataset-download: one process downloads, the others then read
+        data = build_data(d.dataset, d.data_dir, d.train_split, d.val_split, d.num_classes, d.dataset_args(),
+                          d.train_num_samples, d.val_num_samples)
     img_size = tuple(d.input_size[-2:]) if d.input_size else d.img_size
     model = build_model(cfg.model, data.num_classes, img_size, d.in_chans)
     identity = rf.run_identity(cfg.model.name, data.num_classes)
@@ -93,6 +97,9 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[TrainState], None]] = No
         model = model.to(memory_format=torch.channels_last)
 
     train_loader, eval_loader = build_loaders(data, cfg, accelerator)
+    if len(train_loader) == 0:  # incomplete batches are dropped
+        raise TrainingError(f'--batch-size {o.batch_size} on {accelerator.num_processes} process(es) is larger than '
+                            f'the training set ({len(data.train)} images): not one full batch per epoch')
     lr = o.scaled_lr(o.batch_size * accelerator.num_processes * o.grad_accum_steps)
     if not o.lr:
         accelerator.print(f'learning rate {lr:.4g} from --lr-base {o.lr_base} and the global batch size')
@@ -187,7 +194,9 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[TrainState], None]] = No
             row[best_key] < state.best_top1 if lower_is_better else row[best_key] > state.best_top1))
         if is_best:
             state.best_top1, state.best_epoch = row[best_key], epoch
-        accelerator.print(' '.join(f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}' for k, v in row.items()))
+        # Learning rates are small: significant digits, not places (lr 0.0000 says nothing).
+        accelerator.print(' '.join(f'{k} {v:.4g}' if k == 'lr' else f'{k} {v:.4f}' if isinstance(v, float)
+                                   else f'{k} {v}' for k, v in row.items()))
         if accelerator.is_main_process:
             metrics.add(row)
             published = accelerator.unwrap_model(model) if ema is None else ema.module
@@ -222,6 +231,8 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[TrainState], None]] = No
             except Exception as e:
                 raise TrainingError(f'push to {out.push_to_hub} failed: {first_line(e)}') from e
     accelerator.wait_for_everyone()
+    if lock is not None:
+        lock.close()
     return SimpleNamespace(accelerator=accelerator, model=model, ema=ema, schedule=schedule, state=state,
                            metrics=metrics.rows, search=search)
 
