@@ -4,6 +4,7 @@ Errors a user can fix (a missing folder, no held-out split, overlapping splits, 
 differ) raise ``TrainingError`` with a one-line reason.
 """
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
@@ -13,6 +14,7 @@ import torch.nn as nn
 from PIL import Image
 from torch.utils.data import Dataset
 
+from accelerate import PartialState
 from timm.data import create_dataset, create_transform, resolve_data_config
 
 from .errors import TrainingError, first_line
@@ -183,6 +185,8 @@ def build_data(dataset: str, data_dir: Optional[str], train_split: str = 'train'
                                 'name a held-out folder with --val-split')
     cluster = make_dataset(dataset, data_dir, train_split, False, None, '--train-split', num_samples=train_num_samples,
                            **args)
+    if is_folder_dataset(dataset, data_dir):
+        check_folder_classes(train, val, bool(args.get('class_map')))
     n_train, n_val = num_classes_of(train), num_classes_of(val)
     if n_train is not None and n_val is not None and n_train != n_val:
         raise TrainingError(f'the train split has {n_train} classes but the validation split has {n_val}')
@@ -190,6 +194,51 @@ def build_data(dataset: str, data_dir: Optional[str], train_split: str = 'train'
         raise TrainingError(f'--num-classes {num_classes} does not match the data set, which has {n_train} classes')
     return DataBundle(train, val, cluster, n_train or num_classes, {},
                       splits={'train': train.source, 'validation': val.source})
+
+
+MAX_EMPTY_FILES = 0.01  # share of a split's image files that may be empty (skipped) before a run stops
+
+
+def _folder_report(ds: Dataset) -> Dict[str, Any]:
+    """Class folders without images (timm's reader drops them) and empty image files of a split."""
+    reader = ds.reader
+    folders = [e.name for e in os.scandir(ds.source) if e.is_dir() and not e.name.startswith('.')]
+    classes = set(reader.class_to_idx)
+    return dict(empty_folders=sorted(f for f in folders if f not in classes),
+                empty_files=[path for path, _ in reader.samples if os.path.getsize(path) == 0])
+
+
+def check_folder_classes(train: Dataset, val: Dataset, class_map: bool = False) -> None:
+    """ImageFolder splits label images by the index of their class folder's name, so the splits must
+    have the same class names (a validation ``c`` would be scored as training ``b``), at least two of
+    them. Class folders without images and empty image files are reported once; past
+    ``MAX_EMPTY_FILES`` of a split empty, the run stops."""
+    t, v = train.reader.class_to_idx, val.reader.class_to_idx
+    if t != v and not class_map:
+        only_t, only_v = sorted(set(t) - set(v)), sorted(set(v) - set(t))
+        what = (f'only in {train.source}: {only_t[:5]}; only in {val.source}: {only_v[:5]}' if only_t or only_v
+                else 'the same names in another order')
+        raise TrainingError(f'the training and validation splits have different classes ({what}); images are '
+                            'labelled by class folder, so map both with --class-map FILE or fix the folders')
+    if len(t) < 2:
+        raise TrainingError(f'{train.source} holds {len(t)} class folder(s) with images: a classifier needs at '
+                            'least two (one class trains to 100% and learns nothing)')
+    for ds in (train, val):
+        report = _folder_report(ds)
+        if report['empty_folders'] and PartialState().is_main_process:
+            print(f'warning: {ds.source}: {len(report["empty_folders"])} class folder(s) hold no images and are not '
+                  f'classes: {report["empty_folders"][:5]}', file=sys.stderr)
+        empty = report['empty_files']
+        if empty:
+            share = len(empty) / len(ds.reader.samples)
+            message = (f'{ds.source}: {len(empty)} of {len(ds.reader.samples)} image files are empty '
+                       f'(e.g. {empty[0]})')
+            if share > MAX_EMPTY_FILES:
+                raise TrainingError(f'{message}: more than {MAX_EMPTY_FILES:.0%}, so the run stops; remove or '
+                                    'replace them')
+            if PartialState().is_main_process:
+                print(f'warning: {message}; each is skipped (timm loads the next image in its place)',
+                      file=sys.stderr)
 
 
 def set_transforms(data: DataBundle, model: nn.Module, input_args: Optional[Dict[str, Any]] = None,

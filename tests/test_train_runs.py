@@ -202,8 +202,8 @@ def test_ema_weights_are_picked_and_published(image_folder, tmp_path):
     published = load_file(os.path.join(out, 'last', 'model.safetensors'))
     ckpt = os.path.join(out, 'checkpoints', 'epoch_0002')
     raw = load_file(os.path.join(ckpt, 'model.safetensors'))
-    ema_state = torch.load(os.path.join(ckpt, 'custom_checkpoint_3.pkl'), weights_only=False)  # registered 4th
-    ema_params = {k[len('module.'):]: v for k, v in ema_state.items() if k.startswith('module.')}
+    run_state = load_file(os.path.join(ckpt, 'run_state.safetensors'))  # the EMA's tensors: 'ema.module.*'
+    ema_params = {k[len('ema.module.'):]: v for k, v in run_state.items() if k.startswith('ema.module.')}
     key = 'fc.weight'
     assert torch.equal(published[key], ema_params[key]) and not torch.equal(published[key], raw[key])
     assert 'exponential moving average' in open(os.path.join(out, 'last', 'README.md')).read().lower()

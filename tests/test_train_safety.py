@@ -1,5 +1,8 @@
 """ Runs that cannot be broken by the options timm users pass: channels-last weights are saved and
 reload equal to the trained ones; launch modes that cannot work are refused at start."""
+import json
+import os
+import shutil
 import subprocess
 import sys
 
@@ -7,7 +10,7 @@ import pytest
 import timm
 import torch
 
-from run_helpers import TINY, with_epochs
+from run_helpers import SCRIPT, TINY, free_port, with_epochs
 from dropcluster_timm.errors import TrainingError
 from dropcluster_timm.train import build_accelerator, parse_train_args, train
 
@@ -76,3 +79,115 @@ def test_a_run_that_failed_in_this_process_does_not_lock_its_folder(image_folder
     result.accelerator.end_training()
     assert (out / 'last' / 'model.safetensors').exists()
     assert ' lr 2e-05 ' in capsys.readouterr().out  # the epoch line shows a small rate, not 0.0000
+
+
+class _Exploit:
+    """A pickle that runs code when it is loaded: it creates the file it names."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, 'w'))
+
+
+@pytest.fixture(scope='module')
+def one_epoch_run(image_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp('resume') / 'run'
+    args = with_epochs(TINY, 1) + ['--data-dir', image_folder, '--output', str(out)]
+    train(parse_train_args(args)).accelerator.end_training()
+    return out
+
+
+def _resume_copy(one_epoch_run, tmp_path):
+    out = tmp_path / 'run'
+    shutil.copytree(one_epoch_run, out)
+    return out, next((out / 'checkpoints').iterdir())
+
+
+@pytest.mark.parametrize('planted', ['custom_checkpoint_2.pkl', 'random_states_0.pkl'])
+def test_resume_never_runs_code_from_a_checkpoint(one_epoch_run, image_folder, tmp_path, planted):
+    out, ckpt = _resume_copy(one_epoch_run, tmp_path)
+    marker = tmp_path / 'ran'
+    torch.save(_Exploit(str(marker)), ckpt / planted)  # a pickle whose loading would run a command
+    args = with_epochs(TINY, 2) + ['--data-dir', image_folder, '--output', str(out), '--resume', str(out)]
+    with pytest.raises(TrainingError, match='cannot resume from'):
+        train(parse_train_args(args))
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize('tamper, words', [
+    (lambda s: s['state'].update(epoch='x'), 'state.epoch: expected a number'),
+    (lambda s: s['state'].pop('global_step'), 'state: expected the keys'),
+    (lambda s: s['state'].update(epoch=-3), 'TrainState.epoch must be a count'),
+    (lambda s: s['schedule'].update(rate=float('nan')), 'schedule.rate: nan is not a finite number'),
+    (lambda s: s.pop('lr_scheduler'), 'expected the states of'),
+])
+def test_a_tampered_run_state_is_refused_before_training(one_epoch_run, image_folder, tmp_path, tamper, words):
+    out, ckpt = _resume_copy(one_epoch_run, tmp_path)
+    state = json.loads((ckpt / 'run_state.json').read_text())
+    tamper(state)
+    (ckpt / 'run_state.json').write_text(json.dumps(state))
+    args = with_epochs(TINY, 2) + ['--data-dir', image_folder, '--output', str(out), '--resume', str(out)]
+    with pytest.raises(TrainingError, match='run_state.json: ') as err:
+        train(parse_train_args(args))
+    assert words in str(err.value)
+    assert len(json.loads((out / 'metrics.json').read_text())) == 1  # no epoch trained
+
+
+def test_an_untampered_checkpoint_resumes(one_epoch_run, image_folder, tmp_path):
+    out, ckpt = _resume_copy(one_epoch_run, tmp_path)
+    assert sorted(p.name for p in ckpt.iterdir() if p.suffix == '.pkl') == ['random_states_0.pkl']
+    args = with_epochs(TINY, 2) + ['--data-dir', image_folder, '--output', str(out), '--resume', str(out)]
+    result = train(parse_train_args(args))
+    result.accelerator.end_training()
+    assert result.state.epoch == 2 and len(json.loads((out / 'metrics.json').read_text())) == 2
+
+
+@pytest.mark.slow
+def test_two_machines_without_a_shared_output_folder_stop_at_start(image_folder, tmp_path):
+    """Two `accelerate launch` agents on this host as machines 0 and 1, each in its own folder with a
+    relative --output: two node-local disks. Both stop with one line before any training."""
+    port, procs = free_port(), []
+    env = dict(os.environ, ACCELERATE_USE_CPU='1', OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
+    for rank in (0, 1):
+        cwd = tmp_path / f'machine{rank}'
+        cwd.mkdir()
+        cmd = [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_machines', '2',
+               '--machine_rank', str(rank), '--num_processes', '2', '--main_process_ip', '127.0.0.1',
+               '--main_process_port', str(port), '--mixed_precision', 'no', '--dynamo_backend', 'no',
+               SCRIPT] + with_epochs(TINY, 1) + ['--data-dir', image_folder, '--output', 'run']
+        procs.append(subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=300) for p in procs]
+    for proc, (_, err) in zip(procs, outs):
+        assert proc.returncode != 0
+        assert 'error: --output run is not one folder shared by all machines' in err, err[-2000:]
+    assert not (tmp_path / 'machine0' / 'run' / 'checkpoints').exists()
+
+
+def test_a_progress_bar_on_a_terminal_stdout_when_stderr_is_piped(image_folder, tmp_path):
+    """What `accelerate launch` with one process does: stdout on the terminal, stderr piped."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack('HHHH', 24, 100, 0, 0))  # a terminal has a size
+    cmd = [sys.executable, SCRIPT] + with_epochs(TINY, 1) + ['--data-dir', image_folder, '--output',
+                                                              str(tmp_path / 'run')]
+    cmd.remove('--no-progress')
+    proc = subprocess.Popen(cmd, stdout=slave, stderr=subprocess.PIPE, text=True)
+    os.close(slave)
+    screen = b''
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        screen += chunk
+    proc.wait(timeout=300)
+    os.close(master)
+    assert proc.returncode == 0
+    assert b'epoch 0:' in screen and (b'it/s' in screen or b's/it' in screen), screen[-500:]

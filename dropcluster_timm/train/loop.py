@@ -14,7 +14,7 @@ __all__ = ['TrainState', 'train_one_epoch']
 
 
 class TrainState:
-    """Position and bookkeeping of a run, checkpointed with ``accelerator.register_for_checkpointing``."""
+    """Position and bookkeeping of a run, saved in checkpoints as data (``run_state``)."""
 
     def __init__(self):
         self.epoch = 0  # the epoch in progress (or next to run)
@@ -31,6 +31,11 @@ class TrainState:
         return dict(self.__dict__)
 
     def load_state_dict(self, state):
+        if set(state) != set(self.__dict__):
+            raise ValueError(f'a TrainState holds {sorted(self.__dict__)}, got {sorted(state)}')
+        for key in ('epoch', 'step_in_epoch', 'global_step', 'num_updates', 'reclusterings', 'soft_resets'):
+            if isinstance(state[key], bool) or not isinstance(state[key], int) or state[key] < 0:
+                raise ValueError(f'TrainState.{key} must be a count (an int >= 0), got {state[key]!r}')
         self.__dict__.update(state)
 
 
@@ -62,9 +67,11 @@ def train_one_epoch(
     count = 0
     unwrapped = accelerator.unwrap_model(model)
     # A bar only on a terminal: in a log file it is noise; log_interval lines are printed there instead.
-    bar_on = progress and accelerator.is_local_main_process and sys.stderr.isatty()
+    # stdout when stderr is not a terminal: `accelerate launch` with one process pipes the latter.
+    terminal = next((f for f in (sys.stderr, sys.stdout) if f.isatty()), None)
+    bar_on = progress and accelerator.is_local_main_process and terminal is not None
     lines_on = progress and log_interval > 0 and not bar_on
-    bar = tqdm(total=steps, initial=skip, desc=f'epoch {epoch}', leave=False, disable=not bar_on)
+    bar = tqdm(total=steps, initial=skip, desc=f'epoch {epoch}', leave=False, disable=not bar_on, file=terminal)
     batches = accelerator.skip_first_batches(loader, skip) if skip else loader
     for i, (images, targets) in enumerate(batches, start=skip):
         if i >= steps:

@@ -10,13 +10,16 @@ import csv
 import fcntl
 import io
 import json
+import re
 import os
 import shutil
 import socket
+import time
 import zipfile
 from typing import Any, Dict, List, Optional
 
 import torch.nn as nn
+from accelerate.utils import broadcast_object_list, gather_object, load as accelerate_load
 from safetensors import safe_open
 
 from ..data import DataBundle, dataset_description, split_name
@@ -24,6 +27,7 @@ from ..errors import TrainingError, first_line
 from ..model_helpers import dropcluster_layers
 from .config import TrainConfig
 from .loop import TrainState
+from .run_state import STATE_JSON, STATE_TENSORS, save_run_state
 
 __all__ = [
     'CHECKPOINT_DIR', 'RUN_FILE', 'META_FILE', 'write_text_atomic', 'write_json_atomic', 'list_checkpoints', 'find_checkpoint',
@@ -83,12 +87,23 @@ def find_checkpoint(path: str) -> Optional[str]:
     raise TrainingError(f'{path!r} holds no completed checkpoint to resume from')
 
 
+# What a checkpoint holds: Accelerate's files (read with torch.load(weights_only=True): tensors and
+# plain values, no code) and this package's data files. Anything else, a pickle of custom objects
+# included, is refused.
+CHECKPOINT_FILES = re.compile(r'(model(_\d+)?\.safetensors|optimizer(_\d+)?\.bin|sampler(_\d+)?\.bin|'
+                              r'random_states_\d+\.pkl|scaler\.pt|'
+                              + '|'.join(re.escape(n) for n in (STATE_JSON, STATE_TENSORS, META_FILE)) + ')')
+
+
 def check_checkpoint_files(checkpoint: str) -> None:
-    """Read every file of a checkpoint for damage (zip CRCs of torch files, safetensors headers)
-    before any setup, so a broken resume fails at once and names the file."""
+    """Refuse files a checkpoint should not hold, and read every file for damage (zip CRCs of torch
+    files, safetensors headers) before any setup, so a broken resume fails at once and names the file."""
     for name in sorted(os.listdir(checkpoint)):
         path = os.path.join(checkpoint, name)
-        if not os.path.isfile(path) or name == META_FILE:
+        if not CHECKPOINT_FILES.fullmatch(name) or not os.path.isfile(path):
+            raise TrainingError(f'cannot resume from {checkpoint}: {name} is not a file this package writes into a '
+                                'checkpoint (it is never loaded: remove it if you trust the rest of the folder)')
+        if name == META_FILE:
             continue
         try:
             if name.endswith('.safetensors'):
@@ -99,8 +114,12 @@ def check_checkpoint_files(checkpoint: str) -> None:
                     bad = z.testzip()
                 if bad is not None:
                     raise ValueError(f'checksum mismatch in {bad}')
+                if name.startswith('random_states_'):
+                    # Accelerate skips random states it cannot read: the resumed run would silently
+                    # differ. Read them as it does (weights_only: plain values, no code) to refuse early.
+                    accelerate_load(path)
         except Exception as e:
-            raise TrainingError(f'cannot resume from {checkpoint}: {name} is damaged or truncated '
+            raise TrainingError(f'cannot resume from {checkpoint}: {name} is damaged, truncated or not plain data '
                                 f'({type(e).__name__}: {first_line(e)}); resume from an earlier checkpoint '
                                 f'in {os.path.dirname(checkpoint)}') from e
 
@@ -175,6 +194,39 @@ def lock_output(output: str):
 _HELD: Dict[str, Any] = {}  # lock path -> open lock file of this process
 
 
+SHARED_CHECK_FILE = '.shared_check'
+
+
+def check_shared_output(accelerator, output: str) -> None:
+    """On several machines, make sure every machine sees the same ``output`` folder: checkpoints and
+    model folders are written by the global main process only, and a resume reads them everywhere.
+    Node-local disks are refused at start, with one line."""
+    local = int(os.environ.get('LOCAL_WORLD_SIZE', accelerator.num_processes))
+    if accelerator.num_processes <= local:
+        return  # one machine
+    token = f'{socket.gethostname()}-{os.getpid()}-{time.time_ns()}'
+    path = os.path.join(output, SHARED_CHECK_FILE)
+    if accelerator.is_main_process:
+        write_text_atomic(path, token)
+    token = broadcast_object_list([token])[0]
+    accelerator.wait_for_everyone()
+    seen = True
+    if accelerator.is_local_main_process:
+        try:
+            with open(path) as f:
+                seen = f.read() == token
+        except OSError:
+            seen = False
+    missing = [host for host, ok in gather_object([(socket.gethostname(), seen)]) if not ok]
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        os.unlink(path)
+    if missing:
+        raise TrainingError(f'--output {output} is not one folder shared by all machines ({", ".join(missing)} '
+                            'do not see what the main process writes there): put it on a shared file system; '
+                            'node-local disks are not supported')
+
+
 def write_run_file(output: str, config: Dict[str, Any], data_splits: Dict[str, str],
                    state: Optional[TrainState] = None, num_dropcluster_layers: int = 0) -> None:
     """Record the run in ``run.json`` (main process): its settings, the data it read and, as it goes,
@@ -197,8 +249,11 @@ def write_args_file(output: str, args_yaml: str) -> None:
         write_text_atomic(os.path.join(output, 'args.yaml'), args_yaml)
 
 
-def save_checkpoint(accelerator, output: str, name: str, meta: Dict[str, Any], keep: int = 2) -> str:
-    """``accelerator.save_state`` into a hidden temporary folder, renamed into place when complete.
+def save_checkpoint(accelerator, output: str, name: str, meta: Dict[str, Any], run_objects: Dict[str, Any],
+                    keep: int = 2) -> str:
+    """``accelerator.save_state`` (model, optimizer, data order, random states) and the run's own
+    state (``run_objects``, see ``run_state``) into a hidden temporary folder, renamed into place when
+    complete.
 
     A crash mid-save leaves only the temporary folder, which is ignored (and cleared next time), so
     the previous checkpoint stays the newest usable one. Keeps the newest ``keep`` checkpoints.
@@ -214,6 +269,7 @@ def save_checkpoint(accelerator, output: str, name: str, meta: Dict[str, Any], k
     accelerator.save_state(tmp)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        save_run_state(tmp, run_objects)
         write_json_atomic(os.path.join(tmp, META_FILE), meta)  # the completion marker
         if os.path.exists(final):
             shutil.rmtree(final)

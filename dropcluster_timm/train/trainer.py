@@ -31,6 +31,7 @@ from .builders import (
 from .config import TrainConfig
 from .loop import TrainState, train_one_epoch
 from .recipe import DropClusterRecipe, schedule_warnings
+from .run_state import load_run_state
 
 __all__ = ['train']
 
@@ -65,6 +66,7 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[TrainState], None]] = No
     lock = rf.lock_output(out.output) if accelerator.is_main_process else None
     if lock is not None:
         rf.check_output(out.output, checkpoint)  # again, now that no other run can start writing here
+    rf.check_shared_output(accelerator, out.output)
     use_cpu_cores(accelerator)
     set_seed(o.seed)
     if out.resume and checkpoint is None:
@@ -119,10 +121,12 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[TrainState], None]] = No
     mixup_fn, loss_fn = build_loss(cfg.loss, data.num_classes)
 
     state = TrainState()
-    for obj in (lr_scheduler, schedule, state) + ((ema,) if ema is not None else ()) + ((search,) if search else ()):
-        accelerator.register_for_checkpointing(obj)
+    # The run's own state goes into the checkpoint as data (run_state.json / .safetensors), not pickles.
+    run_objects = dict(lr_scheduler=lr_scheduler, schedule=schedule, state=state, **({'ema': ema} if ema else {}),
+                       **({'search': search} if search else {}))
     if checkpoint:
         fresh_optimizer = copy.deepcopy(optimizer.state_dict()) if out.no_resume_opt else None
+        load_run_state(checkpoint, run_objects)  # checked whole before anything is loaded
         rf.load_checkpoint(accelerator, checkpoint)
         if fresh_optimizer is not None:
             optimizer.load_state_dict(fresh_optimizer)  # --no-resume-opt: the weights only
@@ -146,7 +150,7 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[TrainState], None]] = No
     def checkpoint_fn(name):
         meta = {'identity': identity, 'epoch': state.epoch, 'global_step': state.global_step,
                 'step_in_epoch': state.step_in_epoch}
-        return rf.save_checkpoint(accelerator, out.output, name, meta, keep=out.checkpoint_hist)
+        return rf.save_checkpoint(accelerator, out.output, name, meta, run_objects, keep=out.checkpoint_hist)
 
     # Loop. With EMA, the EMA weights are evaluated, picked as best and published, as in timm's train.py.
     accelerator.print(f'training {cfg.model.name} ({data.num_classes} classes) for {o.epochs} epochs, '
