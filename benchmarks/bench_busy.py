@@ -4,7 +4,7 @@ processes hold the cores turn each of the many small parallel operations of a cl
 
 Side by side in one command: each measurement runs in a fresh process (OpenMP reads its wait policy
 once, at start), on a quiet machine and while ``--busy`` other processes keep the cores busy, with
-every thread count and with OpenMP's default wait policy (spin, then sleep) and the passive one.
+every thread count and with three ways for OpenMP threads to wait (``WAITS``).
 
     python -m benchmarks.bench_busy                 # prints a table; the figures in BENCHMARKS.md
 
@@ -56,13 +56,14 @@ def _spin(seconds: float) -> None:
         pass
 
 
-WAITS = ('default', 'PASSIVE')  # OpenMP's (spin, then sleep) and passive (sleep at once)
+# OpenMP's waiting, as environment settings read when torch loads: the default (spin 300,000 times,
+# then sleep), a short spin, and passive (sleep at once).
+WAITS = {'default': {}, 'spin 10k': {'GOMP_SPINCOUNT': '10000'}, 'passive': {'OMP_WAIT_POLICY': 'PASSIVE'}}
 
 
 def measure(what: str, threads: int, wait: str, repeats: int) -> float:
-    env = {k: v for k, v in os.environ.items() if k != 'OMP_WAIT_POLICY'}
-    if wait != 'default':
-        env['OMP_WAIT_POLICY'] = wait
+    env = {k: v for k, v in os.environ.items() if k not in ('OMP_WAIT_POLICY', 'GOMP_SPINCOUNT')}
+    env.update(WAITS[wait])
     out = subprocess.run([sys.executable, '-c', _WORKER, what, str(threads), str(repeats)], env=env,
                          capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
@@ -71,7 +72,7 @@ def measure(what: str, threads: int, wait: str, repeats: int) -> float:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--busy', type=int, default=2, help='other processes keeping the cores busy')
-    p.add_argument('--repeats', type=int, default=3, help='timed calls per measurement (median)')
+    p.add_argument('--repeats', type=int, default=5, help='timed calls per measurement (median)')
     p.add_argument('--what', nargs='+', default=['rena', 'ward', 'resnet18_dropcluster', 'resnet18'],
                    help="what to time: 'rena', 'ward' (one re-clustering) or timm model names (a training step)")
     args = p.parse_args(argv)
@@ -84,7 +85,7 @@ def main(argv=None) -> int:
             s.start()
         try:
             for what in args.what:
-                for wait in WAITS:
+                for wait in WAITS if what != 'ward' else ['default']:  # Ward is scikit-learn's loop
                     for n in threads:
                         rows.append(dict(load=load, what=what, wait=wait, threads=n,
                                          seconds=measure(what, n, wait, 1 if what == 'ward' else args.repeats)))
@@ -96,7 +97,7 @@ def main(argv=None) -> int:
     print('| what | wait policy | threads | quiet s | busy s | busy / quiet |')
     print('|---|---|---:|---:|---:|---:|')
     for what in args.what:
-        for wait in WAITS:
+        for wait in WAITS if what != 'ward' else ['default']:
             for n in threads:
                 q, b = (next(r['seconds'] for r in rows if (r['load'], r['what'], r['wait'], r['threads']) ==
                              (load, what, wait, n)) for load in ('quiet', 'busy'))

@@ -6,16 +6,6 @@ smaller timm ResNets (``prune``, the ``*_slim`` models).
 layers as FX leaf modules. The Hub functions (``save_pretrained``, ``push``) load on first use;
 training lives in ``dropcluster_timm.train``, evaluation in ``dropcluster_timm.evaluate``.
 """
-import os as _os
-import sys as _sys
-
-# OpenMP threads that spin-wait for each other while other processes hold the cores turn each of the
-# clustering's many small parallel operations into a wait: 15-20x slower on a busy 2-core machine
-# (benchmarks/bench_busy.py). Passive waiting is set unless the user chose; OpenMP reads it once, when
-# torch loads, so only where this package is imported first (its commands, train_timm.py).
-if 'torch' not in _sys.modules:
-    _os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
-
 from .cluster_count import CLUSTER_COUNTS, gap_statistic_labels, structured_maps
 from .clustering import CLUSTER_METHODS, cluster_activations, within_cluster_variance
 from .convert import convert_drop_blocks

@@ -28,6 +28,7 @@ A pixel's feature vector is its activation over the batch (one map per channel) 
 channels (one coupled map). Non-finite activations are treated as zero so that degenerate inputs
 still give valid maps.
 """
+import contextlib
 import math
 from typing import List, Optional, Sequence, Tuple
 
@@ -37,7 +38,7 @@ from torch import Tensor
 __all__ = [
     'CLUSTER_METHODS', 'cluster_activations', 'cluster_features', 'activation_features',
     'grid_cluster_map', 'grid_edges', 'connected_components', 'within_cluster_variance',
-    'rena_labels', 'kmeans_labels', 'random_labels', 'ward_labels', 'kmedoids_labels', 'gmm_labels',
+    'rena_labels', 'kmeans_labels', 'random_labels', 'ward_labels', 'kmedoids_labels', 'gmm_labels', 'one_cpu_thread',
 ]
 
 CLUSTER_METHODS = ('rena', 'kmeans', 'grid', 'random', 'ward', 'kmedoids', 'gmm')
@@ -142,6 +143,23 @@ def cluster_activations(
     spatial = list(x.shape[2:])
     feats = activation_features(x, couple_channels)
     return cluster_features(feats, spatial, num_clusters, method, generator, **kwargs).view([-1] + spatial)
+
+
+@contextlib.contextmanager
+def one_cpu_thread(device: torch.device):
+    """Cluster on one CPU thread: the engine's many small operations, split over OpenMP threads that
+    spin-wait for each other, stall whenever other processes hold the cores (4-35x slower on a busy
+    2-core machine; 1.8x with one thread, benchmarks/bench_busy.py). Quiet, one thread costs a few
+    hundredths of a second per layer. No effect on other devices."""
+    if torch.device(device).type != 'cpu' or torch.get_num_threads() == 1:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def cluster_features(

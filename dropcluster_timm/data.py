@@ -20,7 +20,7 @@ from timm.data import create_dataset, create_transform, resolve_data_config
 from .errors import TrainingError, first_line
 
 __all__ = [
-    'EMBEDDED_DATASET', 'TRAIN_SPLITS', 'EVAL_SPLITS', 'DigitsDataset', 'DataBundle', 'num_classes_of',
+    'EMBEDDED_DATASET', 'TRAIN_SPLITS', 'EVAL_SPLITS', 'DigitsDataset', 'DataBundle', 'num_classes_of', 'class_names',
     'is_folder_dataset', 'find_split_folder', 'make_dataset', 'build_data', 'set_transforms',
     'dataset_description', 'split_name', 'cluster_batch',
 ]
@@ -206,6 +206,12 @@ def _folder_report(ds: Dataset) -> Dict[str, Any]:
     classes = set(reader.class_to_idx)
     return dict(empty_folders=sorted(f for f in folders if f not in classes),
                 empty_files=[path for path, _ in reader.samples if os.path.getsize(path) == 0])
+
+
+def class_names(ds: Dataset) -> Optional[list]:
+    """The class names of a data set read by timm's folder reader, in label order; None otherwise."""
+    mapping = getattr(getattr(ds, 'reader', None), 'class_to_idx', None)
+    return [name for name, _ in sorted(mapping.items(), key=lambda kv: kv[1])] if mapping else None
 
 
 def check_folder_classes(train: Dataset, val: Dataset, class_map: bool = False) -> None:

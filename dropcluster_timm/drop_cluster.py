@@ -27,7 +27,7 @@ from torch import Tensor
 from timm.layers import register_notrace_module
 
 from .cluster_count import CLUSTER_COUNTS, gap_statistic_labels, structured_maps
-from .clustering import CLUSTER_METHODS, activation_features, cluster_features, grid_cluster_map
+from .clustering import CLUSTER_METHODS, activation_features, cluster_features, grid_cluster_map, one_cpu_thread
 
 if torch.cuda.is_available():  # the fused CUDA path (imports Triton): only where CUDA tensors can occur
     from . import fused_drop
@@ -465,14 +465,16 @@ class DropClusterNd(nn.Module):
             raise ValueError(f'DropCluster{self.spatial_dims}d expects {self.num_channels} input channels, '
                              f'got shape {tuple(x.shape)}')
         spatial = list(x.shape[2:])
-        feats = activation_features(x, self.couple_channels)
-        if self.cluster_count == 'gap':
-            k_min, k_max = self.count_bounds(spatial)
-            labels, _ = gap_statistic_labels(feats, spatial, k_min, k_max, self.cluster_method, generator, **kwargs)
-        else:
-            labels = cluster_features(feats, spatial, self.target_clusters(spatial), self.cluster_method,
-                                      generator, **kwargs)
-        undropped = ~structured_maps(feats, spatial, generator=generator) if self.skip_unstructured else None
+        with one_cpu_thread(x.device):
+            feats = activation_features(x, self.couple_channels)
+            if self.cluster_count == 'gap':
+                k_min, k_max = self.count_bounds(spatial)
+                labels, _ = gap_statistic_labels(feats, spatial, k_min, k_max, self.cluster_method, generator,
+                                                 **kwargs)
+            else:
+                labels = cluster_features(feats, spatial, self.target_clusters(spatial), self.cluster_method,
+                                          generator, **kwargs)
+            undropped = ~structured_maps(feats, spatial, generator=generator) if self.skip_unstructured else None
         self.set_cluster_map(labels.view([-1] + spatial), undropped=undropped)
         if self.num_channels is None:
             # Learned from the input, so later loads and set_cluster_map calls are checked.

@@ -18,7 +18,7 @@ from timm.data import create_transform, resolve_data_config
 from timm.utils import accuracy
 
 from .corruptions import SEVERITIES, check_corruptions, corruption_accuracy
-from .data import EMBEDDED_DATASET, make_dataset, num_classes_of
+from .data import EMBEDDED_DATASET, class_names, make_dataset, num_classes_of
 from .errors import TrainingError, first_line
 
 __all__ = ['evaluate', 'evaluate_checkpoint', 'default_eval_dataset', 'format_corruption_report']
@@ -88,6 +88,10 @@ def evaluate_checkpoint(
     n = num_classes_of(ds)
     if n is not None and n != model.num_classes:
         raise TrainingError(f'the model has {model.num_classes} classes but the data set has {n}')
+    trained, here = model.pretrained_cfg.get('label_names'), class_names(ds)
+    if trained and here and list(trained) != here:  # labels are folder indices: the names must agree
+        raise TrainingError(f'the data set classes {here[:5]} are not those the model was trained on, in order '
+                            f'({list(trained)[:5]}): images would be scored against the wrong class')
     accelerator = Accelerator()
     loader = DataLoader(ds, batch_size=batch_size, num_workers=workers)
     model, loader = accelerator.prepare(model, loader)

@@ -97,7 +97,11 @@ def save_pretrained(
     staging = Path(tempfile.mkdtemp(dir=save_directory.parent, prefix=f'.{save_directory.name}.new.'))
     try:
         with _contiguous_tensors(model):  # safetensors refuses channels-last (strided) tensors
-            save_for_hf(model, staging, model_args=model_args, safe_serialization=True, data_config=data_config)
+            # The training data's class names (the trainer records them) go into config.json's label_names.
+            labels = (getattr(model, 'pretrained_cfg', None) or {}).get('label_names')
+            model_config = {'label_names': list(labels)} if labels and len(labels) == model.num_classes else None
+            save_for_hf(model, staging, model_config=model_config, model_args=model_args, safe_serialization=True,
+                        data_config=data_config)
         if model_args:
             _drop_former_names(staging / 'config.json')
         if metrics:

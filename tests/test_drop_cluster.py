@@ -612,3 +612,18 @@ def test_bad_mode_arguments_fail_clearly():
     with pytest.raises(ValueError, match='cluster_counts'):
         drop_cluster(torch.ones(1, 2, 4, 4), torch.zeros(2, 4, 4, dtype=torch.long), 0.1,
                      cluster_counts=torch.ones(3, dtype=torch.long))
+
+
+def test_clustering_runs_on_one_cpu_thread_and_restores_the_count(monkeypatch):
+    """Many small parallel operations stall on a busy CPU (benchmarks/bench_busy.py): one thread."""
+    import importlib
+    dc = importlib.import_module('dropcluster_timm.drop_cluster')  # the package exports a function of that name
+    seen, real = [], dc.cluster_features
+    monkeypatch.setattr(dc, 'cluster_features', lambda *a, **k: seen.append(torch.get_num_threads()) or real(*a, **k))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        DropCluster2d(0.1, block_size=3).update_clusters(torch.randn(2, 4, 12, 12))
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -18,7 +18,7 @@ from timm.utils import distribute_bn
 
 from .. import hub
 from ..edropout import add_edropout, make_search, set_edropout_state
-from ..data import build_data, set_transforms
+from ..data import build_data, class_names, set_transforms
 from ..errors import TrainingError, first_line
 from ..evaluate import evaluate
 from ..model_helpers import ddp_ignore_cluster_buffers, dropcluster_layers, init_cluster_maps, set_drop_prob
@@ -79,6 +79,8 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[TrainState], None]] = No
     img_size = tuple(d.input_size[-2:]) if d.input_size else d.img_size
     model = build_model(cfg.model, data.num_classes, img_size, d.in_chans)
     identity = rf.run_identity(cfg.model.name, data.num_classes)
+    if class_names(data.train):  # recorded in config.json, so evaluation can match classes by name
+        model.pretrained_cfg = dict(model.pretrained_cfg, label_names=class_names(data.train))
     data_config = set_transforms(data, model, d.input_args(), d.train_transform_args())
     init_cluster_maps(model, data_config['input_size'])  # grid maps, so every checkpoint carries them
     if checkpoint:
