@@ -20,13 +20,7 @@ IMG_SIZE=${IMG_SIZE:-224}
 BATCH_SIZE=${BATCH_SIZE:-128}
 STEPS=${STEPS:-30}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-
-if compgen -G '.whl/*.whl' > /dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        && export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+source benchmarks/device_env.sh
 
 part() {  # part NAME SECONDS COMMAND...: run COMMAND under a time limit, output to the screen and $OUT/NAME.txt
     local name=$1 limit=$2

@@ -27,13 +27,7 @@ DATA=${DATA:-.cifar/cifar10-jpg.tar.gz}
 CACHE_DIR=${CACHE_DIR:-/tmp/dropcluster_cifar10}
 COMMIT=${COMMIT:-unknown}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-
-if compgen -G '.whl/*.whl' > /dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        && export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+source benchmarks/device_env.sh
 
 if [ -f benchmarks/results/study_v3_gpu/runs.jsonl ] && [ ! -f "$OUT/runs.jsonl" ]; then
     cp benchmarks/results/study_v3_gpu/runs.jsonl "$OUT/runs.jsonl"
