@@ -31,6 +31,15 @@ class HfCache:
         return snapshot
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Accelerate keeps one process-wide state: a test that builds an Accelerator (a run, an
+    evaluation) must not fix the mixed precision of the next test's."""
+    yield
+    from accelerate.state import AcceleratorState
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 @pytest.fixture
 def hf_cache(tmp_path, monkeypatch) -> HfCache:
     """An empty HF cache under tmp_path, with HF_HUB_OFFLINE=1: any download attempt fails."""
