@@ -23,13 +23,13 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import timm
 from huggingface_hub import EvalResult, ModelCardData
 from timm.models import get_pretrained_cfg, list_pretrained
-# timm's card writer has no public name; its README layout is the one timm's own weights show on the Hub.
-from timm.models._hub import generate_readme
 
 from .model_stats import format_stat, model_stats
 from .prune import SLIM_SUFFIX
 from .run_results import (
     check_metrics, check_results_table, dataset_name, format_results_table, load_metrics, load_results_table)
+# timm's card writer has no public name; its README layout is the one timm's own weights show on the Hub.
+from .timm_compat import readme_body
 
 __all__ = ['CARD_MODELS', 'model_stats', 'format_stat', 'load_metrics', 'check_metrics', 'dataset_name', 'training_notes',
            'is_dropcluster_architecture', 'check_results_table', 'load_results_table', 'build_model_card',
@@ -466,9 +466,8 @@ def render_model_card(model_name: str, **kwargs) -> str:
     """README.md text for ``model_name`` (arguments of ``build_model_card``): a ``ModelCardData`` YAML
     header, ``CARD_MARKER``, then the body from timm's ``generate_readme``."""
     card = build_model_card(model_name, **kwargs)
-    # generate_readme writes its own YAML header (its `datasets:` is the body's data set name, lowercased):
-    # keep only its body.
-    body = generate_readme(card, model_name, task_name='image-classification').split('---\n', 2)[2]
+    # timm's header names the body's data set, lowercased: this header (ModelCardData) replaces it
+    body = readme_body(card, model_name)
     if card['cluster_maps']:
         section = (f'\n## Cluster maps\n![cluster maps]({card["cluster_maps"]})\n\nThe first channels\' cluster maps '
                    'of every DropCluster layer, as saved with the weights (one colour per cluster).\n')

@@ -17,11 +17,10 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 from timm.models import is_model
-from timm.models._input import update_model_args  # timm has no public name for it (timm >= 1.0.31)
-from timm.models._prune import adapt_model_from_string
 from torch import Tensor
 
 from .edropout import EDropout2d, edropout_layers
+from .timm_compat import adapt_model_from_string, update_model_args
 
 __all__ = ['SLIM_SUFFIX', 'block_parts', 'prunable_blocks', 'set_block_widths', 'edropout_keep', 'magnitude_keep',
            'prune_channels', 'slim_architecture']

@@ -1,12 +1,35 @@
-""" ``python -m dropcluster_timm.models``: rewrite ``dropblock_architectures.json`` from the installed timm."""
+""" ``python -m dropcluster_timm.models [OUT]``: the architectures with DropBlock slots in the installed
+timm, as JSON in the format of the shipped ``dropblock_architectures.json``; written to OUT, or printed.
+
+From a source checkout, ``python -m dropcluster_timm.models dropcluster_timm/models/dropblock_architectures.json``
+refreshes the table that the package ships (after a timm upgrade).
+"""
+import argparse
 import json
+import sys
+from pathlib import Path
+from typing import List, Optional
 
-from .byobnet_dropcluster import FAMILY as BYOBNET
-from .resnet_dropcluster import FAMILY as RESNET
-from .variants import ARCHITECTURES_FILE, scan_dropblock_slots
+from .variants import FAMILIES, scan_dropblock_slots
 
-table = {family.module: scan_dropblock_slots(family.timm_modules) for family in (RESNET, BYOBNET)}
-with open(ARCHITECTURES_FILE, 'w') as f:
-    json.dump(table, f, indent=1, sort_keys=True)
-    f.write('\n')
-print({k: len(v) for k, v in table.items()}, '->', ARCHITECTURES_FILE)
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog='python -m dropcluster_timm.models', description=__doc__.split('\n\n')[0])
+    parser.add_argument('out', nargs='?', default=None, metavar='OUT',
+                        help='JSON file to write (its folder must exist); default: print to stdout')
+    args = parser.parse_args(argv)
+    out = Path(args.out) if args.out else None
+    if out is not None and not out.parent.is_dir():
+        parser.error(f'the folder of {out} does not exist')
+    table = {family.module: scan_dropblock_slots(family.timm_modules) for family in FAMILIES}
+    text = json.dumps(table, indent=1, sort_keys=True) + '\n'
+    if out is None:
+        sys.stdout.write(text)
+    else:
+        out.write_text(text)
+        print({k: len(v) for k, v in table.items()}, '->', out, file=sys.stderr)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -18,9 +18,9 @@ from typing import Callable, Dict, Optional
 
 import torch.nn as nn
 from timm.models import build_model_with_cfg, generate_default_cfgs, list_models, model_entrypoint, register_model
-from timm.models._input import update_model_args  # timm has no public name for it (timm >= 1.0.31)
 
 from ..prune import SLIM_SUFFIX, set_block_widths
+from ..timm_compat import update_model_args
 from .variants import input_cfg
 
 __all__ = ['slim_bases']

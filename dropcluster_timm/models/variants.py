@@ -24,14 +24,16 @@ from timm.layers import DropBlock2d
 from timm.models import (
     build_model_with_cfg, generate_default_cfgs, get_arch_pretrained_cfgs, model_entrypoint, register_model,
     resolve_pretrained_cfg)
-from timm.models._input import update_model_args  # timm has no public name for it (timm >= 1.0.31)
 
 from ..convert import convert_drop_blocks
 from ..model_helpers import dropcluster_layers
+from ..timm_compat import update_model_args
 
-__all__ = ['ModelFamily', 'DROPCLUSTER_ARGS', 'ARCHITECTURES_FILE', 'load_architectures', 'register_family',
+__all__ = ['ModelFamily', 'FAMILIES', 'DROPCLUSTER_ARGS', 'ARCHITECTURES_FILE', 'load_architectures', 'register_family',
            'dropcluster_model_args', 'plain_architecture', 'scan_dropblock_slots', 'input_cfg']
 
+# The registered families, in registration order (python -m dropcluster_timm.models scans them).
+FAMILIES: List['ModelFamily'] = []
 ARCHITECTURES_FILE = os.path.join(os.path.dirname(__file__), 'dropblock_architectures.json')
 # The rate the base is built with so that timm creates its DropBlock slots; the slots become
 # DropCluster layers at the requested rate, so this value is never used.
@@ -196,6 +198,7 @@ def register_family(family: ModelFamily, module_name: str, bases: Sequence[str])
     for base in bases:
         cfgs.update(_variant_cfgs(base))
     module.default_cfgs = generate_default_cfgs(cfgs)
+    FAMILIES.append(family)
     names = []
     for base in bases:
         variant = f'{base}_dropcluster'
