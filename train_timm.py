@@ -14,8 +14,4 @@ import sys
 from dropcluster_timm.cli import main
 
 if __name__ == '__main__':
-    argv = sys.argv[1:]
-    if argv[:1] == ['evaluate']:  # the old spelling of `dropcluster-timm evaluate`, kept for a release
-        print('`train_timm.py evaluate` is deprecated: use `dropcluster-timm evaluate`', file=sys.stderr)
-        sys.exit(main(argv))
-    sys.exit(main(['train'] + argv))
+    sys.exit(main(['train'] + sys.argv[1:]))

@@ -6,7 +6,7 @@ Side by side in one command: each measurement runs in a fresh process (OpenMP re
 once, at start), on a quiet machine and while ``--busy`` other processes keep the cores busy, with
 every thread count and with three ways for OpenMP threads to wait (``WAITS``).
 
-    python -m benchmarks.bench_busy                 # prints a table; the figures in BENCHMARKS.md
+    python -m benchmarks.bench_busy                 # prints a table; the figures in docs/benchmarks.md
 
 Measured: one ``update_clusters`` of 64 activations of 32 channels at 56x56 (rena, the default),
 scikit-learn's Ward loop on the same activations ('ward', the reference), and a training step of

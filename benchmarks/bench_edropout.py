@@ -17,7 +17,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from dropcluster_timm.edropout import add_edropout, edropout_step, make_search
+from dropcluster_timm.edropout.layers import add_edropout, edropout_step, make_search
 
 from .timing import time_interleaved
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from timm.layers import DropBlock2d
 
 from dropcluster_timm import DropCluster2d
-from dropcluster_timm.clustering import activation_features, cluster_features, within_cluster_variance
+from dropcluster_timm.clustering.engine import activation_features, cluster_features, within_cluster_variance
 from dropcluster_timm.testing import smooth_region_fields
 
 from .timing import synchronize, time_interleaved
@@ -150,7 +150,7 @@ def _timed(fn, device, repeats):
 
 def bench_methods(device, quick, b=64, c=64, s=56, k=64):
     """Every clustering method and the reference options at one shape, against the Ward loop."""
-    from dropcluster_timm.cluster_count import gap_statistic_labels, structured_maps
+    from dropcluster_timm.clustering.cluster_count import gap_statistic_labels, structured_maps
     have_ward = device.type == 'cpu'
     try:
         import sklearn  # noqa: F401

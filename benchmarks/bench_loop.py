@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 
 import dropcluster_timm  # noqa: F401  registers the models
 from dropcluster_timm import DropClusterSchedule
-from dropcluster_timm.data import DigitsDataset
+from dropcluster_timm.evaluation.data import DigitsDataset
 from dropcluster_timm.train import TrainState, train_one_epoch
 from timm import create_model
 from timm.data import create_transform, resolve_data_config

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 17's GPU check as one device call: the fused kernel's tests on the GPU, then the layer and
-# ResNet-50 training-step benchmarks whose tables go into BENCHMARKS.md. Each part writes its output
+# ResNet-50 training-step benchmarks whose tables go into docs/benchmarks.md. Each part writes its output
 # to $OUT (the device tool brings that folder back); a failing part does not stop the later ones.
 #
 # Before the call, here (the GPU machine has no network and another timm):
@@ -32,8 +32,8 @@ part() {  # part NAME SECONDS COMMAND...: run COMMAND under a time limit, output
 
 part env 30 python3 -c "import torch, timm, triton; print('torch', torch.__version__, 'timm', timm.__version__,
 'triton', triton.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
-part tests 210 python3 -m pytest -q -p no:cacheprovider -rs tests/test_fused_drop.py \
-    tests/test_drop_cluster.py::test_cuda_mask_made_on_device
+part tests 210 python3 -m pytest -q -p no:cacheprovider -rs tests/layers/test_fused_drop.py \
+    tests/layers/test_drop_cluster.py::test_cuda_mask_made_on_device
 part layer_fp32 80 python3 -m benchmarks.bench_layer --device "$DEVICE" --sections layers modes
 part layer_bf16_cl 50 python3 -m benchmarks.bench_layer --device "$DEVICE" --sections layers --dtype bfloat16 --channels-last
 part train_bf16 100 python3 -m benchmarks.bench_train --device "$DEVICE" --img-size "$IMG_SIZE" \

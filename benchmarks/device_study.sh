@@ -13,7 +13,7 @@
 # The call: run(command="COMMIT=$(git rev-parse HEAD) bash benchmarks/device_study.sh", carry=[".whl", ".cifar"],
 #   timeout_s=600) with the commit written out; then commit $OUT/runs.jsonl to benchmarks/results/study_v3_gpu/.
 #
-# Dry run on a CPU (tests/test_regularizer_study.py): DEVICE=cpu CONFIG=tiny SEEDS="0 0" PARALLEL=2 \
+# Dry run on a CPU (benchmarks/tests/test_regularizer_study.py): DEVICE=cpu CONFIG=tiny SEEDS="0 0" PARALLEL=2 \
 #   DATA=../shared/data/cifar10-jpg.tar.gz OUT=/tmp/device_out bash benchmarks/device_study.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -9,7 +9,7 @@ pruning, or than a random sub-network, at the same size?
 Arms, paired by seed (same training subset, data order, augmentation draws and initial weights):
 
 * ``unpruned``: the timm ResNet trained without EDropout (the reference accuracy and size).
-* ``edropout``: trained with EDropout in every block's drop_block slot (``dropcluster_timm.edropout``:
+* ``edropout``: trained with EDropout in every block's drop_block slot (``dropcluster_timm.edropout.layers``:
   the energy search runs from the first batch), then pruned (``prune_channels``); its eval accuracy
   before and after pruning is measured (they must agree: removing zeroed channels is exact);
   ``edropout_ft``: the pruned model fine-tuned like ``magnitude_ft``, so both pruned arms get the same
@@ -36,8 +36,8 @@ import torch.nn.functional as F
 import timm
 from timm.scheduler import create_scheduler_v2
 
-from dropcluster_timm.edropout import add_edropout, edropout_step, make_search
-from dropcluster_timm.prune import edropout_keep, magnitude_keep, prune_channels
+from dropcluster_timm.edropout.layers import add_edropout, edropout_step, make_search
+from dropcluster_timm.edropout.prune import edropout_keep, magnitude_keep, prune_channels
 
 from .regularizer_study.data import augment, balanced_split, load_cifar10
 from .regularizer_study.stats import mean_std, paired_difference

@@ -21,7 +21,7 @@ training-set size and seed a class-balanced subset of the remaining training ima
 DropBlock and DropCluster the rate is chosen per size from ``--rates`` by validation top-1 of seed 0;
 the other seeds then run at the chosen rate. Test top-1 is measured on a fixed class-balanced subset
 of the test set, and mean corruption top-1 on a smaller subset of it under every corruption of
-``dropcluster_timm.corruptions`` at severities 1 to 5 (applied at the native 32 px, as CIFAR-10-C).
+``dropcluster_timm.evaluation.corruptions`` at severities 1 to 5 (applied at the native 32 px, as CIFAR-10-C).
 
 Writes ``OUTPUT.json`` (every run, written as they finish; a re-run with the same settings resumes),
 ``OUTPUT.md`` (tables), ``OUTPUT.png`` (top-1 against training-set size, mean +- std over seeds) and
@@ -52,8 +52,8 @@ from timm.scheduler import create_scheduler_v2
 
 import dropcluster_timm  # noqa: F401  registers resnet18_dropcluster
 from dropcluster_timm import DropClusterSchedule, set_drop_prob, update_clusters
-from dropcluster_timm.corruptions import CORRUPTIONS, corruption_accuracy
-from dropcluster_timm.run_results import check_results_table
+from dropcluster_timm.evaluation.corruptions import CORRUPTIONS, corruption_accuracy
+from dropcluster_timm.hub.run_results import check_results_table
 
 from .regularizer_study.data import balanced_split, load_cifar10  # the data helpers it shares with regularizer_study
 
@@ -448,7 +448,7 @@ def render_markdown(results: Dict[str, Any], summary: List[Dict[str, Any]], comm
 
 def card_table(results: Dict[str, Any]) -> Dict[str, Any]:
     """The study's results table for the model card of ``results['models']['dropcluster']``, in the
-    format of ``dropcluster_timm.run_results.load_results_table``."""
+    format of ``dropcluster_timm.hub.run_results.load_results_table``."""
     cfg, models = results['config'], results['models']
     description = (
         f'From `benchmarks/study_cifar10.py` (results file `benchmarks/results/study_cifar10.json`): a narrow '
@@ -458,7 +458,7 @@ def card_table(results: Dict[str, Any]) -> Dict[str, Any]:
         f'split; test top-1 on {cfg["test_images"]} test images, mean corruption top-1 (mCA) over '
         f'{len(CORRUPTIONS)} corruptions x 5 severities on {cfg["corruption_images"]} of them; mean +- std over '
         f'{cfg["seeds"]} seeds. A difference smaller than the standard deviations is not evidence either way; '
-        f'BENCHMARKS.md of the dropcluster-timm repository discusses these figures.')
+        f'docs/benchmarks.md of the dropcluster-timm repository discusses these figures.')
     rows = [[e['size'], ARM_LABELS.get(e['arm'], e['arm']), e['rate'],
              f"{e['test_top1']:.2f} +- {e['test_top1_std']:.2f}",
              f"{e['mean_corruption_top1']:.2f} +- {e['mean_corruption_top1_std']:.2f}"]

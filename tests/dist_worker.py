@@ -1,4 +1,4 @@
-""" Run by tests/test_train_runs.py under `accelerate launch` with two CPU processes (gloo).
+""" Run by tests/train/test_train_runs.py under `accelerate launch` with two CPU processes (gloo).
 
 Trains with ``dropcluster_timm.train.train`` (gradient accumulation on), then re-clusters once more
 from a batch that differs per rank, and saves each rank's cluster maps for the test to compare.

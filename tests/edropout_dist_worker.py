@@ -1,11 +1,11 @@
-""" Run by tests/test_edropout_runs.py under `accelerate launch` with two CPU processes (gloo): trains
+""" Run by tests/edropout/test_edropout_runs.py under `accelerate launch` with two CPU processes (gloo): trains
 with ``--edropout`` and saves each rank's applied state and energy search for the test to compare."""
 import os
 import sys
 
 import torch
 
-from dropcluster_timm.edropout import edropout_state
+from dropcluster_timm.edropout.layers import edropout_state
 from dropcluster_timm.train import parse_train_args, train
 
 dump = sys.argv[1]

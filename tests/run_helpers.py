@@ -1,12 +1,10 @@
-""" Data and runs for the tests: small generated ImageFolder data and CIFAR-shaped caches,
-``train_timm.py`` in a subprocess, and the one-line error check."""
+""" Data and runs for the tests: small generated ImageFolder data, ``train_timm.py`` in a subprocess,
+two-process launches, and the one-line error check."""
 import os
 import subprocess
 import sys
 
 import numpy as np
-import torch
-from safetensors.torch import save_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, 'train_timm.py')
@@ -78,18 +76,6 @@ def load_checkpoint_clusters(folder):
     from safetensors.torch import load_file
     sd = load_file(os.path.join(folder, 'model.safetensors'))
     return {k: v for k, v in sd.items() if 'cluster' in k}, sd
-
-
-def tiny_cifar_cache(folder, n_train=60, n_test=40):
-    """A CIFAR-shaped cache file ``folder/cifar10_uint8.safetensors`` of random images (for pipeline tests);
-    returns its content."""
-    g = torch.Generator().manual_seed(0)
-    data = {'train_x': torch.randint(0, 256, (n_train, 3, 32, 32), dtype=torch.uint8, generator=g),
-            'train_y': torch.arange(n_train) % 10,
-            'test_x': torch.randint(0, 256, (n_test, 3, 32, 32), dtype=torch.uint8, generator=g),
-            'test_y': torch.arange(n_test) % 10}
-    save_file(data, os.path.join(folder, 'cifar10_uint8.safetensors'))
-    return data
 
 
 def free_port() -> int:

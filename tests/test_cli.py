@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dropcluster_timm.cli import main as cli_main
-from dropcluster_timm.model_card import CARD_MODELS
+from dropcluster_timm.hub.model_card import CARD_MODELS
 from dropcluster_timm.hub import save_pretrained
 from hub_helpers import TOKEN, assert_no_token
 
@@ -85,3 +85,13 @@ def test_an_argument_error_is_one_line(capsys):
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count('\n') == 1
     assert "argument --cluster-method: invalid choice: 'nope'" in err and '--help' in err
+
+
+def test_every_flag_of_every_subcommand_has_help_text():
+    from dropcluster_timm.cli import _parser
+    parser = _parser()
+    subcommands = parser._subparsers._group_actions[0].choices
+    assert set(subcommands) == {'train', 'evaluate', 'push', 'export-plain', 'cards'}
+    for name, sub in subcommands.items():
+        missing = [a.option_strings or a.dest for a in sub._actions if not a.help]
+        assert not missing, f'{name}: flags without help text: {missing}'

@@ -24,7 +24,7 @@ from timm.layers import DropBlock2d
 
 import timm
 from dropcluster_timm import dropcluster_layers, set_drop_prob  # (the import registers resnet18_dropcluster)
-from dropcluster_timm.drop_cluster import DropClusterNd
+from dropcluster_timm.layers.drop_cluster_modules import DropClusterNd
 
 from .streams import purpose_seed
 

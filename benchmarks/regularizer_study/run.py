@@ -38,7 +38,7 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 import dropcluster_timm
 from dropcluster_timm import update_clusters
-from dropcluster_timm.corruptions import corruption_accuracy
+from dropcluster_timm.evaluation.corruptions import corruption_accuracy
 from dropcluster_timm.train import DropClusterConfig, DropClusterRecipe
 
 from . import arms as A

@@ -1,6 +1,6 @@
-""" The ``*_dropcluster`` models: every timm architecture with DropBlock slots, registered with timm, and the
-``*_slim`` channel-pruned ResNets."""
+""" The ``*_dropcluster`` models: every timm architecture with DropBlock slots, registered with timm
+(the ``*_slim`` pruned ResNets are EDropout's: ``dropcluster_timm.edropout``)."""
 from .variants import DROPCLUSTER_ARGS, dropcluster_model_args
-from . import byobnet_dropcluster, resnet_dropcluster, resnet_slim  # noqa: F401  register the models
+from . import byobnet_dropcluster, resnet_dropcluster  # noqa: F401  register the models
 
 __all__ = ['DROPCLUSTER_ARGS', 'dropcluster_model_args']

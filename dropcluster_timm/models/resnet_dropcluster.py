@@ -30,8 +30,8 @@ from typing import Any, Dict, Tuple
 import torch
 import torch.nn as nn
 
-from ..convert import probe_input_shapes, slot_channels, slot_feat_size
-from ..drop_cluster import DropCluster2d
+from .convert import probe_input_shapes, slot_channels, slot_feat_size
+from ..layers.drop_cluster_modules import DropCluster2d
 from .variants import ModelFamily, load_architectures, register_family
 
 __all__ = ['FAMILY', 'checkpoint_filter_fn']
@@ -93,12 +93,26 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
     return state_dict
 
 
+def _plain_state(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The base ResNet's keys: a stem DropCluster's ``maxpool.pool.*`` back to ``maxpool.*``."""
+    return {'maxpool.' + k[len('maxpool.pool.'):] if k.startswith('maxpool.pool.') else k: v
+            for k, v in state_dict.items()}
+
+
+def _placement(model_args: Dict[str, Any]) -> str:
+    return ('stages ' + ', '.join(str(s) for s in model_args.get('dc_stages', (3, 4)))
+            + ' (every block, in the DropBlock slot)'
+            + ('; stem (after conv, norm and activation, before max-pooling)' if model_args.get('dc_stem') else ''))
+
+
 FAMILY = ModelFamily(
     module='resnet_dropcluster',
     timm_modules=('resnet', 'resnest', 'sknet', 'res2net'),
     filter_fn=checkpoint_filter_fn,
     place=_place,
     family_args=dict(dc_stages=(3, 4), dc_stem=False),
+    placement=_placement,
+    plain_state_fn=_plain_state,
 )
 
 register_family(FAMILY, __name__, load_architectures()[FAMILY.module])

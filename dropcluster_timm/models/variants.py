@@ -25,11 +25,12 @@ from timm.models import (
     build_model_with_cfg, generate_default_cfgs, get_arch_pretrained_cfgs, model_entrypoint, register_model,
     resolve_pretrained_cfg)
 
-from ..convert import convert_drop_blocks
-from ..model_helpers import dropcluster_layers
+from .convert import convert_drop_blocks
+from ..layers.model_helpers import dropcluster_layers
+from ..layers.options import LAYER_OPTIONS
 from ..timm_compat import update_model_args
 
-__all__ = ['ModelFamily', 'FAMILIES', 'DROPCLUSTER_ARGS', 'ARCHITECTURES_FILE', 'load_architectures', 'register_family',
+__all__ = ['ModelFamily', 'FAMILIES', 'plain_state_dict', 'describe_placement', 'DROPCLUSTER_ARGS', 'ARCHITECTURES_FILE', 'load_architectures', 'register_family',
            'dropcluster_model_args', 'plain_architecture', 'scan_dropblock_slots', 'input_cfg']
 
 # The registered families, in registration order (python -m dropcluster_timm.models scans them).
@@ -38,14 +39,9 @@ ARCHITECTURES_FILE = os.path.join(os.path.dirname(__file__), 'dropblock_architec
 # The rate the base is built with so that timm creates its DropBlock slots; the slots become
 # DropCluster layers at the requested rate, so this value is never used.
 _SLOT_RATE = 0.1
-# The DropCluster model arguments and their defaults, recorded in config.json. ``drop_cluster_prob``
-# is the former name of ``drop_cluster_rate``, accepted for configs already saved.
-DROPCLUSTER_ARGS = dict(
-    drop_cluster_rate=0.0, dc_block_size=None, dc_cluster_size=None, dc_num_clusters=None,
-    dc_couple_channels=False, dc_with_noise=False, dc_cluster_method='rena', dc_cluster_count='fixed',
-    dc_min_cluster_size=None, dc_max_cluster_size=None, dc_skip_unstructured=False, dc_drop_mode='uniform',
-    dc_batch_shared=False,
-)
+# The DropCluster model arguments and their defaults, recorded in config.json: the rate and one
+# dc_<name> per layer option.
+DROPCLUSTER_ARGS = dict(drop_cluster_rate=0.0, **{o.model_arg: o.default for o in LAYER_OPTIONS})
 
 
 @dataclass(frozen=True)
@@ -61,6 +57,9 @@ class ModelFamily:
         place: builds the family's extra placements and checks its extra arguments:
             ``place(model, img_size, layer_args, family_args) -> recorded family_args``.
         family_args: the family's extra model arguments with their defaults.
+        placement: where the layers sit, for the model card: ``placement(model_args) -> str``.
+        plain_state_fn: the inverse of the key moves ``place`` makes, for the base architecture's
+            state dict (``export_plain``).
     """
     module: str
     timm_modules: Sequence[str]
@@ -69,6 +68,9 @@ class ModelFamily:
     filter_fn: Optional[Callable] = None
     place: Optional[Callable] = None
     family_args: Dict[str, Any] = field(default_factory=dict)
+    placement: Callable[[Dict[str, Any]], str] = lambda model_args: (
+        "timm's DropBlock slots of the architecture (after the norm of the kxk conv, last two stages)")
+    plain_state_fn: Optional[Callable[[Dict[str, torch.Tensor]], Dict[str, torch.Tensor]]] = None
 
 
 _VARIANTS: Dict[str, tuple] = {}  # variant -> (base architecture, family)
@@ -76,11 +78,7 @@ _VARIANTS: Dict[str, tuple] = {}  # variant -> (base architecture, family)
 
 def _rate(kwargs: Dict[str, Any]) -> float:
     rate = kwargs.pop('drop_cluster_rate', None)
-    old = kwargs.pop('drop_cluster_prob', None)  # the former name, in configs saved before the rename
-    if rate is None:
-        rate = old if old is not None else 0.0
-    elif old is not None and old != rate:
-        raise ValueError(f'drop_cluster_rate={rate} and its former name drop_cluster_prob={old} disagree')
+    rate = 0.0 if rate is None else rate
     if not 0.0 <= float(rate) < 1.0:
         raise ValueError(f'drop_cluster_rate must be in [0, 1), got {rate}')
     return float(rate)
@@ -88,15 +86,10 @@ def _rate(kwargs: Dict[str, Any]) -> float:
 
 def _layer_args(dc: Dict[str, Any]) -> Dict[str, Any]:
     """``DropCluster2d`` arguments from the ``dc_*`` model arguments (``None``: the slot's own)."""
-    args = dict(drop_prob=dc['drop_cluster_rate'], gamma_scale=1.0, couple_channels=bool(dc['dc_couple_channels']),
-                with_noise=bool(dc['dc_with_noise']), cluster_method=dc['dc_cluster_method'],
-                cluster_count=dc['dc_cluster_count'], skip_unstructured=bool(dc['dc_skip_unstructured']),
-                drop_mode=dc['dc_drop_mode'], batch_shared=bool(dc['dc_batch_shared']))
-    for key, name in (('dc_block_size', 'block_size'), ('dc_cluster_size', 'cluster_size'),
-                      ('dc_num_clusters', 'num_clusters'), ('dc_min_cluster_size', 'min_cluster_size'),
-                      ('dc_max_cluster_size', 'max_cluster_size')):
-        if dc[key] is not None:
-            args[name] = int(dc[key])
+    args = dict(drop_prob=dc['drop_cluster_rate'], gamma_scale=1.0)
+    for option in LAYER_OPTIONS:
+        if dc[option.model_arg] is not None:
+            args[option.name] = option.value(dc[option.model_arg])
     return args
 
 
@@ -231,10 +224,26 @@ def plain_architecture(variant: str, model_args: Dict[str, Any]) -> Tuple[str, D
     if variant not in _VARIANTS:
         raise ValueError(f'{variant!r} is not a registered *_dropcluster architecture')
     base, family = _VARIANTS[variant]
-    drop = set(DROPCLUSTER_ARGS) | {'drop_cluster_prob'} | set(family.family_args)
+    drop = set(DROPCLUSTER_ARGS) | set(family.family_args)
     if not family.takes_img_size:
         drop.add('img_size')
     return base, {k: v for k, v in model_args.items() if k not in drop}
+
+
+def plain_state_dict(variant: str, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """``variant``'s state dict as its base architecture's: without the cluster buffers, with the keys
+    the family moved put back."""
+    if variant not in _VARIANTS:
+        raise ValueError(f'{variant!r} is not a registered *_dropcluster architecture')
+    family = _VARIANTS[variant][1]
+    state = {k: v for k, v in state_dict.items() if not k.endswith(('.cluster_map', '.cluster_counts'))}
+    return family.plain_state_fn(state) if family.plain_state_fn else state
+
+
+def describe_placement(variant: str, model_args: Dict[str, Any]) -> str:
+    """Where the DropCluster layers of ``variant`` sit, in words (the model card)."""
+    family = _VARIANTS[variant][1] if variant in _VARIANTS else ModelFamily('', ())
+    return family.placement(model_args)
 
 
 def scan_dropblock_slots(timm_modules: Sequence[str]) -> Dict[str, int]:

@@ -3,7 +3,7 @@ the run's parts (``builders``), the DropCluster
 recipe (``recipe``), one epoch (``loop``), the run folder (``run_folder``) and the whole run
 (``trainer.train``).
 
-    from dropcluster_timm.train import parse_train_args, train
+    from . import parse_train_args, train
     train(parse_train_args(['--data-dir', '/data/mydata', '--model', 'resnet50_dropcluster']))
 """
 from .args import add_train_arguments, config_from_args, parse_train_args, parse_with_config_file

@@ -12,12 +12,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import yaml
 from timm.utils import ParseKwargs
 
-from ..cluster_count import CLUSTER_COUNTS
-from ..clustering import CLUSTER_METHODS
-from ..drop_cluster import DROP_MODES
-from ..data import EMBEDDED_DATASET
+from ..evaluation.data import EMBEDDED_DATASET
 from ..errors import TrainingError
-from ..schedules import SCHEDULE_SHAPES
+from ..layers.options import LAYER_OPTIONS
+from ..layers.schedules import SCHEDULE_SHAPES
 from .config import DataConfig, DropClusterConfig, EDropoutConfig, LossConfig, ModelConfig, OptimConfig, OutputConfig, TrainConfig
 
 __all__ = ['ShortErrorParser', 'REFUSED', 'EMBEDDED_DEFAULTS', 'GENERAL_DEFAULTS', 'add_train_arguments', 'config_from_args',
@@ -82,50 +80,61 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument('--data-dir', default=None, help='ImageFolder root (with train/ and validation/ or val/)')
     g.add_argument('--dataset', default='', help='timm dataset name (torch/..., hfds/..., wds/...); '
                    f'"" = ImageFolder, "{EMBEDDED_DATASET}" = embedded')
-    g.add_argument('--train-split', default='train')
-    g.add_argument('--val-split', default='validation')
-    g.add_argument('--train-num-samples', type=int, default=None)
-    g.add_argument('--val-num-samples', type=int, default=None)
-    g.add_argument('--dataset-download', action='store_true')
-    g.add_argument('--class-map', default='')
-    g.add_argument('--input-img-mode', default=None)
-    g.add_argument('--input-key', default=None)
-    g.add_argument('--target-key', default=None)
-    g.add_argument('--dataset-trust-remote-code', action='store_true')
+    g.add_argument('--train-split', default='train', help='training split folder or name (else "training")')
+    g.add_argument('--val-split', default='validation',
+                   help='validation split (else val, valid, eval, evaluation or test)')
+    g.add_argument('--train-num-samples', type=int, default=None,
+                   help='training samples of an iterable data set (timm)')
+    g.add_argument('--val-num-samples', type=int, default=None,
+                   help='validation samples of an iterable data set (timm)')
+    g.add_argument('--dataset-download', action='store_true', help='let a torchvision data set download itself')
+    g.add_argument('--class-map', default='', help='file mapping folder names to class indices (timm)')
+    g.add_argument('--input-img-mode', default=None, help='image mode the data set converts to, e.g. RGB (timm)')
+    g.add_argument('--input-key', default=None, help='image field of a Hugging Face or WebDataset data set')
+    g.add_argument('--target-key', default=None, help='label field of a Hugging Face or WebDataset data set')
+    g.add_argument('--dataset-trust-remote-code', action='store_true', help='run a Hub data set\'s own loading code')
     g.add_argument('--num-classes', type=int, default=None, help='checked against the data set')
-    g.add_argument('--img-size', type=int, default=None)
-    g.add_argument('--in-chans', type=int, default=None)
-    g.add_argument('--input-size', type=int, nargs=3, default=None, metavar=('C', 'H', 'W'))
-    g.add_argument('--crop-pct', type=float, default=None)
-    g.add_argument('--mean', type=float, nargs='+', default=None)
-    g.add_argument('--std', type=float, nargs='+', default=None)
-    g.add_argument('--interpolation', default='')
-    g.add_argument('--workers', '-j', type=int, default=None)
+    g.add_argument('--img-size', type=int, default=None,
+                   help='input size in pixels (default: the model\'s; 32 on the digits)')
+    g.add_argument('--in-chans', type=int, default=None, help='input channels')
+    g.add_argument('--input-size', type=int, nargs=3, default=None, metavar=('C', 'H', 'W'),
+                   help='input size as channels height width')
+    g.add_argument('--crop-pct', type=float, default=None, help='evaluation centre-crop fraction')
+    g.add_argument('--mean', type=float, nargs='+', default=None, help='normalisation mean per channel')
+    g.add_argument('--std', type=float, nargs='+', default=None, help='normalisation standard deviation per channel')
+    g.add_argument('--interpolation', default='', help='resize interpolation for evaluation (default: the model\'s)')
+    g.add_argument('--workers', '-j', type=int, default=None,
+                   help='data-loading processes per training process (default 4; 0 on the digits)')
     g.add_argument('--pin-mem', action='store_true', help='pinned host memory (always on for a GPU)')
     g = p.add_argument_group('model')
-    g.add_argument('--model', default=None)
-    g.add_argument('--pretrained', action='store_true')
-    g.add_argument('--pretrained-path', default=None)
-    g.add_argument('--initial-checkpoint', default='')
+    g.add_argument('--model', default=None,
+                   help='timm model name (default resnet50_dropcluster; resnet18_dropcluster on the digits)')
+    g.add_argument('--pretrained', action='store_true', help='start from timm\'s pretrained weights of the model')
+    g.add_argument('--pretrained-path', default=None,
+                   help='a local weights file to use as the model\'s pretrained weights with --pretrained')
+    g.add_argument('--initial-checkpoint', default='',
+                   help='a weights file loaded into the model before training (timm\'s load_checkpoint)')
     g.add_argument('--gp', default=None, help='global pool type')
     g.add_argument('--drop', type=float, default=None, help='classifier dropout')
     g.add_argument('--drop-connect', type=float, default=None, help='(deprecated) --drop-path')
-    g.add_argument('--drop-path', type=float, default=None)
+    g.add_argument('--drop-path', type=float, default=None, help='stochastic depth rate')
     g.add_argument('--drop-block', type=float, default=None, help='DropBlock rate, ramped like --drop-cluster')
-    g.add_argument('--bn-momentum', type=float, default=None)
-    g.add_argument('--bn-eps', type=float, default=None)
+    g.add_argument('--bn-momentum', type=float, default=None, help='BatchNorm momentum')
+    g.add_argument('--bn-eps', type=float, default=None, help='BatchNorm epsilon')
     g.add_argument('--model-kwargs', nargs='*', default=None, action=ParseKwargs, metavar='KEY=VALUE',
                    help='more model arguments, e.g. dc_stem=True dc_stages=[2,3,4]')
-    g.add_argument('--head-init-scale', type=float, default=None)
-    g.add_argument('--head-init-bias', type=float, default=None)
-    g.add_argument('--grad-checkpointing', action='store_true')
-    g.add_argument('--channels-last', action='store_true')
-    g.add_argument('--fast-norm', action='store_true')
-    g.add_argument('--sync-bn', action='store_true')
-    g.add_argument('--torchcompile', nargs='?', const='inductor', default=None, metavar='BACKEND')
-    g.add_argument('--torchcompile-mode', default=None)
+    g.add_argument('--head-init-scale', type=float, default=None, help='scale of the classifier\'s initial weights')
+    g.add_argument('--head-init-bias', type=float, default=None, help='initial bias of the classifier')
+    g.add_argument('--grad-checkpointing', action='store_true',
+                   help='recompute activations in the backward to save memory')
+    g.add_argument('--channels-last', action='store_true', help='channels-last memory format')
+    g.add_argument('--fast-norm', action='store_true', help='timm\'s fast normalisation layers (lower precision)')
+    g.add_argument('--sync-bn', action='store_true', help='synchronise BatchNorm statistics across processes')
+    g.add_argument('--torchcompile', nargs='?', const='inductor', default=None, metavar='BACKEND',
+                   help='torch.compile the model with this backend (default inductor)')
+    g.add_argument('--torchcompile-mode', default=None, help='torch.compile mode, e.g. max-autotune')
     g.add_argument('--amp', action='store_true', help='mixed precision (Accelerate)')
-    g.add_argument('--amp-dtype', default='float16')
+    g.add_argument('--amp-dtype', default='float16', help='mixed-precision dtype with --amp: float16 or bfloat16')
     g.add_argument('--device', default='cuda', help="'cpu' forces the CPU; otherwise Accelerate's device")
     g = p.add_argument_group('DropCluster')
     g.add_argument('--drop-cluster', type=float, default=None, metavar='RATE', help='target drop rate')
@@ -133,7 +142,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help='first epoch with a non-zero rate (default: 20%% of --epochs; 25%% on the digits)')
     g.add_argument('--drop-cluster-warmup', type=float, default=None, metavar='EPOCHS',
                    help='epochs of the ramp to the target rate (default: 10%% of --epochs; 25%% on the digits)')
-    g.add_argument('--drop-cluster-shape', default='linear', choices=SCHEDULE_SHAPES)
+    g.add_argument('--drop-cluster-shape', default='linear', choices=SCHEDULE_SHAPES,
+                   help='shape of the ramp to the target rate')
     g.add_argument('--drop-cluster-gamma', type=float, default=0.5,
                    help="factor of the 'exponential' and 'multistep' shapes: target * gamma ** steps to come")
     g.add_argument('--drop-cluster-milestones', type=float, nargs='+', default=[], metavar='EPOCH',
@@ -143,19 +153,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    '--epochs, at least 1; 25%% on the digits)')
     g.add_argument('--drop-cluster-update-batches', type=int, default=2, metavar='N',
                    help='batches of training images the clusters are computed from')
-    g.add_argument('--cluster-method', default=None, choices=CLUSTER_METHODS)
-    g.add_argument('--cluster-size', type=int, default=None, help='target mean cluster size (elements)')
-    g.add_argument('--num-clusters', type=int, default=None, help='clusters per map')
-    g.add_argument('--cluster-count', default=None, choices=CLUSTER_COUNTS,
-                   help="'gap': each map's count chosen by a gap statistic (default 'fixed')")
-    g.add_argument('--min-cluster-size', type=int, default=None, help="bound of --cluster-count gap (elements)")
-    g.add_argument('--max-cluster-size', type=int, default=None, help="bound of --cluster-count gap (elements)")
-    g.add_argument('--skip-unstructured', action='store_true', default=None,
-                   help='leave maps without spatial structure (Hopkins-type test) undropped')
-    g.add_argument('--cluster-drop-mode', default=None, choices=DROP_MODES,
-                   help="'size': DropBlock-style size-dependent cluster rates, same expected fraction")
-    g.add_argument('--batch-shared-mask', action='store_true', default=None,
-                   help='one drop mask for the whole batch')
+    for option in LAYER_OPTIONS:  # the layer options that have a flag (the others: --model-kwargs dc_<name>=...)
+        if option.flag:
+            g.add_argument(option.flag, **option.flag_kwargs())
     g.add_argument('--soft-reset-interval', type=int, default=0, metavar='EPOCHS',
                    help='BRB: every N epochs pull the weights toward a fresh init, then re-cluster (0: never)')
     g.add_argument('--soft-reset-factor', type=float, default=0.9, metavar='ALPHA', help='share of the weights kept')
@@ -180,74 +180,101 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         'instead of at random (no pruning)')
     g = p.add_argument_group('optimizer and learning rate (timm)')
     g.add_argument('--batch-size', '-b', type=int, default=None, help='per process')
-    g.add_argument('--validation-batch-size', '-vb', type=int, default=None)
-    g.add_argument('--grad-accum-steps', type=int, default=1)
-    g.add_argument('--opt', default=None)
-    g.add_argument('--opt-eps', type=float, default=None)
-    g.add_argument('--opt-betas', type=float, nargs='+', default=None)
-    g.add_argument('--momentum', type=float, default=0.9)
-    g.add_argument('--weight-decay', type=float, default=None)
-    g.add_argument('--clip-grad', type=float, default=None)
-    g.add_argument('--clip-mode', default='norm')
-    g.add_argument('--layer-decay', type=float, default=None)
-    g.add_argument('--layer-decay-min-scale', type=float, default=0.0)
-    g.add_argument('--layer-decay-no-opt-scale', type=float, default=None)
-    g.add_argument('--opt-kwargs', nargs='*', default={}, action=ParseKwargs)
+    g.add_argument('--validation-batch-size', '-vb', type=int, default=None,
+                   help='evaluation batch size per process (default: --batch-size)')
+    g.add_argument('--grad-accum-steps', type=int, default=1, help='batches accumulated per optimizer step')
+    g.add_argument('--opt', default=None, help='optimizer name in timm (default sgd; adamw on the digits)')
+    g.add_argument('--opt-eps', type=float, default=None, help='optimizer epsilon')
+    g.add_argument('--opt-betas', type=float, nargs='+', default=None, help='optimizer betas')
+    g.add_argument('--momentum', type=float, default=0.9, help='SGD momentum')
+    g.add_argument('--weight-decay', type=float, default=None, help='weight decay (default 2e-5; 0.05 on the digits)')
+    g.add_argument('--clip-grad', type=float, default=None, help='clip gradients at this value (off by default)')
+    g.add_argument('--clip-mode', default='norm', help='gradient clipping: norm, value or agc')
+    g.add_argument('--layer-decay', type=float, default=None, help='layer-wise learning-rate decay')
+    g.add_argument('--layer-decay-min-scale', type=float, default=0.0, help='smallest layer-wise learning-rate scale')
+    g.add_argument('--layer-decay-no-opt-scale', type=float, default=None,
+                   help='layers below this scale are not optimised')
+    g.add_argument('--opt-kwargs', nargs='*', default={}, action=ParseKwargs,
+                   help='more optimizer arguments, KEY=VALUE')
     g.add_argument('--lr', type=float, default=None, help='default: --lr-base scaled by the global batch size')
-    g.add_argument('--lr-base', type=float, default=0.1)
-    g.add_argument('--lr-base-size', type=int, default=256)
-    g.add_argument('--lr-base-scale', default='')
-    g.add_argument('--sched', default='cosine')
-    g.add_argument('--sched-on-updates', action='store_true', default=None)
-    for flag, kwargs in (('--lr-noise', dict(type=float, nargs='+')), ('--lr-noise-pct', dict(type=float, default=0.67)),
-                         ('--lr-noise-std', dict(type=float, default=1.0)),
-                         ('--lr-cycle-mul', dict(type=float, default=1.0)),
-                         ('--lr-cycle-decay', dict(type=float, default=0.5)),
-                         ('--lr-cycle-limit', dict(type=int, default=1)), ('--lr-k-decay', dict(type=float, default=1.0)),
-                         ('--warmup-lr', dict(type=float, default=1e-5)), ('--min-lr', dict(type=float, default=0.0)),
-                         ('--epochs', dict(type=int)), ('--epoch-repeats', dict(type=float, default=0.0)),
-                         ('--start-epoch', dict(type=int)),
-                         ('--decay-milestones', dict(type=int, nargs='+', default=[90, 180, 270])),
-                         ('--decay-epochs', dict(type=float, default=90)), ('--warmup-epochs', dict(type=int)),
-                         ('--cooldown-epochs', dict(type=int, default=0)),
-                         ('--patience-epochs', dict(type=int, default=10))):
-        g.add_argument(flag, default=kwargs.pop('default', None), **kwargs)
-    g.add_argument('--decay-rate', '--dr', type=float, default=0.1)
-    g.add_argument('--warmup-prefix', action='store_true')
+    g.add_argument('--lr-base', type=float, default=0.1,
+                   help='learning rate at the reference batch size --lr-base-size')
+    g.add_argument('--lr-base-size', type=int, default=256, help='the reference batch size of --lr-base')
+    g.add_argument('--lr-base-scale', default='',
+                   help='how --lr-base scales with the batch size: linear or sqrt (default: by optimizer)')
+    g.add_argument('--sched', default='cosine',
+                   help='learning-rate schedule in timm (cosine, step, multistep, plateau, ...)')
+    g.add_argument('--sched-on-updates', action='store_true', default=None,
+                   help='step the learning-rate schedule every optimizer update, not every epoch')
+    g.add_argument('--lr-noise', type=float, nargs='+', default=None,
+                   help='epoch range (fractions or epochs) with learning-rate noise')
+    g.add_argument('--lr-noise-pct', type=float, default=0.67, help='learning-rate noise limit, as a fraction')
+    g.add_argument('--lr-noise-std', type=float, default=1.0, help='learning-rate noise standard deviation')
+    g.add_argument('--lr-cycle-mul', type=float, default=1.0, help='cycle length multiplier of the schedule')
+    g.add_argument('--lr-cycle-decay', type=float, default=0.5, help='learning-rate decay per cycle')
+    g.add_argument('--lr-cycle-limit', type=int, default=1, help='number of schedule cycles')
+    g.add_argument('--lr-k-decay', type=float, default=1.0, help='k of the cosine and polynomial schedules')
+    g.add_argument('--warmup-lr', type=float, default=1e-5, help='learning rate at the start of the warm-up')
+    g.add_argument('--min-lr', type=float, default=0.0, help='lowest learning rate of the schedule')
+    g.add_argument('--epochs', type=int, default=None, help='epochs to train (default 300; 12 on the digits)')
+    g.add_argument('--epoch-repeats', type=float, default=0.0, help='repeat each epoch\'s data this many times (timm)')
+    g.add_argument('--start-epoch', type=int, default=None, help='epoch to start from (default 0, or the resumed one)')
+    g.add_argument('--decay-milestones', type=int, nargs='+', default=[90, 180, 270],
+                   help='epochs where the \'multistep\' schedule decays')
+    g.add_argument('--decay-epochs', type=float, default=90, help='epochs between decays of the \'step\' schedule')
+    g.add_argument('--warmup-epochs', type=int, default=None,
+                   help='learning-rate warm-up epochs (default 5; 1 on the digits)')
+    g.add_argument('--cooldown-epochs', type=int, default=0, help='epochs at the lowest rate after the schedule')
+    g.add_argument('--patience-epochs', type=int, default=10,
+                   help='epochs without improvement before the \'plateau\' schedule decays')
+    g.add_argument('--decay-rate', '--dr', type=float, default=0.1, help='learning-rate decay factor')
+    g.add_argument('--warmup-prefix', action='store_true',
+                   help='the warm-up comes before the schedule instead of inside it')
     g = p.add_argument_group('augmentation and regularisation (timm)')
-    g.add_argument('--no-aug', action='store_true')
-    g.add_argument('--train-crop-mode', default=None)
-    g.add_argument('--scale', type=float, nargs=2, default=None)
-    g.add_argument('--ratio', type=float, nargs=2, default=[3 / 4, 4 / 3])
-    g.add_argument('--hflip', type=float, default=None)
-    g.add_argument('--vflip', type=float, default=0.0)
-    g.add_argument('--color-jitter', type=float, default=None)
-    g.add_argument('--color-jitter-prob', type=float, default=None)
-    g.add_argument('--grayscale-prob', type=float, default=None)
-    g.add_argument('--gaussian-blur-prob', type=float, default=None)
+    g.add_argument('--no-aug', action='store_true', help='no training augmentation')
+    g.add_argument('--train-crop-mode', default=None, help='training crop mode of timm\'s transforms')
+    g.add_argument('--scale', type=float, nargs=2, default=None,
+                   help='random-resized-crop area range (default 0.08 1; 0.75 1 on the digits)')
+    g.add_argument('--ratio', type=float, nargs=2, default=[3 / 4, 4 / 3],
+                   help='random-resized-crop aspect-ratio range')
+    g.add_argument('--hflip', type=float, default=None,
+                   help='horizontal flip probability (default 0.5; 0 on the digits)')
+    g.add_argument('--vflip', type=float, default=0.0, help='vertical flip probability')
+    g.add_argument('--color-jitter', type=float, default=None,
+                   help='colour jitter strength (default 0.4; off on the digits)')
+    g.add_argument('--color-jitter-prob', type=float, default=None, help='probability of colour jitter')
+    g.add_argument('--grayscale-prob', type=float, default=None, help='probability of turning an image grey')
+    g.add_argument('--gaussian-blur-prob', type=float, default=None, help='probability of a Gaussian blur')
     g.add_argument('--aa', default=None, help='auto-augment policy, e.g. rand-m9-mstd0.5')
-    g.add_argument('--aug-repeats', type=float, default=0)
-    g.add_argument('--bce-loss', action='store_true')
-    g.add_argument('--bce-sum', action='store_true')
-    g.add_argument('--bce-target-thresh', type=float, default=None)
-    g.add_argument('--bce-pos-weight', type=float, default=None)
-    g.add_argument('--reprob', type=float, default=0.0)
-    g.add_argument('--remode', default='pixel')
-    g.add_argument('--recount', type=int, default=1)
-    g.add_argument('--mixup', type=float, default=0.0)
-    g.add_argument('--cutmix', type=float, default=0.0)
-    g.add_argument('--cutmix-minmax', type=float, nargs='+', default=None)
-    g.add_argument('--mixup-prob', type=float, default=1.0)
-    g.add_argument('--mixup-switch-prob', type=float, default=0.5)
-    g.add_argument('--mixup-mode', default='batch')
-    g.add_argument('--mixup-off-epoch', type=int, default=0)
-    g.add_argument('--smoothing', type=float, default=None)
-    g.add_argument('--train-interpolation', default=None)
-    g.add_argument('--model-ema', action='store_true')
-    g.add_argument('--model-ema-force-cpu', action='store_true')
-    g.add_argument('--model-ema-decay', type=float, default=0.9998)
-    g.add_argument('--model-ema-warmup', action='store_true')
-    g.add_argument('--seed', type=int, default=42)
+    g.add_argument('--aug-repeats', type=float, default=0, help='repeated augmentation: copies of each image per epoch')
+    g.add_argument('--bce-loss', action='store_true', help='binary cross-entropy instead of cross-entropy')
+    g.add_argument('--bce-sum', action='store_true', help='sum the binary cross-entropy over classes')
+    g.add_argument('--bce-target-thresh', type=float, default=None,
+                   help='binarise the targets of the binary cross-entropy at this threshold')
+    g.add_argument('--bce-pos-weight', type=float, default=None,
+                   help='positive-class weight of the binary cross-entropy')
+    g.add_argument('--reprob', type=float, default=0.0, help='random-erasing probability')
+    g.add_argument('--remode', default='pixel', help='random-erasing fill: const, rand or pixel')
+    g.add_argument('--recount', type=int, default=1, help='random-erasing boxes per image')
+    g.add_argument('--mixup', type=float, default=0.0, help='mixup alpha (0: off)')
+    g.add_argument('--cutmix', type=float, default=0.0, help='CutMix alpha (0: off)')
+    g.add_argument('--cutmix-minmax', type=float, nargs='+', default=None,
+                   help='CutMix box-size range, overrides --cutmix')
+    g.add_argument('--mixup-prob', type=float, default=1.0, help='probability of mixup or CutMix per batch')
+    g.add_argument('--mixup-switch-prob', type=float, default=0.5,
+                   help='probability of CutMix instead of mixup when both are on')
+    g.add_argument('--mixup-mode', default='batch', help='mixup per batch, pair or elem')
+    g.add_argument('--mixup-off-epoch', type=int, default=0, help='turn mixup off from this epoch (0: never)')
+    g.add_argument('--smoothing', type=float, default=None, help='label smoothing (default 0.1; 0 on the digits)')
+    g.add_argument('--train-interpolation', default=None,
+                   help='training resize interpolation (default random; the model\'s on the digits)')
+    g.add_argument('--model-ema', action='store_true',
+                   help='keep an exponential moving average of the weights; it is evaluated and published')
+    g.add_argument('--model-ema-force-cpu', action='store_true', help='keep the average on the CPU')
+    g.add_argument('--model-ema-decay', type=float, default=0.9998, help='decay of the weight average')
+    g.add_argument('--model-ema-warmup', action='store_true',
+                   help='warm the average\'s decay up over the first updates')
+    g.add_argument('--seed', type=int, default=42, help='random seed of the run')
     g = p.add_argument_group('output, logging and processes')
     g.add_argument('--output', default='output/train', help='run folder: checkpoints/, best/, last/, metrics')
     g.add_argument('--experiment', default='', help='a sub-folder of --output for this run')
@@ -259,16 +286,20 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument('--eval-metric', default='top1', help="picks best/: top1, top5 or loss")
     g.add_argument('--log-interval', type=int, default=50, help='a progress line every N batches (off a terminal)')
     g.add_argument('--val-interval', type=int, default=1, help='evaluate every N epochs (and at the last)')
-    g.add_argument('--train-batches-per-epoch', '--train-steps-per-epoch', type=int, default=None)
+    g.add_argument('--train-batches-per-epoch', '--train-steps-per-epoch', type=int, default=None,
+                   help='stop each epoch after this many batches')
     g.add_argument('--log-with', default=None, help='accelerate tracker, e.g. tensorboard')
     g.add_argument('--log-wandb', action='store_true', help='the wandb tracker (--log-with wandb)')
-    g.add_argument('--wandb-project', default=None)
-    g.add_argument('--wandb-tags', nargs='+', default=[])
-    g.add_argument('--push-to-hub', default=None, metavar='ORG/NAME')
-    g.add_argument('--no-progress', action='store_true')
-    g.add_argument('--no-ddp-bb', action='store_true')
-    g.add_argument('--dist-bn', default='reduce')
-    g.add_argument('--synchronize-step', action='store_true')
+    g.add_argument('--wandb-project', default=None, help='wandb project of --log-wandb')
+    g.add_argument('--wandb-tags', nargs='+', default=[], help='wandb tags of --log-wandb')
+    g.add_argument('--push-to-hub', default=None, metavar='ORG/NAME',
+                   help='push best/ to this Hub repo at the end (token from HF_TOKEN or hf auth login)')
+    g.add_argument('--no-progress', action='store_true', help='no progress bars')
+    g.add_argument('--no-ddp-bb', action='store_true', help='do not broadcast BatchNorm buffers in DDP')
+    g.add_argument('--dist-bn', default='reduce',
+                   help='BatchNorm statistics across processes after each epoch: reduce, broadcast or \'\' (none)')
+    g.add_argument('--synchronize-step', action='store_true',
+                   help='synchronise the device after every step (for timing)')
     g.add_argument('--local_rank', type=int, default=0, help=argparse.SUPPRESS)  # torch.distributed.launch's
     for flag in ('--no-prefetcher', '--use-multi-epochs-loader'):  # timm loader options, nothing to do here
         g.add_argument(flag, action='store_true', help=argparse.SUPPRESS)
@@ -330,10 +361,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             initial_checkpoint=a.initial_checkpoint, drop_rate=a.drop,
             drop_path_rate=a.drop_path if a.drop_path is not None else a.drop_connect,
             drop_block_rate=a.drop_block, bn_momentum=a.bn_momentum, bn_eps=a.bn_eps, global_pool=a.gp,
-            cluster_method=a.cluster_method, cluster_size=a.cluster_size, num_clusters=a.num_clusters,
-            cluster_count=a.cluster_count, min_cluster_size=a.min_cluster_size, max_cluster_size=a.max_cluster_size,
-            skip_unstructured=a.skip_unstructured, cluster_drop_mode=a.cluster_drop_mode,
-            batch_shared_mask=a.batch_shared_mask,
+            layer_options={o.name: getattr(a, o.dest) for o in LAYER_OPTIONS
+                           if o.flag and getattr(a, o.dest) is not None},
             kwargs=dict(a.model_kwargs or {}), head_init_scale=a.head_init_scale, head_init_bias=a.head_init_bias,
             grad_checkpointing=a.grad_checkpointing, channels_last=a.channels_last, fast_norm=a.fast_norm,
             sync_bn=a.sync_bn, torchcompile=a.torchcompile, torchcompile_mode=a.torchcompile_mode),

@@ -20,9 +20,10 @@ from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.utils import ModelEmaV3
 
-from ..data import DataBundle, cluster_batch
+from ..evaluation.data import DataBundle, cluster_batch
 from ..errors import TrainingError, first_line
-from ..model_helpers import copy_cluster_state, update_clusters
+from ..layers.model_helpers import copy_cluster_state, update_clusters
+from ..layers.options import layer_option
 from .config import LossConfig, ModelConfig, OptimConfig, TrainConfig
 
 __all__ = ['build_accelerator', 'build_loaders', 'build_model', 'build_optimizer', 'build_scheduler', 'build_ema', 'build_loss',
@@ -48,13 +49,11 @@ def build_model(cfg: ModelConfig, num_classes: Optional[int], img_size: Optional
         kwargs['pretrained_cfg_overlay'] = dict(file=cfg.pretrained_path, num_classes=-1)  # as timm's train.py
     if 'dropcluster' in cfg.name and not is_file_model:
         kwargs.update(drop_cluster_rate=0.0, img_size=img_size)
-    layer_args = dict(dc_cluster_method=cfg.cluster_method, dc_cluster_size=cfg.cluster_size,
-                      dc_num_clusters=cfg.num_clusters, dc_cluster_count=cfg.cluster_count,
-                      dc_min_cluster_size=cfg.min_cluster_size, dc_max_cluster_size=cfg.max_cluster_size,
-                      dc_skip_unstructured=cfg.skip_unstructured, dc_drop_mode=cfg.cluster_drop_mode,
-                      dc_batch_shared=cfg.batch_shared_mask)
-    if 'dropcluster' in cfg.name or any(v is not None for v in layer_args.values()):
-        kwargs.update(layer_args)
+    try:
+        layer_args = {layer_option(name).model_arg: value for name, value in cfg.layer_options.items()}
+    except KeyError as e:
+        raise TrainingError(e.args[0]) from None
+    kwargs.update(layer_args)  # a model without DropCluster layers refuses them with its own error
     kwargs.update(cfg.kwargs)
     if cfg.initial_checkpoint:
         kwargs['checkpoint_path'] = cfg.initial_checkpoint

@@ -8,8 +8,9 @@ the command line. ``TrainConfig.check`` gives one-line errors for settings that 
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
-from ..data import EMBEDDED_DATASET
+from ..evaluation.data import EMBEDDED_DATASET
 from ..errors import TrainingError
+from ..layers.options import LAYER_OPTIONS
 
 __all__ = ['DataConfig', 'ModelConfig', 'DropClusterConfig', 'EDropoutConfig', 'OptimConfig', 'LossConfig', 'OutputConfig',
            'TrainConfig']
@@ -99,15 +100,9 @@ class ModelConfig:
     bn_momentum: Optional[float] = None
     bn_eps: Optional[float] = None
     global_pool: Optional[str] = None
-    cluster_method: Optional[str] = None  # DropCluster model arguments (None: the model's default)
-    cluster_size: Optional[int] = None
-    num_clusters: Optional[int] = None
-    cluster_count: Optional[str] = None  # 'fixed' or 'gap'
-    min_cluster_size: Optional[int] = None
-    max_cluster_size: Optional[int] = None
-    skip_unstructured: Optional[bool] = None
-    cluster_drop_mode: Optional[str] = None  # 'uniform' or 'size'
-    batch_shared_mask: Optional[bool] = None
+    # DropCluster layer options set for this run ({name: value}, names of layers.options.LAYER_OPTIONS);
+    # the others keep the model's defaults
+    layer_options: Dict[str, Any] = field(default_factory=dict)
     kwargs: Dict[str, Any] = field(default_factory=dict)
     head_init_scale: Optional[float] = None
     head_init_bias: Optional[float] = None
@@ -138,7 +133,7 @@ class DropClusterConfig:
 
 @dataclass
 class EDropoutConfig:
-    """EDropout (``dropcluster_timm.edropout``): energy-based channel states in the blocks' drop_block
+    """EDropout (``dropcluster_timm.edropout.layers``): energy-based channel states in the blocks' drop_block
     slots, evolved during training; the published model is the pruned one. Defaults: the paper's."""
     enabled: bool = False
     candidates: int = 8  # population size
@@ -151,7 +146,7 @@ class EDropoutConfig:
 
     def images_per_state(self, batch_size: int) -> int:
         """``batch_per_state``, by default ``batch_size / (2 * candidates)``: the scoring forward of the
-        2 x candidates states then holds one batch of images, about 0.3 of a training step (BENCHMARKS.md)."""
+        2 x candidates states then holds one batch of images, about 0.3 of a training step (docs/benchmarks.md)."""
         return self.batch_per_state or max(1, batch_size // (2 * self.candidates))
 
 
@@ -287,14 +282,16 @@ class TrainConfig:
         for flag, value in (('--epochs', o.epochs), ('--batch-size', o.batch_size),
                             ('--validation-batch-size', o.validation_batch_size),
                             ('--grad-accum-steps', o.grad_accum_steps),
-                            ('--drop-cluster-update-batches', dc.update_batches), ('--cluster-size', m.cluster_size),
-                            ('--num-clusters', m.num_clusters), ('--min-cluster-size', m.min_cluster_size),
-                            ('--max-cluster-size', m.max_cluster_size), ('--img-size', d.img_size),
+                            ('--drop-cluster-update-batches', dc.update_batches), ('--img-size', d.img_size),
                             ('--log-interval', out.log_interval), ('--val-interval', out.val_interval),
                             ('--train-batches-per-epoch', out.train_batches_per_epoch),
                             ('--edropout-interval', ed.interval), ('--edropout-batch', ed.batch_per_state)):
             if value is not None and value < 1:
                 fail(flag, value, '>= 1')
+        for option in LAYER_OPTIONS:  # the sizes and counts of the layer options
+            value = m.layer_options.get(option.name)
+            if option.type is int and value is not None and value < 1:
+                fail(option.flag or option.model_arg, value, '>= 1')
         for flag, value in (('--drop-cluster-start', dc.start_epoch), ('--drop-cluster-warmup', dc.warmup_epochs),
                             ('--drop-cluster-update-freq', dc.update_freq), ('--warmup-epochs', o.warmup_epochs),
                             ('--workers', d.workers), ('--recovery-interval', out.checkpoint_steps),
@@ -320,9 +317,9 @@ class TrainConfig:
             fail('--drop-cluster-gamma', dc.gamma, 'in (0, 1]')
         if dc.shape == 'multistep' and not dc.milestones:
             raise TrainingError('--drop-cluster-shape multistep needs --drop-cluster-milestones')
-        if m.min_cluster_size and m.max_cluster_size and m.min_cluster_size > m.max_cluster_size:
-            raise TrainingError(f'--min-cluster-size {m.min_cluster_size} exceeds --max-cluster-size '
-                                f'{m.max_cluster_size}')
+        low, high = m.layer_options.get('min_cluster_size'), m.layer_options.get('max_cluster_size')
+        if low and high and low > high:
+            raise TrainingError(f'--min-cluster-size {low} exceeds --max-cluster-size {high}')
         if not 0.0 <= dc.soft_reset_factor < 1.0:
             fail('--soft-reset-factor', dc.soft_reset_factor, 'in [0, 1)')
         if o.lr is not None and not o.lr > 0:

@@ -6,8 +6,8 @@ import torch
 from timm.utils import dispatch_clip_grad
 from tqdm.auto import tqdm
 
-from ..edropout import edropout_step
-from ..energy_search import EnergySearch
+from ..edropout.layers import edropout_step
+from ..edropout.energy_search import EnergySearch
 from .recipe import DropClusterRecipe
 
 __all__ = ['TrainState', 'train_one_epoch']

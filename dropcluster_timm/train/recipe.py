@@ -18,9 +18,9 @@ from typing import Callable, Dict, List, Optional
 
 import torch.nn as nn
 
-from ..model_helpers import set_drop_prob
-from ..schedules import DropClusterSchedule
-from ..soft_reset import soft_reset
+from ..layers.model_helpers import set_drop_prob
+from ..layers.schedules import DropClusterSchedule
+from .soft_reset import soft_reset
 from .config import DropClusterConfig
 
 __all__ = ['DropClusterRecipe', 'make_schedule', 'schedule_warnings']

@@ -22,9 +22,9 @@ import torch.nn as nn
 from accelerate.utils import broadcast_object_list, gather_object, load as accelerate_load
 from safetensors import safe_open
 
-from ..data import DataBundle, dataset_description, split_name
+from ..evaluation.data import DataBundle, dataset_description, split_name
 from ..errors import TrainingError, first_line
-from ..model_helpers import dropcluster_layers
+from ..layers.model_helpers import dropcluster_layers
 from .config import TrainConfig
 from .loop import TrainState
 from .run_state import STATE_JSON, STATE_TENSORS, save_run_state

@@ -2,7 +2,7 @@
 
 Build, loop, save, on one or many processes (``accelerate launch``) or the CPU. The pieces live
 beside it: ``builders`` (model, loss, schedule), ``loop`` (one epoch), ``run_folder`` (checkpoints,
-resume, run.json, metrics); data and evaluation in ``dropcluster_timm.data`` / ``.evaluate``, model
+resume, run.json, metrics); data and evaluation in ``dropcluster_timm.evaluation.data`` / ``.evaluate``, model
 folders and the Hub in ``dropcluster_timm.hub``.
 """
 import copy
@@ -17,13 +17,13 @@ from timm.layers import DropBlock2d, convert_sync_batchnorm
 from timm.utils import distribute_bn
 
 from .. import hub
-from ..edropout import add_edropout, make_search, set_edropout_state
-from ..data import build_data, class_names, set_transforms
+from ..edropout.layers import add_edropout, make_search, set_edropout_state
+from ..evaluation.data import build_data, class_names, set_transforms
 from ..errors import TrainingError, first_line
-from ..evaluate import evaluate
-from ..model_helpers import ddp_ignore_cluster_buffers, dropcluster_layers, init_cluster_maps, set_drop_prob
-from ..prune import prune_channels
-from ..visualization import plot_cluster_maps
+from ..evaluation.evaluate import evaluate
+from ..layers.model_helpers import ddp_ignore_cluster_buffers, dropcluster_layers, init_cluster_maps, set_drop_prob
+from ..edropout.prune import prune_channels
+from ..hub.pictures import plot_cluster_maps
 from . import run_folder as rf
 from .builders import (
     build_accelerator, build_ema, build_loaders, build_loss, build_model, build_optimizer, build_scheduler,

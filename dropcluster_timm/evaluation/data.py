@@ -1,0 +1,274 @@
+""" Data sets and transforms: the embedded digits, ImageFolder splits found by name, timm's data sets.
+
+Errors a user can fix (a missing folder, no held-out split, overlapping splits, class counts that
+differ) raise ``TrainingError`` with a one-line reason.
+"""
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+from PIL import Image
+from torch.utils.data import Dataset
+
+from accelerate import PartialState
+from timm.data import create_dataset, create_transform, resolve_data_config
+
+from ..errors import TrainingError, first_line
+
+__all__ = [
+    'EMBEDDED_DATASET', 'TRAIN_SPLITS', 'EVAL_SPLITS', 'DigitsDataset', 'DataBundle', 'num_classes_of', 'class_names',
+    'is_folder_dataset', 'find_split_folder', 'make_dataset', 'build_data', 'set_transforms',
+    'dataset_description', 'split_name', 'cluster_batch',
+]
+
+EMBEDDED_DATASET = 'digits'
+
+
+class DigitsDataset(Dataset):
+    """scikit-learn's 8x8 handwritten digits (1797 images, 10 classes) as RGB PIL images.
+
+    Ships inside scikit-learn, so it works offline. A fixed stratified split: 20% validation.
+    """
+
+    def __init__(self, split: str = 'train', transform=None):
+        try:
+            from sklearn.datasets import load_digits
+        except ImportError as e:  # pragma: no cover
+            raise TrainingError('the embedded digits data set needs scikit-learn: pip install scikit-learn') from e
+        digits = load_digits()
+        images = (digits.images * (255.0 / 16.0)).round().clip(0, 255).astype(np.uint8)
+        targets = digits.target.astype(np.int64)
+        rng = np.random.RandomState(0)
+        val = np.zeros(len(targets), dtype=bool)
+        for c in range(10):
+            idx = np.flatnonzero(targets == c)
+            val[rng.permutation(idx)[:len(idx) // 5]] = True
+        if split in ('train', 'training'):
+            keep = ~val
+        elif split in ('validation', 'val', 'test', 'eval'):
+            keep = val
+        else:
+            raise TrainingError(f'unknown split {split!r} for the digits data set (train or validation)')
+        self.images = [Image.fromarray(im).convert('RGB') for im in images[keep]]
+        self.targets = targets[keep].tolist()
+        self.transform = transform
+        self.classes = [str(c) for c in range(10)]
+        self.source = f'{EMBEDDED_DATASET}:{"train" if split in ("train", "training") else "validation"}'
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, index):
+        img = self.images[index]
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, self.targets[index]
+
+
+def num_classes_of(ds: Dataset) -> Optional[int]:
+    """The class count a data set declares (``classes`` or its reader's ``class_to_idx``), if any."""
+    if hasattr(ds, 'classes'):
+        return len(ds.classes)
+    reader = getattr(ds, 'reader', None)
+    if reader is not None and getattr(reader, 'class_to_idx', None):
+        return len(reader.class_to_idx)
+    return None
+
+
+# Folder names tried for a split after the name given: timm's synonyms, plus 'test' for evaluation.
+# Unlike timm's folder search, the root itself is never a fallback: it holds every split, the
+# training images included.
+TRAIN_SPLITS = ('train', 'training')
+EVAL_SPLITS = ('validation', 'val', 'valid', 'eval', 'evaluation', 'test')
+_FOLDER_DATASETS = ('', 'folder', 'image_folder', 'imagefolder')
+
+
+def is_folder_dataset(dataset: str, data_dir: Optional[str]) -> bool:
+    """Whether ``dataset`` / ``data_dir`` name an ImageFolder root with one sub-folder per split."""
+    return dataset.lower() in _FOLDER_DATASETS and data_dir is not None and os.path.isdir(data_dir)
+
+
+def find_split_folder(data_dir: str, split: str, flag: str) -> str:
+    """The folder of ``split`` in an ImageFolder root: ``data_dir/split``, else the first synonym
+    present (``TRAIN_SPLITS`` or ``EVAL_SPLITS``, whichever holds ``split``).
+
+    Raises ``TrainingError`` naming the folders found and ``flag`` (the option that names a split)
+    when there is none; never returns ``data_dir`` itself.
+    """
+    path = os.path.join(data_dir, split)
+    if os.path.isdir(path):
+        return path
+    for synonyms in (TRAIN_SPLITS, EVAL_SPLITS):
+        if split in synonyms:
+            for name in synonyms:
+                if os.path.isdir(os.path.join(data_dir, name)):
+                    return os.path.join(data_dir, name)
+    found = sorted(d for d in os.listdir(data_dir) if os.path.isdir(os.path.join(data_dir, d)))
+    raise TrainingError(f'no {split!r} split folder in {data_dir} (folders found: {", ".join(found) or "none"}); '
+                        f'name one with {flag}')
+
+
+def make_dataset(dataset: str, data_dir: Optional[str], split: str, is_training: bool = False, transform=None,
+                 flag: str = '--split', **dataset_args: Any) -> Dataset:
+    """One split of a data set: the embedded digits (``dataset`` 'digits', or nothing given), a split
+    folder of an ImageFolder root (``find_split_folder``), or timm's ``create_dataset`` (with
+    ``dataset_args``: class_map, num_samples, download, ...). The data set gets a ``source``
+    attribute: the folder (or ``dataset:split``) it was read from."""
+    if not dataset and not data_dir:
+        dataset = EMBEDDED_DATASET
+    if dataset == EMBEDDED_DATASET:
+        return DigitsDataset(split, transform)
+    if data_dir is None or not os.path.exists(data_dir):
+        raise TrainingError(f'data folder {data_dir!r} does not exist')
+    root, search_split = data_dir, True
+    if is_folder_dataset(dataset, data_dir):
+        root, search_split = find_split_folder(data_dir, split, flag), False
+    try:
+        ds = create_dataset(dataset, root=root, split=split, is_training=is_training, search_split=search_split,
+                            **dataset_args)
+    except Exception as e:
+        raise TrainingError(f'cannot read data set {dataset or "ImageFolder"} split {split!r} in {root}: '
+                            f'{first_line(e)}') from e
+    if len(ds) == 0:
+        raise TrainingError(f'data set split {split!r} in {root} is empty')
+    ds.source = root if not search_split else f'{dataset}:{split}'
+    if transform is not None:
+        ds.transform = transform
+    return ds
+
+
+@dataclass
+class DataBundle:
+    """The splits of a run and what was learnt reading them."""
+    train: Dataset
+    eval: Dataset
+    cluster: Dataset  # training images with the evaluation transform, for re-clustering
+    num_classes: int
+    data_config: Dict[str, Any]
+    splits: Dict[str, str] = field(default_factory=dict)  # split -> folder (or dataset:split) it was read from
+
+
+def dataset_description(dataset: str, data_dir: Optional[str]) -> Dict[str, str]:
+    """How cards name the data set: ``dataset`` (shown), ``dataset_type``, and ``dataset_id`` only
+    for a Hub data set (``hfds/org/name``); never a local path."""
+    if dataset == EMBEDDED_DATASET or (not dataset and not data_dir):
+        return {'dataset': 'scikit-learn handwritten digits', 'dataset_type': EMBEDDED_DATASET}
+    if dataset.lower() in _FOLDER_DATASETS:
+        return {'dataset': os.path.basename(os.path.realpath(data_dir)), 'dataset_type': 'imagefolder'}
+    prefix, _, name = dataset.partition('/')
+    if prefix.lower() in ('hfds', 'hfids') and name:
+        return {'dataset': name, 'dataset_type': name, 'dataset_id': name}
+    return {'dataset': name or dataset, 'dataset_type': name or dataset}
+
+
+def build_data(dataset: str, data_dir: Optional[str], train_split: str = 'train', val_split: str = 'validation',
+               num_classes: Optional[int] = None, dataset_args: Optional[Dict[str, Any]] = None,
+               train_num_samples: Optional[int] = None, val_num_samples: Optional[int] = None) -> DataBundle:
+    """Datasets from timm's factory (or the embedded digits), without transforms yet (``set_transforms``
+    adds them once the model, which decides the input size and normalisation, exists). ``num_classes``
+    is checked against the classes the data set declares, and used where it declares none.
+
+    Refuses a validation split that is, contains or lies inside the training split's folder."""
+    args = dict(dataset_args or {})
+    train = make_dataset(dataset, data_dir, train_split, True, None, '--train-split', num_samples=train_num_samples,
+                         **args)
+    args.pop('repeats', None)  # the training split's epoch repeats only
+    val = make_dataset(dataset, data_dir, val_split, False, None, '--val-split', num_samples=val_num_samples, **args)
+    if is_folder_dataset(dataset, data_dir):
+        t, v = os.path.realpath(train.source), os.path.realpath(val.source)
+        if t == v or v.startswith(t + os.sep) or t.startswith(v + os.sep):
+            raise TrainingError(f'the validation split {val.source} overlaps the training split {train.source}; '
+                                'name a held-out folder with --val-split')
+    cluster = make_dataset(dataset, data_dir, train_split, False, None, '--train-split', num_samples=train_num_samples,
+                           **args)
+    if is_folder_dataset(dataset, data_dir):
+        check_folder_classes(train, val, bool(args.get('class_map')))
+    n_train, n_val = num_classes_of(train), num_classes_of(val)
+    if n_train is not None and n_val is not None and n_train != n_val:
+        raise TrainingError(f'the train split has {n_train} classes but the validation split has {n_val}')
+    if num_classes is not None and n_train is not None and num_classes != n_train:
+        raise TrainingError(f'--num-classes {num_classes} does not match the data set, which has {n_train} classes')
+    return DataBundle(train, val, cluster, n_train or num_classes, {},
+                      splits={'train': train.source, 'validation': val.source})
+
+
+MAX_EMPTY_FILES = 0.01  # share of a split's image files that may be empty (skipped) before a run stops
+
+
+def _folder_report(ds: Dataset) -> Dict[str, Any]:
+    """Class folders without images (timm's reader drops them) and empty image files of a split."""
+    reader = ds.reader
+    folders = [e.name for e in os.scandir(ds.source) if e.is_dir() and not e.name.startswith('.')]
+    classes = set(reader.class_to_idx)
+    return dict(empty_folders=sorted(f for f in folders if f not in classes),
+                empty_files=[path for path, _ in reader.samples if os.path.getsize(path) == 0])
+
+
+def class_names(ds: Dataset) -> Optional[list]:
+    """The class names of a data set read by timm's folder reader, in label order; None otherwise."""
+    mapping = getattr(getattr(ds, 'reader', None), 'class_to_idx', None)
+    return [name for name, _ in sorted(mapping.items(), key=lambda kv: kv[1])] if mapping else None
+
+
+def check_folder_classes(train: Dataset, val: Dataset, class_map: bool = False) -> None:
+    """ImageFolder splits label images by the index of their class folder's name, so the splits must
+    have the same class names (a validation ``c`` would be scored as training ``b``), at least two of
+    them. Class folders without images and empty image files are reported once; past
+    ``MAX_EMPTY_FILES`` of a split empty, the run stops."""
+    t, v = train.reader.class_to_idx, val.reader.class_to_idx
+    if t != v and not class_map:
+        only_t, only_v = sorted(set(t) - set(v)), sorted(set(v) - set(t))
+        what = (f'only in {train.source}: {only_t[:5]}; only in {val.source}: {only_v[:5]}' if only_t or only_v
+                else 'the same names in another order')
+        raise TrainingError(f'the training and validation splits have different classes ({what}); images are '
+                            'labelled by class folder, so map both with --class-map FILE or fix the folders')
+    if len(t) < 2:
+        raise TrainingError(f'{train.source} holds {len(t)} class folder(s) with images: a classifier needs at '
+                            'least two (one class trains to 100% and learns nothing)')
+    for ds in (train, val):
+        report = _folder_report(ds)
+        if report['empty_folders'] and PartialState().is_main_process:
+            print(f'warning: {ds.source}: {len(report["empty_folders"])} class folder(s) hold no images and are not '
+                  f'classes: {report["empty_folders"][:5]}', file=sys.stderr)
+        empty = report['empty_files']
+        if empty:
+            share = len(empty) / len(ds.reader.samples)
+            message = (f'{ds.source}: {len(empty)} of {len(ds.reader.samples)} image files are empty '
+                       f'(e.g. {empty[0]})')
+            if share > MAX_EMPTY_FILES:
+                raise TrainingError(f'{message}: more than {MAX_EMPTY_FILES:.0%}, so the run stops; remove or '
+                                    'replace them')
+            if PartialState().is_main_process:
+                print(f'warning: {message}; each is skipped (timm loads the next image in its place)',
+                      file=sys.stderr)
+
+
+def set_transforms(data: DataBundle, model: nn.Module, input_args: Optional[Dict[str, Any]] = None,
+                   train_args: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """timm's ``resolve_data_config`` / ``create_transform`` for ``model``: the training transform of
+    ``data.train`` (with ``train_args``: scale, ratio, hflip, auto_augment, ...), the evaluation
+    transform of ``data.eval`` and ``data.cluster``. ``input_args`` override the model's input
+    settings (input_size, img_size, crop_pct, mean, std, interpolation). Returns the data config."""
+    data_config = resolve_data_config(dict(input_args or {}), model=model, verbose=False)
+    data.train.transform = create_transform(**dict(data_config, **(train_args or {})), is_training=True)
+    data.eval.transform = create_transform(**data_config, is_training=False)
+    data.cluster.transform = data.eval.transform
+    data.data_config = data_config
+    return data_config
+
+
+def split_name(source: str) -> str:
+    """The split's name from a ``DataBundle.splits`` entry (a folder, or ``dataset:split``)."""
+    return os.path.basename(source.rpartition(':')[2].rstrip(os.sep))
+
+
+def cluster_batch(dataset: Dataset, batch_size: int, num_batches: int, seed: int) -> torch.Tensor:
+    """``num_batches * batch_size`` training images (evaluation transform), chosen by ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    n = min(len(dataset), batch_size * max(1, num_batches))
+    idx = torch.randperm(len(dataset), generator=g)[:n].tolist()
+    return torch.stack([dataset[i][0] for i in idx])

@@ -1,0 +1,365 @@
+""" The DropCluster modules: ``DropCluster1d/2d/3d`` around the functional core ``drop_cluster``, with
+the cluster maps as persistent buffers, re-clustered from activations."""
+import math
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+from timm.layers import register_notrace_module
+
+from ..clustering.cluster_count import CLUSTER_COUNTS, gap_statistic_labels, structured_maps
+from ..clustering.engine import CLUSTER_METHODS, activation_features, cluster_features, grid_cluster_map, one_cpu_thread
+from .drop_cluster import DROP_MODES, LABEL_DTYPE, _cluster_values_error, drop_cluster
+from .options import option_defaults
+
+__all__ = ['DropClusterNd', 'DropCluster1d', 'DropCluster2d', 'DropCluster3d']
+
+_DEFAULTS = option_defaults()  # the option defaults of options.LAYER_OPTIONS
+
+
+class DropClusterNd(nn.Module):
+    """Shared implementation of DropCluster1d/2d/3d (``spatial_dims`` set by the subclass).
+
+    Args:
+        drop_prob: probability of dropping a cluster, in [0, 1).
+        block_size: the DropBlock block this layer stands in for; the default cluster size is
+            ``block_size ** spatial_dims`` elements.
+        cluster_size: target mean cluster size in elements (overrides ``block_size``).
+        num_clusters: fixed number of clusters per map (overrides ``cluster_size``).
+        couple_channels: one cluster map and one drop decision for all channels; default is one map
+            per channel, as in the paper.
+        with_noise: fill dropped elements with gaussian noise instead of zeros.
+        inplace: modify the input in place.
+        scale_by_keep: rescale kept elements like timm's DropBlock.
+        cluster_method: method of ``update_clusters``, one of ``CLUSTER_METHODS``.
+        cluster_count: ``'fixed'`` (``num_clusters`` or ``cluster_size`` sets the count of every map) or
+            ``'gap'`` (each map gets its own count, chosen by a gap statistic between the bounds below;
+            see ``cluster_count.gap_statistic_labels``).
+        min_cluster_size, max_cluster_size: mean cluster sizes (elements) bounding the ``'gap'`` count;
+            default a quarter and four times the fixed mode's mean size.
+        skip_unstructured: leave maps without spatial structure undropped (a Hopkins-type permutation
+            test at each clustering, ``cluster_count.structured_maps``); their count is stored as 0.
+        drop_mode: ``'uniform'`` (every cluster dropped with the rate) or ``'size'`` (DropBlock-style
+            size-dependent probabilities with the same expected dropped fraction, see
+            ``cluster_drop_probs``).
+        batch_shared: one drop mask for the whole batch instead of one per sample.
+        gamma_scale: scales the rate, as in timm's ``DropBlock2d`` (whose expected dropped fraction is
+            ``gamma_scale * drop_prob``; timm uses 0.25 in a ResNet's third stage): clusters are
+            dropped with probability ``gamma_scale * drop_prob``. ``drop_prob`` stays the nominal
+            rate that schedules and ``set_drop_prob`` set.
+        batchwise, fast: accepted so that ``DropCluster2d(**kwargs_of_a_DropBlock2d)`` works; like
+            timm's ``DropBlock2d`` since 1.0.23, they have no effect (one decision per cluster and
+            sample, one implementation).
+        feat_size: spatial size of the input, if known: the grid map buffer is then created
+            here (and so saved in every checkpoint); otherwise the buffer stays empty until the
+            first clustering or load and a grid is made on the fly.
+        num_channels: channel count of the input, if known (as GroupNorm's ``num_channels``): inputs,
+            ``set_cluster_map`` and loaded state are checked against it, so a checkpoint whose maps
+            do not fit fails at load rather than at the first training step. Left ``None``, the
+            first ``update_clusters`` records it.
+        device: device of the cluster buffers.
+        dtype: accepted for timm's factory-kwargs convention; the buffers are integer labels.
+    """
+    spatial_dims: int = 2
+    num_channels: Optional[int]  # typed for TorchScript, which would otherwise see a NoneType attribute
+
+    def __init__(
+            self,
+            drop_prob: float = 0.1,
+            block_size: int = 7,
+            cluster_size: Optional[int] = _DEFAULTS['cluster_size'],
+            num_clusters: Optional[int] = _DEFAULTS['num_clusters'],
+            couple_channels: bool = _DEFAULTS['couple_channels'],
+            with_noise: bool = _DEFAULTS['with_noise'],
+            inplace: bool = False,
+            scale_by_keep: bool = True,
+            cluster_method: str = _DEFAULTS['cluster_method'],
+            cluster_count: str = _DEFAULTS['cluster_count'],
+            min_cluster_size: Optional[int] = _DEFAULTS['min_cluster_size'],
+            max_cluster_size: Optional[int] = _DEFAULTS['max_cluster_size'],
+            skip_unstructured: bool = _DEFAULTS['skip_unstructured'],
+            drop_mode: str = _DEFAULTS['drop_mode'],
+            batch_shared: bool = _DEFAULTS['batch_shared'],
+            feat_size: Optional[Tuple[int, ...]] = None,
+            num_channels: Optional[int] = None,
+            gamma_scale: float = 1.0,
+            batchwise: bool = False,
+            fast: bool = True,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        if not 0.0 <= drop_prob < 1.0:
+            raise ValueError(f'drop_prob must be in [0, 1), got {drop_prob}')
+        if cluster_method not in CLUSTER_METHODS:
+            raise ValueError(f'unknown cluster_method {cluster_method!r}, expected one of {CLUSTER_METHODS}')
+        if cluster_count not in CLUSTER_COUNTS:
+            raise ValueError(f'unknown cluster_count {cluster_count!r}, expected one of {CLUSTER_COUNTS}')
+        if cluster_count == 'gap' and cluster_method == 'grid':
+            raise ValueError("cluster_count='gap' needs a data-driven cluster_method, not 'grid'")
+        if drop_mode not in DROP_MODES:
+            raise ValueError(f'unknown drop_mode {drop_mode!r}, expected one of {DROP_MODES}')
+        if min_cluster_size is not None and max_cluster_size is not None and min_cluster_size > max_cluster_size:
+            raise ValueError(f'min_cluster_size ({min_cluster_size}) exceeds max_cluster_size ({max_cluster_size})')
+        for name, value in (('block_size', block_size), ('cluster_size', cluster_size), ('num_clusters', num_clusters),
+                            ('min_cluster_size', min_cluster_size), ('max_cluster_size', max_cluster_size)):
+            if value is not None and int(value) < 1:
+                raise ValueError(f'{name} must be >= 1, got {value}')
+        if not 0.0 < gamma_scale <= 1.0:
+            raise ValueError(f'gamma_scale must be in (0, 1], got {gamma_scale}')
+        if num_channels is not None and int(num_channels) < 1:
+            raise ValueError(f'num_channels must be >= 1, got {num_channels}')
+        self.spatial_dims = type(self).spatial_dims  # TorchScript only sees instance attributes
+        self.drop_prob = float(drop_prob)
+        self.block_size = int(block_size)
+        self.gamma_scale = float(gamma_scale)
+        self.cluster_size = int(cluster_size) if cluster_size is not None else self.block_size ** self.spatial_dims
+        self.num_clusters = int(num_clusters) if num_clusters is not None else 0  # 0: from cluster_size
+        self.couple_channels = couple_channels
+        self.with_noise = with_noise
+        self.inplace = inplace
+        self.scale_by_keep = scale_by_keep
+        self.cluster_method = cluster_method
+        self.cluster_count = cluster_count
+        self.min_cluster_size = int(min_cluster_size) if min_cluster_size is not None else 0  # 0: default
+        self.max_cluster_size = int(max_cluster_size) if max_cluster_size is not None else 0
+        self.skip_unstructured = skip_unstructured
+        self.drop_mode = drop_mode
+        self.batch_shared = batch_shared
+        self.num_channels = int(num_channels) if num_channels is not None else None
+        empty_shape = [0] * (self.spatial_dims + 1)
+        self.register_buffer('cluster_map', torch.zeros(empty_shape, dtype=LABEL_DTYPE, device=device))
+        self.register_buffer('cluster_counts', torch.zeros(0, dtype=LABEL_DTYPE, device=device))
+        self.max_clusters = 0  # host copy of cluster_counts.max(): sizes the random draw without a sync
+        self.has_undropped = False  # host copy of (cluster_counts == 0).any()
+        if feat_size is not None:
+            size = [int(s) for s in (feat_size if isinstance(feat_size, (tuple, list)) else [feat_size])]
+            if len(size) != self.spatial_dims:
+                raise ValueError(f'feat_size must have {self.spatial_dims} dims, got {feat_size}')
+            # Built on the CPU, where label values can be read, then moved: the device may be 'meta', also
+            # implicitly through a `with torch.device('meta')` block (timm's factory tests use one).
+            self.set_cluster_map(self.grid_map(size, torch.device('cpu')))
+
+    def grid_map(self, spatial: List[int], device: torch.device) -> Tensor:
+        """The map a layer starts from, for inputs of this spatial size: ``target_clusters`` regular
+        blocks (DropBlock's non-overlapping blocks), shape ``(1, *spatial)``."""
+        return grid_cluster_map(spatial, self.target_clusters(spatial), device)
+
+    def target_clusters(self, spatial: List[int]) -> int:
+        """Clusters per map for inputs of this spatial size.
+
+        ``num_clusters`` if set, else the cell count of a grid of ``cluster_size``-element cubes
+        (``ceil(size / side)`` per dim), so a fresh grid map tiles like DropBlock's blocks and the
+        learned maps keep the same count.
+        """
+        n = 1
+        for s in spatial:
+            n *= s
+        if self.num_clusters > 0:
+            k = self.num_clusters
+        else:
+            side = self.cluster_size ** (1.0 / self.spatial_dims)
+            if abs(side - round(side)) < 1e-6:  # 125 ** (1/3) is 4.999...
+                side = float(round(side))
+            k = 1
+            for s in spatial:
+                k *= int(math.ceil(s / side))
+        return max(1, min(k, n))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != self.spatial_dims + 2:
+            raise ValueError('DropCluster' + str(self.spatial_dims) + 'd expects input with '
+                             + str(self.spatial_dims + 2) + ' dims, got ' + str(x.dim()))
+        num_channels = self.num_channels  # a local: TorchScript refines Optional locals only
+        if num_channels is not None and x.shape[1] != num_channels:
+            raise ValueError('DropCluster' + str(self.spatial_dims) + 'd expects ' + str(num_channels)
+                             + ' input channels, got ' + str(x.shape[1]))
+        if not self.training or self.drop_prob == 0.0:
+            return x
+        spatial = x.shape[2:]
+        if self.cluster_map.numel() > 0:
+            cluster_map, k = self.cluster_map, self.max_clusters
+        else:
+            cluster_map, k = self.grid_map(spatial, x.device), self.target_clusters(spatial)
+        return drop_cluster(
+            x,
+            cluster_map,
+            drop_prob=self.drop_prob * self.gamma_scale,
+            num_clusters=k,
+            couple_channels=self.couple_channels,
+            with_noise=self.with_noise,
+            inplace=self.inplace,
+            scale_by_keep=self.scale_by_keep,
+            drop_mode=self.drop_mode,
+            batch_shared=self.batch_shared,
+            cluster_counts=self.cluster_counts if self.has_undropped else None,
+        )
+
+    def count_bounds(self, spatial: List[int]) -> Tuple[int, int]:
+        """The range of cluster counts ``cluster_count='gap'`` chooses from, for inputs of this size."""
+        n = 1
+        for s in spatial:
+            n *= s
+        mean_size = n / self.target_clusters(spatial)
+        min_size = self.min_cluster_size or max(1.0, mean_size / 4)
+        max_size = self.max_cluster_size or mean_size * 4
+        k_max = max(1, min(n, int(n // min_size)))
+        k_min = max(1, min(k_max, int(math.ceil(n / max_size))))
+        return k_min, k_max
+
+    @torch.no_grad()
+    def update_clusters(self, x: Tensor, generator: Optional[torch.Generator] = None, **kwargs) -> Tensor:
+        """Re-cluster from activations ``x`` (the layer's input, ``(B, C, *spatial)``).
+
+        ``kwargs`` go to the clustering method (see ``clustering.cluster_activations``).
+        Returns the new map.
+        """
+        if x.dim() != self.spatial_dims + 2:
+            raise ValueError(f'DropCluster{self.spatial_dims}d expects input with {self.spatial_dims + 2} dims, '
+                             f'got shape {tuple(x.shape)}')
+        if self.num_channels is not None and x.shape[1] != self.num_channels:
+            raise ValueError(f'DropCluster{self.spatial_dims}d expects {self.num_channels} input channels, '
+                             f'got shape {tuple(x.shape)}')
+        spatial = list(x.shape[2:])
+        with one_cpu_thread(x.device):
+            feats = activation_features(x, self.couple_channels)
+            if self.cluster_count == 'gap':
+                k_min, k_max = self.count_bounds(spatial)
+                labels, _ = gap_statistic_labels(feats, spatial, k_min, k_max, self.cluster_method, generator,
+                                                 **kwargs)
+            else:
+                labels = cluster_features(feats, spatial, self.target_clusters(spatial), self.cluster_method,
+                                          generator, **kwargs)
+            undropped = ~structured_maps(feats, spatial, generator=generator) if self.skip_unstructured else None
+        self.set_cluster_map(labels.view([-1] + spatial), undropped=undropped)
+        if self.num_channels is None:
+            # Learned from the input, so later loads and set_cluster_map calls are checked.
+            self.num_channels = int(x.shape[1])
+        return self.cluster_map
+
+    def _map_count_error(self, shape: Tuple[int, ...]) -> Optional[str]:
+        """Why maps of ``shape`` ``(M, *spatial)`` do not fit this layer, or ``None`` if they do."""
+        m = shape[0]
+        if self.couple_channels:
+            if m == 1:
+                return None
+            return (f'{m} maps of shape {tuple(shape)} do not fit this layer, which takes one map '
+                    f'(its channels are coupled)')
+        if self.num_channels is None or m in (1, self.num_channels):
+            return None
+        return (f'{m} maps of shape {tuple(shape)} do not fit this layer, which takes 1 map or '
+                f'{self.num_channels} (one per channel of its {self.num_channels}-channel input)')
+
+    @torch.no_grad()
+    def set_cluster_map(self, cluster_map: Tensor, undropped: Optional[Tensor] = None) -> None:
+        """Install label maps ``(M, *spatial)``, M = 1 or the channel count (1 if coupled).
+
+        ``undropped``: ``(M,)`` bool, maps to leave undropped; they are stored as one cluster with a
+        count of 0.
+        """
+        if cluster_map.is_floating_point() or cluster_map.dim() != self.spatial_dims + 1:
+            raise ValueError(f'cluster_map must hold integer labels of shape (M, *spatial) with '
+                             f'{self.spatial_dims} spatial dims, got {cluster_map.dtype} {tuple(cluster_map.shape)}')
+        if cluster_map.numel() == 0 or int(cluster_map.min()) < 0:
+            raise ValueError('cluster_map must be non-empty with labels >= 0')
+        error = self._map_count_error(tuple(cluster_map.shape))
+        if error is not None:
+            raise ValueError('cluster_map: ' + error)
+        if undropped is not None:
+            undropped = undropped.to(device=cluster_map.device, dtype=torch.bool)
+            if undropped.shape != cluster_map.shape[:1]:
+                raise ValueError(f'undropped must hold one flag per map ({cluster_map.shape[0]}), '
+                                 f'got shape {tuple(undropped.shape)}')
+            cluster_map = cluster_map.masked_fill(undropped.view([-1] + [1] * self.spatial_dims), 0)
+        counts = cluster_map.flatten(1).amax(dim=1) + 1
+        if undropped is not None:
+            counts = counts.masked_fill(undropped, 0)
+        max_clusters = max(1, int(counts.max()))
+        has_undropped = bool((counts == 0).any())
+        dtype = LABEL_DTYPE
+        device = self.cluster_map.device
+        if self.cluster_map.shape == cluster_map.shape and self.cluster_map.dtype == dtype \
+                and self.cluster_counts.dtype == dtype:
+            # In place: wrappers that cache buffer references (DDP's buffer broadcast) stay valid.
+            self.cluster_map.copy_(cluster_map)
+            self.cluster_counts.copy_(counts)
+        else:
+            # copy=True: never alias the caller's tensor (another model's buffer, say), which a later
+            # in-place update would change too.
+            self.cluster_map = cluster_map.to(device=device, dtype=dtype, copy=True).contiguous()
+            self.cluster_counts = counts.to(device=device, dtype=dtype)
+        self.max_clusters = max_clusters
+        self.has_undropped = has_undropped
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        # Maps differ in shape between checkpoints (other resolutions, per-channel vs grid), so
+        # adopt the incoming shapes instead of failing on a size mismatch.
+        incoming = state_dict.get(prefix + 'cluster_map')
+        counts = state_dict.get(prefix + 'cluster_counts')
+        if incoming is not None and counts is not None:
+            if incoming.dim() != self.spatial_dims + 1 or incoming.is_floating_point():
+                error_msgs.append(f'{prefix}cluster_map: expected integer labels with {self.spatial_dims} spatial '
+                                  f'dims, got {incoming.dtype} {tuple(incoming.shape)}')
+                return
+            # Checked here, where the key names the layer: otherwise a map that does not fit loads
+            # cleanly and fails only at the first training forward, unnamed. An empty map is the
+            # state of a layer not yet clustered.
+            error = self._map_count_error(tuple(incoming.shape)) if incoming.numel() else None
+            if error is not None:
+                error_msgs.append(f'{prefix}cluster_map: {error}')
+                return
+            if counts.dim() != 1 or counts.shape[0] != incoming.shape[0]:
+                error_msgs.append(f'{prefix}cluster_counts: shape {tuple(counts.shape)} does not match the '
+                                  f'{incoming.shape[0]} maps of cluster_map {tuple(incoming.shape)}, '
+                                  f'expected one count per map')
+                return
+            error = _cluster_values_error(incoming, counts)
+            if error is not None:  # a file from outside: the values must be what set_cluster_map makes
+                error_msgs.append(f'{prefix}{error}')
+                return
+            device = self.cluster_map.device
+            # Replace the buffers only when the shape or dtype changes; otherwise the default load
+            # copies in place and wrappers that cache buffer references (DDP) stay valid.
+            if self.cluster_map.shape != incoming.shape or self.cluster_map.dtype != incoming.dtype:
+                self.cluster_map = torch.empty(incoming.shape, dtype=incoming.dtype, device=device)
+            if self.cluster_counts.shape != counts.shape or self.cluster_counts.dtype != counts.dtype:
+                self.cluster_counts = torch.empty(counts.shape, dtype=counts.dtype, device=device)
+            known = counts.numel() > 0 and not counts.is_meta
+            self.max_clusters = max(1, int(counts.max())) if known else 0
+            self.has_undropped = bool((counts == 0).any()) if known else False
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+    def extra_repr(self) -> str:
+        k = f'num_clusters={self.num_clusters}' if self.num_clusters else f'cluster_size={self.cluster_size}'
+        c = f'num_channels={self.num_channels}, ' if self.num_channels is not None else ''
+        g = f', gamma_scale={self.gamma_scale}' if self.gamma_scale != 1.0 else ''
+        extra = ''
+        if self.cluster_count != 'fixed':
+            extra += f', cluster_count={self.cluster_count!r}'
+        if self.skip_unstructured:
+            extra += ', skip_unstructured=True'
+        if self.drop_mode != 'uniform':
+            extra += f', drop_mode={self.drop_mode!r}'
+        if self.batch_shared:
+            extra += ', batch_shared=True'
+        return (f'{c}drop_prob={self.drop_prob}{g}, {k}, couple_channels={self.couple_channels}, '
+                f'cluster_method={self.cluster_method!r}{extra}, map={tuple(self.cluster_map.shape)}')
+
+
+@register_notrace_module
+class DropCluster1d(DropClusterNd):
+    __doc__ = """DropCluster for ``(B, C, L)`` inputs; clusters are runs of the sequence.""" + DropClusterNd.__doc__.split('\n', 1)[1]
+    spatial_dims = 1
+
+
+@register_notrace_module
+class DropCluster2d(DropClusterNd):
+    __doc__ = """DropCluster for ``(B, C, H, W)`` inputs, a drop-in for timm's ``DropBlock2d``.""" + DropClusterNd.__doc__.split('\n', 1)[1]
+    spatial_dims = 2
+
+
+@register_notrace_module
+class DropCluster3d(DropClusterNd):
+    __doc__ = """DropCluster for ``(B, C, D, H, W)`` inputs (video, volumes).""" + DropClusterNd.__doc__.split('\n', 1)[1]
+    spatial_dims = 3

@@ -1,0 +1,97 @@
+""" The DropCluster layer options, each declared once.
+
+Every entry is read where the option appears: the ``DropCluster1d/2d/3d`` argument defaults, the
+``dc_<name>`` arguments of the ``*_dropcluster`` models (recorded in ``config.json``), the ``train``
+flags with their help, the training config and the model card.
+"""
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple
+
+from ..clustering.cluster_count import CLUSTER_COUNTS
+from ..clustering.engine import CLUSTER_METHODS
+from .drop_cluster import DROP_MODES
+
+__all__ = ['LayerOption', 'LAYER_OPTIONS', 'layer_option', 'option_defaults']
+
+
+@dataclass(frozen=True)
+class LayerOption:
+    """One option of the DropCluster layers.
+
+    Args:
+        name: the layer argument; the model argument is ``dc_<name>``.
+        default: the default of the layer and of the model argument (``None``: derived, as ``help`` says).
+        help: what it does, for the flag's help and the docs.
+        type: ``int``, ``bool`` or ``str``.
+        flag: the ``train`` flag; ``None``: set it with ``--model-kwargs dc_<name>=...``.
+        choices: the allowed values of a ``str`` option.
+        card: the model card's phrase for a value other than the default (``{value}`` is filled in).
+    """
+    name: str
+    default: Any
+    help: str
+    type: type = str
+    flag: Optional[str] = None
+    choices: Optional[Tuple[str, ...]] = None
+    card: Optional[str] = None
+
+    @property
+    def model_arg(self) -> str:
+        return f'dc_{self.name}'
+
+    @property
+    def dest(self) -> str:
+        """The attribute of the parsed ``train`` command line."""
+        return self.flag[2:].replace('-', '_')
+
+    def flag_kwargs(self) -> Dict[str, Any]:
+        """``add_argument`` keywords: unset flags stay ``None``, so the model's default applies."""
+        default = '' if self.default is None else f' (default: {self.default})'
+        if self.type is bool:
+            return dict(action='store_true', default=None, help=self.help)
+        return dict(type=self.type, default=None, choices=self.choices, help=self.help + default)
+
+    def value(self, value: Any) -> Any:
+        """``value`` as this option's type (a model argument read from JSON or the command line)."""
+        return None if value is None else self.type(value)
+
+
+LAYER_OPTIONS: Tuple[LayerOption, ...] = (
+    # the model's default is the slot's own DropBlock block size; a layer built alone defaults to 7
+    LayerOption('block_size', None, "side of the first grid map's square blocks, and the default cluster size "
+                "block_size ** dims (default: the slot's DropBlock block size)", type=int),
+    LayerOption('cluster_size', None, 'target mean cluster size in elements (default: block_size ** dims)',
+                type=int, flag='--cluster-size'),
+    LayerOption('num_clusters', None, 'clusters per map (instead of a mean cluster size)', type=int,
+                flag='--num-clusters'),
+    LayerOption('cluster_method', 'rena', 'clustering method', flag='--cluster-method', choices=CLUSTER_METHODS,
+                card='method {value}'),
+    LayerOption('cluster_count', 'fixed', "'gap': each map's cluster count chosen by a gap statistic",
+                flag='--cluster-count', choices=CLUSTER_COUNTS, card='a count per map by gap statistic'),
+    LayerOption('min_cluster_size', None, "lower bound of --cluster-count gap, in elements (default: a quarter "
+                'of the fixed mean size)', type=int, flag='--min-cluster-size'),
+    LayerOption('max_cluster_size', None, 'upper bound of --cluster-count gap, in elements (default: 4x the '
+                'fixed mean size)', type=int, flag='--max-cluster-size'),
+    LayerOption('skip_unstructured', False, 'leave maps without spatial structure (Hopkins-type test) undropped',
+                type=bool, flag='--skip-unstructured', card='maps without spatial structure left undropped'),
+    LayerOption('drop_mode', 'uniform', "'size': DropBlock-style size-dependent cluster rates, the same expected "
+                'dropped fraction', flag='--cluster-drop-mode', choices=DROP_MODES, card='size-dependent cluster rates'),
+    LayerOption('batch_shared', False, 'one drop mask for the whole batch', type=bool, flag='--batch-shared-mask',
+                card='one mask per batch'),
+    LayerOption('couple_channels', False, 'one cluster map and one drop decision for all channels', type=bool,
+                card='one map for all channels'),
+    LayerOption('with_noise', False, 'fill dropped elements with Gaussian noise instead of zeros', type=bool),
+)
+
+
+def layer_option(name: str) -> LayerOption:
+    """The option called ``name``."""
+    for option in LAYER_OPTIONS:
+        if option.name == name:
+            return option
+    raise KeyError(f'no DropCluster layer option {name!r}; the options: {[o.name for o in LAYER_OPTIONS]}')
+
+
+def option_defaults() -> Dict[str, Any]:
+    """``{layer argument: default}`` of the options."""
+    return {o.name: o.default for o in LAYER_OPTIONS}
