@@ -15,7 +15,7 @@ from benchmarks.regularizer_study.data import load_cifar10
 from benchmarks.regularizer_study.rows import append_row, merge_rows, read_rows
 from benchmarks.regularizer_study.streams import PURPOSES, purpose_seed, stream
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CIFAR = REPO.parent / 'shared' / 'data' / 'cifar10-jpg.tar.gz'
 needs_cifar = pytest.mark.skipif(not CIFAR.exists(), reason=f'CIFAR-10 archive not found at {CIFAR}')
 

@@ -14,7 +14,7 @@ from dropcluster_timm import dropcluster_layers
 # processes, started with 'spawn', can import it again to unpickle run_one.
 from benchmarks import study_cifar10 as study
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CIFAR = REPO.parent / 'shared' / 'data' / 'cifar10-jpg.tar.gz'
 RESULTS = REPO / 'benchmarks' / 'results' / 'study_cifar10'  # the committed study: .json and _card_table.json
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from run_helpers import (
-    ROOT, TINY, assert_fails, free_port, load_checkpoint_clusters, make_image_folder, relayout, run_script)
+    ROOT, TINY, assert_fails, free_port, load_checkpoint_clusters, make_image_folder, relayout, run_in_process,
+    run_script)
 
 EVALUATE = [sys.executable, '-m', 'dropcluster_timm', 'evaluate']
 
@@ -108,19 +109,18 @@ def test_error_missing_data_folder(tmp_path):
 
 
 def test_error_unknown_model(image_folder, tmp_path):
-    proc = run_script([image_folder, '--output', str(tmp_path / 'o')] + TINY + ['--model', 'resnet18_dropclustr'],
-                      check=False)
+    proc = run_in_process([image_folder, '--output', str(tmp_path / 'o')] + TINY + ['--model', 'resnet18_dropclustr'])
     assert_fails(proc, ['unknown model', 'resnet18_dropclustr'])
 
 
 def test_error_class_count_mismatch(image_folder, tmp_path):
-    proc = run_script([image_folder, '--output', str(tmp_path / 'o'), '--num-classes', '5'] + TINY, check=False)
+    proc = run_in_process([image_folder, '--output', str(tmp_path / 'o'), '--num-classes', '5'] + TINY)
     assert_fails(proc, ['--num-classes 5', '3 classes'])
 
 
 def test_error_incompatible_resume(full_run, image_folder, tmp_path):
-    proc = run_script([image_folder, '--output', str(tmp_path / 'o'), '--resume', full_run] + TINY
-                      + ['--model', 'resnet34_dropcluster'], check=False)
+    proc = run_in_process([image_folder, '--output', str(tmp_path / 'o'), '--resume', full_run] + TINY
+                          + ['--model', 'resnet34_dropcluster'])
     assert_fails(proc, ['cannot resume', 'resnet18_dropcluster', 'resnet34_dropcluster'], str(tmp_path / 'o'))
     assert not os.path.exists(tmp_path / 'o' / 'checkpoints')
 
@@ -151,10 +151,10 @@ def test_train_and_evaluate_use_the_test_folder_of_a_train_test_layout(train_tes
     ev = run_script([os.path.join(out, 'best'), '--data-dir', train_test_folder], command=EVALUATE)
     assert f'(12 images of {os.path.join(train_test_folder, "test")})' in ev.stdout
     # without data arguments a model trained on an ImageFolder asks for them (no digits fallback)
-    bad = run_script([os.path.join(out, 'best')], command=EVALUATE, check=False)
+    bad = run_in_process([os.path.join(out, 'best')], command='evaluate')
     assert_fails(bad, ['--data-dir', os.path.basename(train_test_folder)])
     holdout = relayout(make_image_folder(tmp_path / 'holdout'), {'validation': 'holdout'})
-    bad = run_script([os.path.join(out, 'best'), '--data-dir', holdout], command=EVALUATE, check=False)
+    bad = run_in_process([os.path.join(out, 'best'), '--data-dir', holdout], command='evaluate')
     assert_fails(bad, ['holdout, train', '--split'])
 
 
@@ -226,7 +226,7 @@ def test_run_killed_in_its_first_epoch_can_be_resumed_or_rerun(image_folder, tmp
 ])
 def test_bad_settings_fail_early_with_one_line(image_folder, tmp_path, extra, words):
     out = tmp_path / 'o'
-    proc = run_script([image_folder, '--output', str(out)] + TINY + extra, check=False)
+    proc = run_in_process([image_folder, '--output', str(out)] + TINY + extra)
     assert_fails(proc, words)
     assert not out.exists()
 
@@ -235,7 +235,7 @@ def test_output_naming_a_file_fails_with_one_line(image_folder, tmp_path):
     target = tmp_path / 'taken'
     target.write_text('keep me')
     for output in (target, target / 'sub'):
-        proc = run_script([image_folder, '--output', str(output)] + TINY, check=False)
+        proc = run_in_process([image_folder, '--output', str(output)] + TINY)
         assert_fails(proc, ['--output', 'is a file'])
     assert target.read_text() == 'keep me'
 
@@ -248,7 +248,7 @@ def test_corrupt_checkpoint_file_fails_with_one_line(full_run, image_folder, tmp
     data = open(optimizer, 'rb').read()
     open(optimizer, 'wb').write(data[:len(data) // 2])
     before = {n: os.path.getmtime(os.path.join(out, n)) for n in ('run.json', 'metrics.json')}
-    proc = run_script([image_folder, '--output', out, '--resume', out] + TINY, check=False)
+    proc = run_in_process([image_folder, '--output', out, '--resume', out] + TINY)
     assert_fails(proc, ['cannot resume', 'optimizer.bin', 'damaged'])
     assert before == {n: os.path.getmtime(os.path.join(out, n)) for n in before}  # nothing rewritten
 
@@ -323,7 +323,7 @@ def test_timm_recipe_command_line_runs_unchanged(recipe, tmp_path):
     (['--clip-mode', 'max'], ['--clip-mode', "'norm'"]),
 ])
 def test_unsupported_timm_flags_fail_with_the_reason(flags, words, tmp_path):
-    proc = run_script(flags + SCALED + ['--output', str(tmp_path / 'o')], check=False)
+    proc = run_in_process(flags + SCALED + ['--output', str(tmp_path / 'o')])
     assert_fails(proc, words)
     assert not (tmp_path / 'o').exists()
 
@@ -338,7 +338,7 @@ def test_config_file_supplies_defaults_and_args_yaml_records_them(tmp_path):
     assert run['config']['loss']['smoothing'] == 0.2 and run['config']['optim']['model_ema'] is True
     bad = tmp_path / 'bad.yaml'
     bad.write_text('not_a_flag: 1\n')
-    assert_fails(run_script(['-c', str(bad)] + SCALED + ['--output', str(tmp_path / 'b')], check=False),
+    assert_fails(run_in_process(['-c', str(bad)] + SCALED + ['--output', str(tmp_path / 'b')]),
                  ['-c', 'unknown arguments not_a_flag'])
 
 
