@@ -15,6 +15,6 @@ torch.save({
     'rank': acc.process_index,
     'world_size': acc.num_processes,
     'state': edropout_state(acc.unwrap_model(run.model)),
-    'search': run.search.state_dict(),
+    'search': run.hooks[0].search.state_dict(),
 }, os.path.join(dump, f'rank{acc.process_index}.pt'))
 acc.end_training()

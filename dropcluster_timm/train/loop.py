@@ -1,13 +1,12 @@
 """ The training loop of one epoch, with the drop rate stepped per batch, and the run's position."""
 import sys
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 from timm.utils import dispatch_clip_grad
 from tqdm.auto import tqdm
 
-from ..edropout.layers import edropout_step
-from ..edropout.energy_search import EnergySearch
+from .hooks import TrainHook
 from .recipe import DropClusterRecipe
 
 __all__ = ['TrainState', 'train_one_epoch']
@@ -45,8 +44,7 @@ def train_one_epoch(
         checkpoint_fn: Optional[Callable[[str], str]] = None, checkpoint_steps: int = 0, progress: bool = True,
         log_interval: int = 0, channels_last: bool = False,
         max_steps: Optional[int] = None, synchronize_step: bool = False,
-        on_step: Optional[Callable[[TrainState], None]] = None, search: Optional[EnergySearch] = None,
-        edropout_interval: int = 1, edropout_batch: int = 16,
+        on_step: Optional[Callable[[TrainState], None]] = None, hooks: Sequence[TrainHook] = (),
 ) -> Dict[str, float]:
     """One epoch of training; resumes at ``state.step_in_epoch`` batches into the epoch (those batches
     are skipped without being loaded, Accelerate's ``skip_first_batches``).
@@ -55,9 +53,8 @@ def train_one_epoch(
     loss stays on the device: the host waits for it only to print (a bar on a terminal, or a line
     every ``log_interval`` batches) and once at the end. ``checkpoint_fn(name)`` is called every
     ``checkpoint_steps`` batches (not at the end of the epoch, which the caller checkpoints);
-    ``on_step(state)`` after every batch. ``max_steps`` caps the batches of the epoch. With an EDropout
-    ``search``, every ``edropout_interval`` batches (until it converges) its states are scored on the
-    first ``edropout_batch`` images of the batch and the best is applied before the training step.
+    ``on_step(state)`` after every batch. ``max_steps`` caps the batches of the epoch. Every hook's
+    ``before_step`` runs before each training step (EDropout scores and applies its states there).
     """
     model.train()
     epoch = state.epoch
@@ -82,9 +79,8 @@ def train_one_epoch(
             images = images.contiguous(memory_format=torch.channels_last)
         if mixup_fn is not None:
             images, targets = mixup_fn(images, targets)
-        if search is not None and not search.converged and state.global_step % edropout_interval == 0:
-            with accelerator.autocast():
-                edropout_step(unwrapped, search, images[:edropout_batch], targets[:edropout_batch], loss_fn)
+        for hook in hooks:
+            hook.before_step(accelerator, unwrapped, images, targets, loss_fn, state)
         with accelerator.accumulate(model):
             output = model(images)
             loss = loss_fn(output, targets)

@@ -17,14 +17,13 @@ from timm.layers import DropBlock2d, convert_sync_batchnorm
 from timm.utils import distribute_bn
 
 from .. import hub
-from ..edropout.layers import add_edropout, make_search, set_edropout_state
 from ..evaluation.data import build_data, class_names, set_transforms
 from ..errors import TrainingError, first_line
 from ..evaluation.evaluate import evaluate
 from ..layers.model_helpers import ddp_ignore_cluster_buffers, dropcluster_layers, init_cluster_maps, set_drop_prob
-from ..edropout.prune import prune_channels
 from ..hub.pictures import plot_cluster_maps
 from . import run_folder as rf
+from .hooks import build_hooks
 from .builders import (
     build_accelerator, build_ema, build_loaders, build_loss, build_model, build_optimizer, build_scheduler,
     recluster, use_cpu_cores)
@@ -48,7 +47,7 @@ def _check_push(repo_id: str) -> None:
 
 def train(cfg: TrainConfig, on_step: Optional[Callable[[TrainState], None]] = None) -> SimpleNamespace:
     """Train as ``cfg`` says; returns the accelerator, model, EMA, schedule, state, metric rows and the
-    EDropout search (None without ``--edropout``).
+    hooks of the optional methods (``train.hooks``; EDropout's holds its ``search``).
     Call ``result.accelerator.end_training()`` when done with them (trackers, process group).
 
     ``on_step(state)`` runs after every training batch. Errors a user can fix raise ``TrainingError``
@@ -91,10 +90,9 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[TrainState], None]] = No
         isinstance(m, DropBlock2d) for m in model.modules())
     if cfg.dropcluster.rate > 0 and not num_dropcluster:
         accelerator.print(f'warning: {cfg.model.name} has no DropCluster layers, --drop-cluster is ignored')
-    search, pruning = None, cfg.edropout.enabled and cfg.edropout.unit == 'channel'
-    if cfg.edropout.enabled:
-        search = _build_edropout(cfg, model)
-        accelerator.print(f'EDropout: {search}')
+    hooks = build_hooks(cfg, model)  # the optional methods (EDropout)
+    for hook in hooks:
+        accelerator.print(hook)
     if cfg.model.sync_bn and accelerator.num_processes > 1:
         model = convert_sync_batchnorm(model)
     if cfg.model.channels_last:
@@ -124,8 +122,9 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[TrainState], None]] = No
 
     state = TrainState()
     # The run's own state goes into the checkpoint as data (run_state.json / .safetensors), not pickles.
-    run_objects = dict(lr_scheduler=lr_scheduler, schedule=schedule, state=state, **({'ema': ema} if ema else {}),
-                       **({'search': search} if search else {}))
+    run_objects = dict(lr_scheduler=lr_scheduler, schedule=schedule, state=state, **({'ema': ema} if ema else {}))
+    for hook in hooks:
+        run_objects.update(hook.run_state())
     if checkpoint:
         fresh_optimizer = copy.deepcopy(optimizer.state_dict()) if out.no_resume_opt else None
         load_run_state(checkpoint, run_objects)  # checked whole before anything is loaded
@@ -133,8 +132,8 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[TrainState], None]] = No
         if fresh_optimizer is not None:
             optimizer.load_state_dict(fresh_optimizer)  # --no-resume-opt: the weights only
         lr_scheduler.step_update(num_updates=state.num_updates)
-        if search is not None:  # per-cluster states are not in the weights: the search holds them
-            set_edropout_state(accelerator.unwrap_model(model), search.best_state)
+        for hook in hooks:
+            hook.after_resume(accelerator.unwrap_model(model))
         accelerator.print(f'resumed from {checkpoint}: epoch {state.epoch}, step {state.global_step}, '
                           f'drop rate {schedule.rate:.4f}')
     elif o.start_epoch:
@@ -180,8 +179,7 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[TrainState], None]] = No
             mixup_fn=mixup_fn, clip_grad=o.clip_grad, clip_mode=o.clip_mode, checkpoint_fn=checkpoint_fn,
             checkpoint_steps=out.checkpoint_steps, progress=out.progress, log_interval=out.log_interval,
             channels_last=cfg.model.channels_last, max_steps=out.train_batches_per_epoch,
-            synchronize_step=out.synchronize_step, on_step=on_step, search=search,
-            edropout_interval=cfg.edropout.interval, edropout_batch=cfg.edropout.images_per_state(o.batch_size)))
+            synchronize_step=out.synchronize_step, on_step=on_step, hooks=hooks))
         if accelerator.num_processes > 1 and out.dist_bn and not cfg.model.sync_bn:
             distribute_bn(model, accelerator.num_processes, out.dist_bn == 'reduce')
         evaluated = (epoch + 1) % out.val_interval == 0 or epoch + 1 == o.epochs
@@ -189,11 +187,9 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[TrainState], None]] = No
             row.update(evaluate(accelerator, model, eval_loader))
             if ema is not None:
                 row.update({'ema_' + k: v for k, v in evaluate(accelerator, ema.module, eval_loader).items()})
-            if pruning:  # the published model is the pruned one: evaluate it too
-                pruned = prune_channels(accelerator.unwrap_model(model) if ema is None else ema.module)
-                row.update({'pruned_' + k: v for k, v in evaluate(accelerator, pruned, eval_loader).items()})
-            if search is not None:
-                row.update(edropout_kept=search.kept_fraction(), edropout_converged=search.converged)
+            for hook in hooks:
+                row.update(hook.after_eval(lambda m: evaluate(accelerator, m, eval_loader),
+                                           accelerator.unwrap_model(model) if ema is None else ema.module))
         lr_scheduler.step(epoch + 1, row.get(best_key))
         row.update({'reclustered': reclustered, 'soft_reset': reset, 'epoch_time': time.time() - start})
         is_best = evaluated and (state.best_top1 is None or (
@@ -211,12 +207,8 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[TrainState], None]] = No
             if evaluated:
                 card = rf.run_card_metrics(cfg, row, state, published, data,
                                            ema_decay=o.model_ema_decay if ema is not None else None)
-                if pruning:
-                    card.update(pruned_from=published.pretrained_cfg['architecture'], pruning_method='edropout',
-                                top1_before_pruning=card['top1'], top1=row['pruned_top1'], top5=row['pruned_top5'],
-                                eval_loss=row['pruned_eval_loss'], kept_channels=search.kept_fraction(),
-                                edropout_steps=search.step)
-                    published = pruned
+                for hook in hooks:
+                    published = hook.publish(published, row, card)
                 for folder in ('last', 'best') if is_best else ('last',):
                     hub.save_pretrained(published, os.path.join(out.output, folder), metrics=card,
                                         data_config=data.data_config, repo_id=out.push_to_hub)
@@ -240,22 +232,7 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[TrainState], None]] = No
     if lock is not None:
         lock.close()
     return SimpleNamespace(accelerator=accelerator, model=model, ema=ema, schedule=schedule, state=state,
-                           metrics=metrics.rows, search=search)
-
-
-def _build_edropout(cfg: TrainConfig, model):
-    """EDropout layers in the model's drop_block slots and their energy search; checks that the
-    trained model can be pruned and saved before any training."""
-    ed = cfg.edropout
-    try:
-        add_edropout(model, ed.stages, unit=ed.unit)
-        search = make_search(model, num_states=ed.candidates, keep_prob=ed.keep_prob,
-                             converge_steps=ed.converge_steps, seed=cfg.optim.seed)
-        if ed.unit == 'channel':
-            prune_channels(model)
-    except ValueError as e:
-        raise TrainingError(f'--edropout with {cfg.model.name}: {first_line(e)}') from e
-    return search
+                           metrics=metrics.rows, hooks=hooks)
 
 
 def _flat(tree, prefix: str = ''):
