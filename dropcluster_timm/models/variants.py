@@ -68,11 +68,11 @@ class ModelFamily:
     filter_fn: Optional[Callable] = None
     place: Optional[Callable] = None
     family_args: Dict[str, Any] = field(default_factory=dict)
-    placement: Callable[[Dict[str, Any]], str] = lambda model_args: (
-        "timm's DropBlock slots of the architecture (after the norm of the kxk conv, last two stages)")
+    placement: Callable[[Dict[str, Any]], str] = lambda model_args: _SLOT_PLACEMENT
     plain_state_fn: Optional[Callable[[Dict[str, torch.Tensor]], Dict[str, torch.Tensor]]] = None
 
 
+_SLOT_PLACEMENT = "timm's DropBlock slots of the architecture (after the norm of the kxk conv, last two stages)"
 _VARIANTS: Dict[str, tuple] = {}  # variant -> (base architecture, family)
 
 
@@ -218,12 +218,17 @@ def dropcluster_model_args(model: nn.Module) -> Dict[str, Any]:
     return dc_args
 
 
+def _registered(variant: str) -> tuple:
+    """``(base architecture, family)`` of a registered ``*_dropcluster`` variant."""
+    if variant not in _VARIANTS:
+        raise ValueError(f'{variant!r} is not a registered *_dropcluster architecture')
+    return _VARIANTS[variant]
+
+
 def plain_architecture(variant: str, model_args: Dict[str, Any]) -> Tuple[str, Dict[str, Any]]:
     """The base timm architecture of ``variant`` and its model arguments without the DropCluster ones
     (``img_size`` too where the base takes none): what stock timm rebuilds it from."""
-    if variant not in _VARIANTS:
-        raise ValueError(f'{variant!r} is not a registered *_dropcluster architecture')
-    base, family = _VARIANTS[variant]
+    base, family = _registered(variant)
     drop = set(DROPCLUSTER_ARGS) | set(family.family_args)
     if not family.takes_img_size:
         drop.add('img_size')
@@ -233,17 +238,14 @@ def plain_architecture(variant: str, model_args: Dict[str, Any]) -> Tuple[str, D
 def plain_state_dict(variant: str, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """``variant``'s state dict as its base architecture's: without the cluster buffers, with the keys
     the family moved put back."""
-    if variant not in _VARIANTS:
-        raise ValueError(f'{variant!r} is not a registered *_dropcluster architecture')
-    family = _VARIANTS[variant][1]
+    family = _registered(variant)[1]
     state = {k: v for k, v in state_dict.items() if not k.endswith(('.cluster_map', '.cluster_counts'))}
     return family.plain_state_fn(state) if family.plain_state_fn else state
 
 
 def describe_placement(variant: str, model_args: Dict[str, Any]) -> str:
     """Where the DropCluster layers of ``variant`` sit, in words (the model card)."""
-    family = _VARIANTS[variant][1] if variant in _VARIANTS else ModelFamily('', ())
-    return family.placement(model_args)
+    return _VARIANTS[variant][1].placement(model_args) if variant in _VARIANTS else _SLOT_PLACEMENT
 
 
 def scan_dropblock_slots(timm_modules: Sequence[str]) -> Dict[str, int]:
