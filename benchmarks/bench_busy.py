@@ -7,6 +7,7 @@ once, at start), on a quiet machine and while ``--busy`` other processes keep th
 every thread count and with three ways for OpenMP threads to wait (``WAITS``).
 
     python -m benchmarks.bench_busy                 # prints a table; the figures in docs/benchmarks.md
+    python -m benchmarks.bench_busy --what rena --waits passive --threads 1 --repeats 1   # one row
 
 Measured: one ``update_clusters`` of 64 activations of 32 channels at 56x56 (rena, the default),
 scikit-learn's Ward loop on the same activations ('ward', the reference), and a training step of
@@ -75,9 +76,15 @@ def main(argv=None) -> int:
     p.add_argument('--repeats', type=int, default=5, help='timed calls per measurement (median)')
     p.add_argument('--what', nargs='+', default=['rena', 'ward', 'resnet18_dropcluster', 'resnet18'],
                    help="what to time: 'rena', 'ward' (one re-clustering) or timm model names (a training step)")
+    p.add_argument('--waits', nargs='+', choices=list(WAITS), default=list(WAITS),
+                   help='OpenMP wait policies to compare (default: all; Ward, a scikit-learn loop, runs with the '
+                        'default only)')
+    p.add_argument('--threads', type=int, nargs='+', default=None,
+                   help='torch thread counts to measure (default: 1 and all cores)')
     args = p.parse_args(argv)
     cores = len(os.sched_getaffinity(0))
-    threads = sorted({1, cores})
+    threads = sorted(set(args.threads or {1, cores}))
+    waits = [w for w in WAITS if w in args.waits]
     rows = []
     for load in ('quiet', 'busy'):
         spinners = [mp.Process(target=_spin, args=(3600,), daemon=True) for _ in range(args.busy if load == 'busy' else 0)]
@@ -85,7 +92,7 @@ def main(argv=None) -> int:
             s.start()
         try:
             for what in args.what:
-                for wait in WAITS if what != 'ward' else ['default']:  # Ward is scikit-learn's loop
+                for wait in waits if what != 'ward' else ['default']:  # Ward is scikit-learn's loop
                     for n in threads:
                         rows.append(dict(load=load, what=what, wait=wait, threads=n,
                                          seconds=measure(what, n, wait, 1 if what == 'ward' else args.repeats)))
@@ -97,7 +104,7 @@ def main(argv=None) -> int:
     print('| what | wait policy | threads | quiet s | busy s | busy / quiet |')
     print('|---|---|---:|---:|---:|---:|')
     for what in args.what:
-        for wait in WAITS if what != 'ward' else ['default']:
+        for wait in waits if what != 'ward' else ['default']:
             for n in threads:
                 q, b = (next(r['seconds'] for r in rows if (r['load'], r['what'], r['wait'], r['threads']) ==
                              (load, what, wait, n)) for load in ('quiet', 'busy'))

@@ -3,6 +3,7 @@
 
     python -m benchmarks.bench_edropout                 # CPU (or the GPU when there is one)
     python -m benchmarks.bench_edropout --device cuda --amp
+    python -m benchmarks.bench_edropout --models resnet18 --batch 16 --repeats 1   # a quick look
 
 For each model and batch, one training step (forward, backward, SGD step) and one EDropout
 evolution step (``edropout_step``: 2 x candidates states scored in one no-grad eval-mode forward
@@ -31,10 +32,14 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--amp', action='store_true', help='bfloat16 autocast for both steps')
-    p.add_argument('--candidates', type=int, default=8)
+    p.add_argument('--candidates', type=int, default=8, help='population size of the search (at least 4)')
     p.add_argument('--batch-per-state', type=int, nargs='+', default=[0, 4, 8, 16],
                    help="0: train_timm.py's default, batch / (2 x candidates)")
     p.add_argument('--repeats', type=int, default=5)
+    p.add_argument('--models', nargs='+', choices=[c[0] for c in CASES], default=[c[0] for c in CASES],
+                   help='the cases to time, by model (default: all)')
+    p.add_argument('--batch', type=int, default=None,
+                   help="training batch of every case (default: each case's own, see CASES)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU, {torch.get_num_threads()} threads'
@@ -43,7 +48,8 @@ def main(argv=None) -> int:
     print('| model | image | batch | images per state | training step (s) | evolution step (s) | '
           'evolution / step | overhead at interval 1 / 2 / 4 |')
     print('|---|---:|---:|---:|---:|---:|---:|---|')
-    for model_name, size, batch in CASES:
+    for model_name, size, batch in [c for c in CASES if c[0] in args.models]:
+        batch = args.batch or batch
         torch.manual_seed(0)
         model = timm.create_model(model_name, num_classes=10).to(device)
         add_edropout(model)

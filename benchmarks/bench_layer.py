@@ -10,6 +10,7 @@ no timing is asserted anywhere). Runs on CPU, and on CUDA too when a GPU is pres
     python -m benchmarks.bench_layer            # full run (the Ward loops take ~1.5 min on 2 cores)
     python -m benchmarks.bench_layer --quick    # smaller repeat counts, skips the largest Ward case
     python -m benchmarks.bench_layer --device cuda --sections layers modes --dtype bfloat16 --channels-last
+    python -m benchmarks.bench_layer --tiny --quick --repeats 1   # every table at toy shapes (a smoke test)
 """
 import argparse
 import statistics
@@ -29,6 +30,11 @@ from .timing import synchronize, time_interleaved
 LAYER_SHAPES = [(64, 256, 14), (64, 64, 56), (32, 64, 112)]
 # (batch, channels, size, num_clusters): cluster size 49 (a 7x7 block).
 CLUSTER_SHAPES = [(64, 256, 14, 4), (64, 64, 56, 64), (64, 64, 112, 256)]
+# --tiny: toy shapes that run every table in seconds (a smoke test; the figures mean nothing).
+TINY_LAYER_SHAPES = [(2, 8, 14), (2, 8, 28)]
+TINY_CLUSTER_SHAPES = [(2, 8, 14, 4), (2, 8, 28, 16)]
+TINY_METHOD_SHAPE = dict(b=2, c=8, s=28, k=16)
+TINY_MODE_SHAPE = (2, 8, 28, 28)
 # The tables main() can print, in order.
 SECTIONS = ['layers', 'modes', 'clustering', 'methods']
 # The Ward loop clusters map by map: it is timed on this many maps of a layer and scaled.
@@ -55,12 +61,13 @@ def _layout(dtype, channels_last):
     return str(dtype).replace('torch.', '') + (', channels_last' if channels_last else '')
 
 
-def bench_layers(device, repeats, drop_prob=0.1, block_size=7, dtype=torch.float32, channels_last=False):
+def bench_layers(device, repeats, drop_prob=0.1, block_size=7, dtype=torch.float32, channels_last=False,
+                 shapes=LAYER_SHAPES):
     print(f'\n## Forward + backward, {device.type}, {_layout(dtype, channels_last)}, drop_prob={drop_prob}, '
           f'block/cluster 7x7 (median of {repeats}, ratio to the `x * mask` floor)\n')
     print('| shape | floor ms | DropCluster2d per-channel | DropCluster2d coupled | DropBlock2d per-channel | DropBlock2d coupled |')
     print('|---|---|---|---|---|---|')
-    for b, c, s in LAYER_SHAPES:
+    for b, c, s in shapes:
         x = _input((b, c, s, s), device, dtype, channels_last)
         grad = torch.randn_like(x)
         feats = torch.randn(8, c, s, s, device=device)
@@ -96,7 +103,7 @@ def cluster_inputs(b, c, s, k, generator):
     }
 
 
-def bench_clustering(device, quick, repeats=3):
+def bench_clustering(device, quick, repeats=3, shapes=CLUSTER_SHAPES):
     try:
         import sklearn  # noqa: F401
         have_ward = device.type == 'cpu'
@@ -110,7 +117,7 @@ def bench_clustering(device, quick, repeats=3):
     print('| activations | K | input | rena s | Ward loop s (scaled) | speed-up | rena WCV / Ward WCV |')
     print('|---|---|---|---|---|---|---|')
     g = torch.Generator().manual_seed(0)
-    for b, c, s, k in CLUSTER_SHAPES:
+    for b, c, s, k in shapes:
         for kind, x in cluster_inputs(b, c, s, k, g).items():
             feats = activation_features(x.to(device))
             cluster_features(feats, [s, s], k, 'rena')  # warm-up
@@ -159,7 +166,8 @@ def bench_methods(device, quick, b=64, c=64, s=56, k=64):
     repeats = 1 if quick else 3
     print(f'\n## Clustering methods and reference options, {device.type}, {b}x{c}x{s}x{s}, K={k}\n')
     print(f'Seconds for the whole layer (median of {repeats}); WCV / Ward over the first {WARD_MAPS} maps, '
-          f'Ward loop timed on them and scaled. Gap: counts chosen in [16, 256] (cluster sizes 12 to 196); '
+          f'Ward loop timed on them and scaled. Gap: counts chosen in [16, 256] (cluster sizes {s * s // 256} to '
+          f'{s * s // 16}); '
           f'Hopkins: the structure test alone, with the share of maps found structured.\n')
     print('| input | method | s | speed-up vs Ward loop | WCV / Ward WCV | note |')
     print('|---|---|---|---|---|---|')
@@ -226,6 +234,9 @@ def main():
     parser.add_argument('--dtype', choices=('float32', 'bfloat16', 'float16'), default='float32',
                         help='input dtype of the layer and drop-mode tables')
     parser.add_argument('--channels-last', action='store_true', help='channels_last inputs in those tables')
+    parser.add_argument('--tiny', action='store_true',
+                        help='toy shapes (batch 2, 8 channels, at most 28 px): every table in seconds, as a smoke '
+                             'test; the figures mean nothing')
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     repeats = args.repeats or (5 if args.quick else 15)
@@ -235,13 +246,15 @@ def main():
     for name in devices:
         device = torch.device(name)
         if 'layers' in args.sections:
-            bench_layers(device, repeats, dtype=dtype, channels_last=args.channels_last)
+            bench_layers(device, repeats, dtype=dtype, channels_last=args.channels_last,
+                         shapes=TINY_LAYER_SHAPES if args.tiny else LAYER_SHAPES)
         if 'modes' in args.sections:
-            bench_drop_modes(device, repeats, dtype=dtype, channels_last=args.channels_last)
+            bench_drop_modes(device, repeats, dtype=dtype, channels_last=args.channels_last,
+                             **(dict(shape=TINY_MODE_SHAPE) if args.tiny else {}))
         if 'clustering' in args.sections:
-            bench_clustering(device, args.quick)
+            bench_clustering(device, args.quick, shapes=TINY_CLUSTER_SHAPES if args.tiny else CLUSTER_SHAPES)
         if 'methods' in args.sections:
-            bench_methods(device, args.quick)
+            bench_methods(device, args.quick, **(TINY_METHOD_SHAPE if args.tiny else {}))
 
 
 if __name__ == '__main__':

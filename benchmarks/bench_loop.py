@@ -19,9 +19,9 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
 import dropcluster_timm  # noqa: F401  registers the models
-from dropcluster_timm import DropClusterSchedule
 from dropcluster_timm.evaluation.data import DigitsDataset
-from dropcluster_timm.train import TrainState, train_one_epoch
+from dropcluster_timm.train import (
+    DropClusterConfig, DropClusterRecipe, OutputConfig, TrainConfig, TrainState, train_one_epoch)
 from timm import create_model
 from timm.data import create_transform, resolve_data_config
 
@@ -34,13 +34,15 @@ class _NoSchedule:
 
 
 def _epoch_time(accelerator, model, optimizer, loader, steps, log_interval):
-    schedule = DropClusterSchedule(0.1, start_epoch=0, warmup_epochs=0, steps_per_epoch=steps)
+    recipe = DropClusterRecipe(DropClusterConfig(rate=0.1, start_epoch=0, warmup_epochs=0), steps)
+    cfg = TrainConfig(output=OutputConfig(progress=log_interval > 0, log_interval=log_interval,
+                                          train_batches_per_epoch=steps))
     out = io.StringIO()
     synchronize(accelerator.device)
     start = time.perf_counter()
     with contextlib.redirect_stdout(out):
-        train_one_epoch(accelerator, model, loader, optimizer, torch.nn.CrossEntropyLoss(), _NoSchedule(), schedule,
-                        TrainState(), progress=log_interval > 0, log_interval=log_interval, max_steps=steps)
+        train_one_epoch(accelerator, model, loader, optimizer, torch.nn.CrossEntropyLoss(), _NoSchedule(), recipe,
+                        TrainState(), cfg)
     synchronize(accelerator.device)
     return (time.perf_counter() - start) / steps
 

@@ -79,10 +79,12 @@ def main():
     device = torch.device(args.device)
 
     size = (args.img_size, args.img_size)
+    # the rows, named after --model: the plain model, with DropBlock, and its DropCluster twin
+    plain, dropblock, dropcluster = args.model, f'{args.model} + DropBlock', f'{args.model}_dropcluster'
     specs = {
-        'resnet50': (args.model, {}),
-        'resnet50 + DropBlock': (args.model, dict(drop_block_rate=args.drop_rate)),
-        'resnet50_dropcluster': (f'{args.model}_dropcluster', dict(drop_cluster_rate=args.drop_rate, img_size=size)),
+        plain: (args.model, {}),
+        dropblock: (args.model, dict(drop_block_rate=args.drop_rate)),
+        dropcluster: (f'{args.model}_dropcluster', dict(drop_cluster_rate=args.drop_rate, img_size=size)),
     }
     update_batch = torch.randn(args.update_batch_size, 3, *size, device=device)
     x = torch.randn(args.batch_size, 3, *size, device=device)
@@ -111,7 +113,7 @@ def main():
     memory = {name: step_memory(build, step, name, device) for name in specs}
 
     models = {name: build(name) for name in specs}
-    dc_model = models['resnet50_dropcluster'][0]
+    dc_model = models[dropcluster][0]
     # two warm-up steps per model, then timed steps interleaved round-robin
     med = time_interleaved({name: (lambda name=name: step(*models[name])) for name in models}, device, args.steps)
 
@@ -124,21 +126,21 @@ def main():
         update_times.append(time.perf_counter() - t)
     t_update = statistics.median(update_times)
     steps_per_epoch = args.epoch_images / args.batch_size
-    epoch_time = steps_per_epoch * med['resnet50_dropcluster']
+    epoch_time = steps_per_epoch * med[dropcluster]
 
     print(f'torch {torch.__version__}, timm {timm.__version__}, device {device}'
           + (f' ({torch.cuda.get_device_name()})' if device.type == 'cuda' else f', {torch.get_num_threads()} threads'))
     print(f'{args.model}, {args.img_size}px, batch {args.batch_size}, rate {args.drop_rate}, amp={args.amp}, '
           f'median of {args.steps} interleaved steps\n')
-    print('| model | step ms | images/s | vs resnet50 | vs DropBlock | peak MiB | peak vs resnet50 '
-          '| held for backward MiB | held vs resnet50 |')
+    print(f'| model | step ms | images/s | vs {plain} | vs DropBlock | peak MiB | peak vs {plain} '
+          f'| held for backward MiB | held vs {plain} |')
     print('|---|---|---|---|---|---|---|---|---|')
-    peak0, held0 = memory['resnet50']
+    peak0, held0 = memory[plain]
     for name, t in med.items():
         peak, held = memory[name]
         peak_cols = (f'{peak / 2 ** 20:.0f} | {peak / peak0:.4f}x' if peak is not None else '- | -')
-        print(f'| {name} | {t * 1e3:.1f} | {args.batch_size / t:.1f} | {t / med["resnet50"]:.3f}x '
-              f'| {t / med["resnet50 + DropBlock"]:.3f}x | {peak_cols} | {held / 2 ** 20:.0f} | {held / held0:.4f}x |')
+        print(f'| {name} | {t * 1e3:.1f} | {args.batch_size / t:.1f} | {t / med[plain]:.3f}x '
+              f'| {t / med[dropblock]:.3f}x | {peak_cols} | {held / 2 ** 20:.0f} | {held / held0:.4f}x |')
     if device.type != 'cuda':
         print('\n(peak memory is measured on CUDA only)')
     n_layers = len(list(dropcluster_layers(dc_model)))

@@ -69,3 +69,28 @@ def test_main_writes_report_and_summary(tmp_path, capsys):
     empty = tmp_path / 'empty'
     empty.mkdir()
     assert R.main([str(empty)]) == 2 and 'no result rows yet' in capsys.readouterr().err
+
+
+def test_card_table_is_a_valid_results_table_that_follows_the_rows(tmp_path):
+    """card_table.json goes into the resnet18_dropcluster card: the hub's checker accepts it, and its
+    figures and statement are those of the rows."""
+    from dropcluster_timm.hub.run_results import format_results_table, load_results_table
+    for row in _rows(shift_dc=1.0, shift_cutout=1.5, seeds=5):
+        append_row(tmp_path, row)
+    assert R.main([str(tmp_path)]) == 0
+    table = load_results_table(tmp_path / 'card_table.json')  # checked as the card reads it
+    summary = json.loads((tmp_path / 'summary.json').read_text())
+    dc_db = next(r for r in table['rows'] if r[0] == 'dropcluster - dropblock (test top-1)')
+    assert dc_db[1] == 5 and dc_db[2].startswith(f"{summary['primary'][0]['mean']:+.2f} [")
+    assert 'The regime responds to regularisation' in table['notes'] and '- ' not in table['notes'][:2]
+    assert '| dropcluster | 5 |' in format_results_table(table)
+
+
+def test_committed_card_table_is_that_of_the_committed_rows():
+    """The card's table is regenerated with the report: a stale one fails here."""
+    from benchmarks.regularizer_study.rows import read_rows
+    from pathlib import Path
+    folder = Path(__file__).resolve().parents[2] / 'benchmarks' / 'results' / 'study_v3'
+    committed = json.loads((folder / 'card_table.json').read_text())
+    assert committed == json.loads(json.dumps(R.card_table(R.summarise(read_rows(folder))))), \
+        'stale: run `python -m benchmarks.regularizer_study.report benchmarks/results/study_v3`'

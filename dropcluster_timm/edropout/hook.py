@@ -1,10 +1,11 @@
 """ EDropout in training: the energy search evolves every few batches, the published model is the
 pruned one (per-channel states), and the search is saved with every checkpoint."""
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Tuple
 
 import torch.nn as nn
 
 from ..errors import TrainingError, first_line
+from ..hub.run_results import RunResults
 from ..train.config import TrainConfig
 from ..train.hooks import TrainHook
 from .layers import add_edropout, edropout_step, make_search, set_edropout_state
@@ -54,11 +55,11 @@ class EDropoutHook(TrainHook):
         row.update(edropout_kept=self.search.kept_fraction(), edropout_converged=self.search.converged)
         return row
 
-    def publish(self, model: nn.Module, row: Dict[str, Any], card: Dict[str, Any]) -> nn.Module:
+    def publish(self, model: nn.Module, row: Dict[str, Any], results: RunResults) -> Tuple[nn.Module, RunResults]:
         if not self.pruning:
-            return model
-        card.update(pruned_from=model.pretrained_cfg['architecture'], pruning_method='edropout',
-                    top1_before_pruning=card['top1'], top1=row['pruned_top1'], top5=row['pruned_top5'],
-                    eval_loss=row['pruned_eval_loss'], kept_channels=self.search.kept_fraction(),
-                    edropout_steps=self.search.step)
-        return self._pruned
+            return model, results
+        return self._pruned, results.replace(
+            pruned_from=model.pretrained_cfg['architecture'], pruning_method='edropout',
+            top1_before_pruning=results.top1, top1=row['pruned_top1'], top5=row['pruned_top5'],
+            eval_loss=row['pruned_eval_loss'], kept_channels=self.search.kept_fraction(),
+            edropout_steps=self.search.step)

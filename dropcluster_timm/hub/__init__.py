@@ -1,6 +1,8 @@
 """ Model folders and the Hugging Face Hub: save (``save_pretrained``, the one writer of a model folder),
 plain-timm export, push, model cards, run results, model statistics and pictures."""
 from .push import push, resolve_push_token
-from .save import export_plain, save_pretrained
+from .run_results import RunResults, load_metrics
+from .save import copy_model_folder, export_plain, save_pretrained
 
-__all__ = ['save_pretrained', 'export_plain', 'push', 'resolve_push_token']
+__all__ = ['save_pretrained', 'copy_model_folder', 'export_plain', 'push', 'resolve_push_token', 'RunResults',
+           'load_metrics']

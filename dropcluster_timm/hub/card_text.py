@@ -2,7 +2,7 @@
 section."""
 from typing import Any, Dict, Optional, Sequence, Union
 
-from .run_results import dataset_name
+from .run_results import RunResults
 
 
 PIP_PACKAGE = 'dropcluster-timm'  # the distribution name in pyproject.toml
@@ -64,28 +64,28 @@ NO_RESULTS = ('No DropCluster-trained weights are published yet, so there are no
 NO_RUN_RESULTS = 'No results of a training run were given for these weights.'
 
 
-def training_notes(model_name: str, metrics: Dict[str, Any], dropcluster: bool) -> str:
+def training_notes(model_name: str, metrics: RunResults, dropcluster: bool) -> str:
     """What the weights are and how they were trained, from the run's ``metrics``: the description of
     the card and the ``notes`` of config.json's pretrained_cfg."""
     arch = model_name.split('.')[0]
     text = f'A {arch} image classification model'
-    name = dataset_name(metrics)
-    if metrics.get('base_model'):
-        text += f' fine-tuned from {metrics["base_model"]}'
-    elif name or metrics.get('epochs') or metrics.get('img_size'):
+    name = metrics.dataset_name
+    if metrics.base_model:
+        text += f' fine-tuned from {metrics.base_model}'
+    elif name or metrics.epochs or metrics.img_size:
         text += ' trained'
     if name:
         text += f' on {name}'
-    if metrics.get('epochs'):
-        text += f' for {metrics["epochs"]} epochs'
-    if metrics.get('img_size'):
-        text += f' at {_size_text(metrics["img_size"])} px'
+    if metrics.epochs:
+        text += f' for {metrics.epochs} epochs'
+    if metrics.img_size:
+        text += f' at {_size_text(metrics.img_size)} px'
     text += '.'
-    peak, count = metrics.get('peak_drop_rate'), metrics.get('reclusterings')
+    peak, count = metrics.peak_drop_rate, metrics.reclusterings
     if not dropcluster:
         text += ' It has no DropCluster layers'
-        if metrics.get('drop_block_rate'):
-            text += f' and was trained with DropBlock (rate {metrics["drop_block_rate"]:g})'
+        if metrics.drop_block_rate:
+            text += f' and was trained with DropBlock (rate {metrics.drop_block_rate:g})'
         text += '.'
     elif peak is None:  # metrics of older runs do not say what the schedule did
         text += ' It has DropCluster structured dropout layers.'
@@ -95,15 +95,15 @@ def training_notes(model_name: str, metrics: Dict[str, Any], dropcluster: bool) 
     else:
         text += (' Its DropCluster layers were present but never switched on (rate 0 throughout), so it '
                  'was trained without structured dropout.')
-    if metrics.get('pruned_from'):
-        method = {'edropout': ' with EDropout', 'magnitude': ' by filter magnitude'}.get(metrics.get('pruning_method'), '')
-        text += f' Its channels were pruned from `{metrics["pruned_from"]}`{method} (see Pruning below).'
-    if metrics.get('weights') == 'ema':
-        decay = metrics.get('ema_decay')
+    if metrics.pruned_from:
+        method = {'edropout': ' with EDropout', 'magnitude': ' by filter magnitude'}.get(metrics.pruning_method, '')
+        text += f' Its channels were pruned from `{metrics.pruned_from}`{method} (see Pruning below).'
+    if metrics.weights == 'ema':
+        decay = metrics.ema_decay
         text += (' These are the exponential-moving-average (EMA) weights of the run'
                  + (f' (decay {decay:g})' if decay is not None else '')
                  + '; the results are those of the EMA weights.')
-    elif metrics.get('weights') == 'raw':
+    elif metrics.weights == 'raw':
         text += ' These are the raw weights of the run (no weight averaging).'
     return text
 
@@ -231,25 +231,25 @@ output = model.forward_head(output, pre_logits=True)  # a (1, num_features) tens
 """ + ('\n' + _TRAINING_USAGE.format(model_id=model_id) if dropcluster else '')
 
 
-def _results(model_name: str, metrics: Optional[Dict[str, Any]], dropcluster: bool) -> str:
+def _results(model_name: str, metrics: Optional[RunResults], dropcluster: bool) -> str:
     if not metrics:
         return (NO_RESULTS if dropcluster else NO_RUN_RESULTS) + '\n'
-    size = metrics.get('img_size')
+    size = metrics.img_size
     size = f'{size}' if size is not None else ''
-    top5 = metrics.get('top5')
+    top5 = metrics.top5
     source = 'from its metrics file'
-    if metrics.get('split'):
-        source += f', on the {metrics["split"]} split'
-    if metrics.get('weights') == 'ema':
+    if metrics.split:
+        source += f', on the {metrics.split} split'
+    if metrics.weights == 'ema':
         source += ', EMA weights'
     lines = [
         f'Results of the run that produced these weights ({source}):',
         '',
         '| model | dataset | img_size | top1 | top5 |',
         '|---|---|---|---|---|',
-        f'| {model_name} | {dataset_name(metrics) or ""} | {size} | {metrics["top1"]:.3f} | '
+        f'| {model_name} | {metrics.dataset_name or ""} | {size} | {metrics.top1:.3f} | '
         f'{"" if top5 is None else f"{top5:.3f}"} |',
     ]
-    if metrics.get('notes'):
-        lines += ['', str(metrics['notes'])]
+    if metrics.notes:
+        lines += ['', str(metrics.notes)]
     return '\n'.join(lines) + '\n'

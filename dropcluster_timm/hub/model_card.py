@@ -10,12 +10,12 @@ id only) and a ``model-index`` with the run's accuracy (``EvalResult``). Every g
 Results come only from a metrics file written by a real run; without one the card of a ``*_dropcluster``
 architecture says that no DropCluster-trained weights are published yet. A card can also carry results
 tables of other experiments, each a section of its comparison: the committed ``resnet18_dropcluster`` card
-carries the table of the CIFAR-10 study, which ``benchmarks/study_cifar10.py`` writes.
+carries the table of the CIFAR-10 study, which ``benchmarks/regularizer_study/report.py`` writes.
 ``dropcluster_timm.hub.run_results`` reads, checks and formats both, and measures the card's model statistics
 (Params, GMACs, Activations).
 
 Regenerate the committed cards with
-``dropcluster-timm cards --table resnet18_dropcluster=benchmarks/results/study_cifar10_card_table.json``.
+``dropcluster-timm cards --table resnet18_dropcluster=benchmarks/results/study_v3/card_table.json``.
 """
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
@@ -26,8 +26,7 @@ from timm.models import get_pretrained_cfg, list_pretrained
 
 from .model_stats import format_stat, model_stats
 from ..edropout.prune import SLIM_SUFFIX
-from .run_results import (
-    check_metrics, check_results_table, dataset_name, format_results_table, load_metrics, load_results_table)
+from .run_results import RunResults, check_results_table, format_results_table, load_metrics, load_results_table
 # timm's card writer has no public name; its README layout is the one timm's own weights show on the Hub.
 from ..layers.options import LAYER_OPTIONS
 from ..models.variants import describe_placement
@@ -35,7 +34,7 @@ from ..timm_compat import readme_body
 from .card_text import (
     CITATIONS, LOCAL_MODEL_ID, NO_RUN_RESULTS, PAPERS, _CITATIONS, _results, _size_text, _usage, training_notes)
 
-__all__ = ['CARD_MODELS', 'model_stats', 'format_stat', 'load_metrics', 'check_metrics', 'dataset_name', 'training_notes',
+__all__ = ['CARD_MODELS', 'model_stats', 'format_stat', 'RunResults', 'load_metrics', 'training_notes',
            'is_dropcluster_architecture', 'check_results_table', 'load_results_table', 'build_model_card',
            'render_model_card', 'write_model_cards', 'CITATIONS', 'PAPERS', 'CARD_MARKER', 'CLUSTER_MAPS_IMAGE']
 
@@ -62,21 +61,21 @@ def is_dropcluster_architecture(architecture: str, model_args: Optional[Dict[str
     return 'drop_cluster_rate' in args or architecture.split('.')[0].endswith('_dropcluster')
 
 
-def _card_data(model_name: str, metrics: Optional[Dict[str, Any]], dropcluster: bool, license: str) -> ModelCardData:
+def _card_data(model_name: str, metrics: Optional[RunResults], dropcluster: bool, license: str) -> ModelCardData:
     """The YAML header: for trained weights ``base_model``, ``datasets`` (Hub ids only) and ``model-index``."""
     datasets, base_model, eval_results = None, None, None
     if metrics:
-        datasets = [metrics['dataset_id']] if metrics.get('dataset_id') else None
-        base_model = metrics.get('base_model')
-        name = dataset_name(metrics)
+        datasets = [metrics.dataset_id] if metrics.dataset_id else None
+        base_model = metrics.base_model
+        name = metrics.dataset_name
         if name:  # a model-index result needs its data set
             where = dict(task_type='image-classification', task_name='Image Classification',
-                         dataset_type=metrics.get('dataset_id') or metrics.get('dataset_type') or 'imagefolder',
-                         dataset_name=name, dataset_split=metrics.get('split'))
+                         dataset_type=metrics.dataset_id or metrics.dataset_type or 'imagefolder',
+                         dataset_name=name, dataset_split=metrics.split)
             # the Hub's `accuracy` metric is a fraction; the card body keeps timm's percentages
             eval_results = [EvalResult(metric_type='accuracy', metric_name=f'Top-{k} accuracy',
-                                       metric_value=round(metrics[key] / 100, 6), **where)
-                            for k, key in ((1, 'top1'), (5, 'top5')) if metrics.get(key) is not None]
+                                       metric_value=round(value / 100, 6), **where)
+                            for k, value in ((1, metrics.top1), (5, metrics.top5)) if value is not None]
     elif dropcluster:
         datasets = ['imagenet-1k']  # the pretrained tags are timm's ImageNet-1k weights
     return ModelCardData(
@@ -94,7 +93,7 @@ def _card_data(model_name: str, metrics: Optional[Dict[str, Any]], dropcluster: 
 
 def build_model_card(
         model_name: str,
-        metrics: Optional[Dict[str, Any]] = None,
+        metrics: Optional[Union[RunResults, Dict[str, Any]]] = None,
         model_args: Optional[Dict[str, Any]] = None,
         license: str = 'apache-2.0',
         repo_id: Optional[str] = None,
@@ -107,7 +106,7 @@ def build_model_card(
     Args:
         model_name: a registered ``*_dropcluster`` name, e.g. ``'resnet50_dropcluster'``, or any
             other timm classification architecture (weights trained without DropCluster layers).
-        metrics: results of the real run that trained the weights (keys: see ``load_metrics``);
+        metrics: results of the real run that trained the weights (a ``RunResults``, or a dict of its fields);
             ``None``: the card of the architecture, which says no DropCluster-trained weights are published.
         model_args: the model arguments of the weights (config.json ``model_args``).
         license: license in the card header: the code's (or, for a fine-tune, the base weights');
@@ -122,10 +121,9 @@ def build_model_card(
     arch = model_name.split('.')[0]
     model_args = dict(model_args or {})
     dropcluster = is_dropcluster_architecture(arch, model_args)
-    if metrics:
-        check_metrics(metrics)
+    metrics = RunResults.from_dict(metrics) if metrics else None
     tables = [check_results_table(t) for t in tables or ()]
-    stats = model_stats(model_name, img_size=(metrics or {}).get('img_size'), model_args=model_args)
+    stats = model_stats(model_name, img_size=(metrics.img_size if metrics else None), model_args=model_args)
     details = {
         'Model Type': 'Image classification / feature backbone',
         'Model Stats': {
@@ -144,32 +142,32 @@ def build_model_card(
         options = _clustering_options(model_args)
         if options:
             dc['Clustering'] = options
-        if metrics and metrics.get('peak_drop_rate') is not None:
-            dc['Peak rate in training'] = f'{metrics["peak_drop_rate"]:g}'
-        if metrics and metrics.get('reclusterings') is not None:
-            dc['Cluster re-computations in training'] = metrics['reclusterings']
+        if metrics and metrics.peak_drop_rate is not None:
+            dc['Peak rate in training'] = f'{metrics.peak_drop_rate:g}'
+        if metrics and metrics.reclusterings is not None:
+            dc['Cluster re-computations in training'] = metrics.reclusterings
         details['DropCluster'] = dc
         details['Papers'] = [f'{title}: {url}' for title, url in PAPERS.items()]
         citations = CITATIONS
     else:
-        drop_block = bool((metrics or {}).get('drop_block_rate'))
+        drop_block = bool((metrics.drop_block_rate if metrics else None))
         details['Papers'] = [f'{t}: {u}' for t, u in PAPERS.items() if drop_block and t.startswith('DropBlock')]
         citations = [_CITATIONS['timm']] + ([_CITATIONS['dropblock']] if drop_block else [])
         if not details['Papers']:
             del details['Papers']
-    if metrics and metrics.get('pruned_from'):
+    if metrics and metrics.pruned_from:
         details['Pruning'] = _pruning_details(metrics, model_args, stats)
     if metrics:
-        name = dataset_name(metrics)
+        name = metrics.dataset_name
         if name:
-            dataset_id = metrics.get('dataset_id')
+            dataset_id = metrics.dataset_id
             details['Dataset'] = name + (f' (Hub: `{dataset_id}`)' if dataset_id and dataset_id != name else '')
-        if metrics.get('base_model'):
-            details['Base model'] = f'[{metrics["base_model"]}](https://huggingface.co/{metrics["base_model"]})'
-        if metrics.get('weights') == 'ema':
-            decay = metrics.get('ema_decay')
+        if metrics.base_model:
+            details['Base model'] = f'[{metrics.base_model}](https://huggingface.co/{metrics.base_model})'
+        if metrics.weights == 'ema':
+            decay = metrics.ema_decay
             details['Weights'] = 'exponential moving average (EMA)' + (f', decay {decay:g}' if decay is not None else '')
-        elif metrics.get('weights') == 'raw':
+        elif metrics.weights == 'raw':
             details['Weights'] = 'raw (no weight averaging)'
         description = training_notes(arch, metrics, dropcluster)
     elif dropcluster:
@@ -204,26 +202,26 @@ def build_model_card(
     }
 
 
-def _pruning_details(metrics: Dict[str, Any], model_args: Dict[str, Any], stats: Dict[str, Any]) -> Dict[str, str]:
+def _pruning_details(metrics: RunResults, model_args: Dict[str, Any], stats: Dict[str, Any]) -> Dict[str, str]:
     """The card's pruning section: what was pruned from, and parameters, MACs and top-1 before and
     after, every figure measured (statistics counted on both architectures, accuracies from the run)."""
-    source = metrics['pruned_from']
+    source = metrics.pruned_from
     before = model_stats(source, img_size=stats['img_size'],
                          model_args={k: v for k, v in model_args.items() if k != 'block_widths'})
     method = {'edropout': 'EDropout, energy-based channel states (https://arxiv.org/abs/2006.04270)',
               'magnitude': 'magnitude (L1 norm of the filters, https://arxiv.org/abs/1608.08710)'}
     details = {
         'Pruned from': f'`{source}`',
-        'Method': method.get(metrics.get('pruning_method'), 'channel pruning'),
+        'Method': method.get(metrics.pruning_method, 'channel pruning'),
         'Params (M), before -> after': f"{format_stat(before['params_m'])} -> {format_stat(stats['params_m'])}",
         'GMACs, before -> after': f"{format_stat(before['gmacs'])} -> {format_stat(stats['gmacs'])}",
     }
-    if metrics.get('top1_before_pruning') is not None:
-        details['Top-1, before -> after'] = f"{metrics['top1_before_pruning']:.2f} -> {metrics['top1']:.2f}"
-    if metrics.get('kept_channels') is not None:
-        details['Prunable channels kept'] = f"{100 * metrics['kept_channels']:.1f}%"
-    if metrics.get('edropout_steps') is not None:
-        details['Energy-search steps'] = metrics['edropout_steps']
+    if metrics.top1_before_pruning is not None:
+        details['Top-1, before -> after'] = f"{metrics.top1_before_pruning:.2f} -> {metrics.top1:.2f}"
+    if metrics.kept_channels is not None:
+        details['Prunable channels kept'] = f"{100 * metrics.kept_channels:.1f}%"
+    if metrics.edropout_steps is not None:
+        details['Energy-search steps'] = metrics.edropout_steps
     return details
 
 
@@ -254,7 +252,7 @@ def _clustering_options(model_args: Dict[str, Any]) -> str:
 def write_model_cards(
         out_dir: Union[str, Path] = 'model_cards',
         models: Optional[Sequence[str]] = None,
-        metrics: Optional[Dict[str, Dict[str, Any]]] = None,
+        metrics: Optional[Dict[str, RunResults]] = None,
         tables: Optional[Dict[str, Sequence[Dict[str, Any]]]] = None,
 ) -> List[Path]:
     """Write ``<out_dir>/<model>.md`` for each of ``CARD_MODELS`` (or ``models``).

@@ -1,54 +1,155 @@
 """ Results of a training run and results tables: load, check, format.
 
-A run's results come from the metrics file it wrote (``load_metrics``: a JSON object whose keys
-``check_metrics`` checks, or the ``summary.csv`` of timm's train.py). A results table is a JSON file of
-another experiment's figures (``load_results_table``, checked by ``check_results_table``) that a model
-card shows as a section of its comparison (``format_results_table``); ``benchmarks/study_cifar10.py``
-writes the CIFAR-10 study's. ``dropcluster_timm.hub.model_card`` renders the cards from them.
+A run's results are a ``RunResults``: built by the trainer, read from the metrics file a run wrote
+(``load_metrics``: a JSON object of its fields, or the ``summary.csv`` of timm's train.py), checked
+when built, and written by ``hub.save_pretrained`` as ``metrics.json``. A results table is a JSON file
+of another experiment's figures (``load_results_table``, checked by ``check_results_table``) that a
+model card shows as a section of its comparison (``format_results_table``).
+``dropcluster_timm.hub.model_card`` renders the cards from them.
 """
 import csv
+import dataclasses
 import json
 import re
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Mapping, Optional, Union
 
 from huggingface_hub.utils import validate_repo_id
 
-__all__ = ['load_metrics', 'check_metrics', 'dataset_name', 'check_results_table', 'load_results_table',
-           'format_results_table']
+__all__ = ['RunResults', 'load_metrics', 'check_results_table', 'load_results_table', 'format_results_table']
 
 
-def load_metrics(path: Union[str, Path]) -> Dict[str, Any]:
-    """Read the results of a run: a JSON object of results, or a per-epoch file of the run.
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
-    JSON: an object with these keys, all but ``top1`` optional (``check_metrics`` checks them):
-      * ``top1``, ``top5``: accuracy in percent on the evaluation split; the card's results table and
-        its ``model-index`` (as fractions, the Hub's ``accuracy`` convention).
-      * ``eval_loss``, ``epoch``: kept in metrics.json, not shown.
-      * ``epochs``: length of the run; ``img_size``: the image size of the run (card statistics and table).
-      * ``dataset``: human-readable name of the data set, shown in the card body (e.g.
-        "scikit-learn handwritten digits", an ImageFolder's folder name); of a path only the last
-        component is shown.
-      * ``dataset_id``: the data set's Hugging Face Hub id: the header's ``datasets:`` (without it
-        there is none) and the ``model-index`` data set.
-      * ``dataset_type``: the ``model-index`` data set type without a Hub id (default 'imagefolder').
-      * ``split``: the evaluation split, e.g. 'validation'.
-      * ``base_model``: Hub id of the weights these were fine-tuned from, e.g. 'timm/resnet18.a1_in1k'.
-      * ``weights``: 'ema' (exponential moving average, with ``ema_decay``) or 'raw'; the results are
-        those of these weights.
-      * ``peak_drop_rate``: the highest DropCluster rate the schedule reached (0: never switched on);
-        ``reclusterings``: how many times the cluster maps were re-computed.
-      * ``drop_block_rate``: DropBlock rate of a plain timm model.
-      * ``pruned_from``: the architecture the weights were channel-pruned from (e.g. 'resnet18'), with
-        ``pruning_method`` ('edropout' or 'magnitude'), ``top1_before_pruning`` (the same evaluation of
-        the network before its channels were removed), ``kept_channels`` (share of the prunable
-        channels kept) and ``edropout_steps`` (evolution steps of the energy search).
-      * ``notes``: free text shown under the results.
 
-    A run's per-epoch files are read too: ``summary.csv`` (timm's train.py and ``train_timm.py``),
-    ``metrics.csv`` and the run-level ``metrics.json`` (a list of rows) of ``train_timm.py``; the
-    row with the best top-1 (of the EMA weights when the run has them) gives ``top1``, ``top5``,
-    ``epoch`` and ``epochs``.
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+@dataclass(frozen=True)
+class RunResults:
+    """The results of the run that trained a model's weights, and how it was trained; the card's
+    results table, ``model-index`` and training notes read them. Only ``top1`` is required.
+
+    Attributes:
+        top1, top5: accuracy in percent on the evaluation split (the ``model-index`` shows them as
+            fractions, the Hub's ``accuracy`` convention).
+        eval_loss, epoch: kept in metrics.json, not shown.
+        epochs: length of the run; img_size: its image size (card statistics and table).
+        dataset: human-readable name of the data set (of a path only the last component is shown).
+        dataset_id: the data set's Hub id: the header's ``datasets:`` and the ``model-index`` data set.
+        dataset_type: the ``model-index`` data set type without a Hub id (default 'imagefolder').
+        split: the evaluation split, e.g. 'validation'.
+        base_model: Hub id of the weights these were fine-tuned from, e.g. 'timm/resnet18.a1_in1k'.
+        weights: 'ema' (exponential moving average, with ``ema_decay``) or 'raw'.
+        peak_drop_rate: the highest DropCluster rate the schedule reached (0: never switched on);
+            reclusterings: how many times the cluster maps were re-computed.
+        drop_block_rate: DropBlock rate of a plain timm model.
+        pruned_from: the architecture the weights were channel-pruned from, with ``pruning_method``
+            ('edropout' or 'magnitude'), ``top1_before_pruning``, ``kept_channels`` (share of the
+            prunable channels kept) and ``edropout_steps`` (evolution steps of the energy search).
+        notes: free text shown under the results.
+    """
+    top1: float
+    top5: Optional[float] = None
+    eval_loss: Optional[float] = None
+    epoch: Optional[int] = None
+    epochs: Optional[int] = None
+    img_size: Optional[int] = None
+    dataset: Optional[str] = None
+    dataset_id: Optional[str] = None
+    dataset_type: Optional[str] = None
+    split: Optional[str] = None
+    base_model: Optional[str] = None
+    weights: Optional[str] = None
+    ema_decay: Optional[float] = None
+    peak_drop_rate: Optional[float] = None
+    reclusterings: Optional[int] = None
+    drop_block_rate: Optional[float] = None
+    pruned_from: Optional[str] = None
+    pruning_method: Optional[str] = None
+    top1_before_pruning: Optional[float] = None
+    kept_channels: Optional[float] = None
+    edropout_steps: Optional[int] = None
+    notes: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self, source: str = 'results') -> None:
+        """Raise ``ValueError`` naming ``source`` and the field for anything a card would misreport."""
+        if not _is_number(self.top1):
+            raise ValueError(f'{source}: "top1" must be a number, got {self.top1!r}')
+        for key in ('top5', 'eval_loss', 'ema_decay', 'peak_drop_rate', 'drop_block_rate', 'top1_before_pruning',
+                    'kept_channels'):
+            value = getattr(self, key)
+            if value is not None and not _is_number(value):
+                raise ValueError(f'{source}: "{key}" must be a number, got {value!r}')
+        for key in ('epoch', 'epochs', 'img_size', 'reclusterings', 'edropout_steps'):
+            value = getattr(self, key)
+            if value is not None and not _is_count(value):
+                raise ValueError(f'{source}: "{key}" must be a count >= 0, got {value!r}')
+        for key in ('dataset', 'dataset_type', 'split', 'pruned_from', 'notes'):
+            value = getattr(self, key)
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f'{source}: "{key}" must be a string, got {value!r}')
+        for key in ('dataset_id', 'base_model'):
+            value = getattr(self, key)
+            if value is not None:
+                try:
+                    validate_repo_id(value)
+                except ValueError:  # HFValidationError: a local path or other non-Hub name
+                    raise ValueError(f'{source}: "{key}" must be a Hugging Face Hub id like "name" or "org/name", '
+                                     f'got {value!r}') from None
+        if self.weights not in (None, 'ema', 'raw'):
+            raise ValueError(f'{source}: "weights" must be "ema" or "raw", got {self.weights!r}')
+        if self.pruning_method not in (None, 'edropout', 'magnitude'):
+            raise ValueError(f'{source}: "pruning_method" must be "edropout" or "magnitude", got '
+                             f'{self.pruning_method!r}')
+        if self.kept_channels is not None and not 0 < self.kept_channels <= 1:
+            raise ValueError(f'{source}: "kept_channels" must be in (0, 1], got {self.kept_channels!r}')
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = 'results') -> 'RunResults':
+        """Results from a mapping of field names (a metrics.json object); refuses unknown names, since
+        a misspelt one would vanish from the card without a word."""
+        if isinstance(data, RunResults):
+            return data
+        if not isinstance(data, Mapping) or 'top1' not in data:
+            raise ValueError(f'{source}: expected a JSON object with a numeric "top1"')
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(data) - set(names))
+        if unknown:
+            raise ValueError(f'{source}: unknown key(s) {", ".join(map(str, unknown))}; expected some of {", ".join(names)}')
+        try:
+            return cls(**data)
+        except ValueError as e:  # name the file, not just "results"
+            raise ValueError(str(e).replace('results:', f'{source}:', 1)) from None
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The fields that are set, in declaration order (metrics.json)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    def replace(self, **changes: Any) -> 'RunResults':
+        """A copy with ``changes`` (checked again)."""
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def dataset_name(self) -> Optional[str]:
+        """The data set's name for the card body: ``dataset`` (of a path only its last component, as a
+        local path means nothing to readers), else ``dataset_id``; None when neither is given."""
+        name = re.split(r'[/\\]', str(self.dataset or '').strip().rstrip('/\\'))[-1]
+        return name or self.dataset_id or None
+
+
+def load_metrics(path: Union[str, Path]) -> RunResults:
+    """Read the results of a run: a JSON object of ``RunResults`` fields, or a per-epoch file of the run.
+
+    Per-epoch files: ``summary.csv`` (timm's train.py and ``train_timm.py``), ``metrics.csv`` and the
+    run-level ``metrics.json`` (a list of rows) of ``train_timm.py``; the row with the best top-1 (of
+    the EMA weights when the run has them) gives ``top1``, ``top5``, ``epoch`` and ``epochs``.
     """
     path = Path(path)
     if not path.is_file():
@@ -62,69 +163,26 @@ def load_metrics(path: Union[str, Path]) -> Dict[str, Any]:
         raise ValueError(f'{path} is not valid JSON: {e}') from None
     if isinstance(data, list):
         return _best_row(data, path)
-    return check_metrics(data, source=str(path))
+    return RunResults.from_dict(data, source=str(path))
 
 
-def _best_row(rows: List[Dict[str, Any]], path: Path) -> Dict[str, Any]:
+def _best_row(rows: List[Dict[str, Any]], path: Path) -> RunResults:
     """The results of the best epoch of a per-epoch file: timm's ``eval_top1`` columns, or the
     ``top1`` / ``ema_top1`` ones of ``train_timm.py``'s metrics files."""
-    columns = set().union(*(r.keys() for r in rows)) if rows else set()
+    columns = set().union(*(r.keys() for r in rows if isinstance(r, dict))) if rows else set()
     prefix = next((p for p in ('ema_', 'eval_', '') if f'{p}top1' in columns), None)
-    rows = [r for r in rows if prefix is not None and r.get(f'{prefix}top1') not in (None, '')]
+    rows = [r for r in rows if isinstance(r, dict) and prefix is not None and r.get(f'{prefix}top1') not in (None, '')]
     if not rows:
         raise ValueError(f'{path}: no rows with a top1 column (expected a summary.csv, metrics.csv or metrics.json '
                          'of a training run)')
-    best = max(rows, key=lambda r: float(r[f'{prefix}top1']))
-    metrics = {'top1': float(best[f'{prefix}top1']), 'epoch': int(float(best['epoch'])), 'epochs': len(rows)}
-    if best.get(f'{prefix}top5') not in (None, ''):
-        metrics['top5'] = float(best[f'{prefix}top5'])
-    if prefix == 'ema_':
-        metrics['weights'] = 'ema'
-    return metrics
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def check_metrics(metrics: Any, source: str = 'metrics') -> Dict[str, Any]:
-    """Check the keys of a run's results that the card reads (see ``load_metrics``); returns ``metrics``.
-
-    Raises ``ValueError`` naming ``source`` and the key for anything the card would misreport.
-    """
-    if not isinstance(metrics, dict) or not _is_number(metrics.get('top1')):
-        raise ValueError(f'{source}: expected a JSON object with a numeric "top1"')
-    for key in ('top5', 'eval_loss', 'ema_decay', 'peak_drop_rate', 'drop_block_rate', 'top1_before_pruning',
-                'kept_channels'):
-        if metrics.get(key) is not None and not _is_number(metrics[key]):
-            raise ValueError(f'{source}: "{key}" must be a number, got {metrics[key]!r}')
-    for key in ('dataset_id', 'base_model'):
-        if metrics.get(key) is not None:
-            try:
-                validate_repo_id(metrics[key])
-            except ValueError:  # HFValidationError: a local path or other non-Hub name
-                raise ValueError(f'{source}: "{key}" must be a Hugging Face Hub id like "name" or "org/name", '
-                                 f'got {metrics[key]!r}') from None
-    if metrics.get('weights') not in (None, 'ema', 'raw'):
-        raise ValueError(f'{source}: "weights" must be "ema" or "raw", got {metrics["weights"]!r}')
-    for key in ('reclusterings', 'edropout_steps'):
-        count = metrics.get(key)
-        if count is not None and not (isinstance(count, int) and not isinstance(count, bool) and count >= 0):
-            raise ValueError(f'{source}: "{key}" must be a count >= 0, got {count!r}')
-    if metrics.get('pruning_method') not in (None, 'edropout', 'magnitude'):
-        raise ValueError(f'{source}: "pruning_method" must be "edropout" or "magnitude", got '
-                         f'{metrics["pruning_method"]!r}')
-    if metrics.get('kept_channels') is not None and not 0 < metrics['kept_channels'] <= 1:
-        raise ValueError(f'{source}: "kept_channels" must be in (0, 1], got {metrics["kept_channels"]!r}')
-    return metrics
-
-
-def dataset_name(metrics: Dict[str, Any]) -> Optional[str]:
-    """The data set's name for the card body: ``dataset`` (of a path only its last component, as a
-    local path means nothing to readers), else ``dataset_id``; None when neither is given."""
-    name = str(metrics.get('dataset') or '').strip().rstrip('/\\')
-    name = re.split(r'[/\\]', name)[-1]
-    return name or metrics.get('dataset_id') or None
+    try:
+        best = max(rows, key=lambda r: float(r[f'{prefix}top1']))
+        top5 = best.get(f'{prefix}top5')
+        return RunResults(top1=float(best[f'{prefix}top1']), epoch=int(float(best['epoch'])), epochs=len(rows),
+                          top5=float(top5) if top5 not in (None, '') else None,
+                          weights='ema' if prefix == 'ema_' else None)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f'{path}: a row has no readable top1 / epoch ({e})') from None
 
 
 _TABLE_KEYS = ('title', 'description', 'columns', 'rows')
@@ -185,7 +243,7 @@ def load_results_table(path: Union[str, Path]) -> Dict[str, Any]:
       * ``align`` (optional): 'left', 'right' or 'center' per column; by default columns of numbers
         only are right-aligned, the others left.
 
-    ``benchmarks/study_cifar10.py`` writes one (``benchmarks/results/study_cifar10_card_table.json``).
+    The study's report writes one (``benchmarks/results/study_v3/card_table.json``).
     Raises ``FileNotFoundError``, or ``ValueError`` naming the file and what is wrong.
     """
     path = Path(path)

@@ -25,13 +25,13 @@ from safetensors import safe_open
 from timm.models import get_model_args, save_for_hf
 
 from .model_card import CLUSTER_MAPS_IMAGE, is_dropcluster_architecture, render_model_card, training_notes
-from .run_results import check_metrics, load_metrics
+from .run_results import RunResults, load_metrics
 from ..models import dropcluster_model_args
 from ..errors import first_line
 from ..models.variants import plain_architecture, plain_state_dict
 from .pictures import plot_cluster_maps
 
-__all__ = ['save_pretrained', 'export_plain', 'UPLOAD_FILES']
+__all__ = ['save_pretrained', 'copy_model_folder', 'export_plain', 'UPLOAD_FILES']
 
 # Everything push uploads; pickle-based weight files are never among them.
 UPLOAD_FILES = ('config.json', 'model.safetensors', 'README.md', 'metrics.json', CLUSTER_MAPS_IMAGE)
@@ -52,7 +52,7 @@ def _architecture(model: nn.Module) -> str:
 def save_pretrained(
         model: nn.Module,
         save_directory: Union[str, Path],
-        metrics: Optional[Union[Dict[str, Any], str, Path]] = None,
+        metrics: Optional[Union[RunResults, Dict[str, Any], str, Path]] = None,
         data_config: Optional[Dict[str, Any]] = None,
         repo_id: Optional[str] = None,
 ) -> Path:
@@ -63,8 +63,8 @@ def save_pretrained(
         model: a classification model from ``timm.create_model``: a ``*_dropcluster`` model or any
             other timm architecture.
         save_directory: output folder (created).
-        metrics: results of the run that trained the weights: a dict, or a metrics file path
-            (keys: ``run_results.load_metrics``); saved as ``metrics.json``, and config.json's
+        metrics: results of the run that trained the weights: a ``RunResults`` (or a dict of its
+            fields), or a metrics file path (``load_metrics``); saved as ``metrics.json``, and config.json's
             pretrained_cfg then describes these weights instead of the ones the model was created
             with. None: the card of the architecture (no DropCluster-trained weights published).
         data_config: preprocessing of the weights, as timm's ``save_for_hf`` takes it.
@@ -74,15 +74,16 @@ def save_pretrained(
     Returns:
         the folder.
     """
-    _architecture(model)  # a classifier from timm.create_model, not a features_only wrapper
+    arch = _architecture(model)  # a classifier from timm.create_model, not a features_only wrapper
     if isinstance(metrics, (str, Path)):
-        metrics = load_metrics(metrics)
-    elif metrics:
-        metrics = check_metrics(dict(metrics))  # before anything is written
+        results = load_metrics(metrics)
+    else:
+        results = RunResults.from_dict(metrics) if metrics else None  # checked before anything is written
     if repo_id is not None:
         _check_repo_id(repo_id)
     # the current drop rate, which set_drop_prob may have changed; timm records the other arguments
     model_args = dropcluster_model_args(model)
+    weights_cfg = _weights_cfg(model, results) if results else model.pretrained_cfg
     save_directory = Path(save_directory)
     _check_replaceable(save_directory)
     save_directory.parent.mkdir(parents=True, exist_ok=True)
@@ -90,17 +91,19 @@ def save_pretrained(
     # crash) meets the old folder or the new one, never a mix of new weights and an old config.
     staging = Path(tempfile.mkdtemp(dir=save_directory.parent, prefix=f'.{save_directory.name}.new.'))
     try:
-        with _contiguous_tensors(model):  # safetensors refuses channels-last (strided) tensors
-            # The training data's class names (the trainer records them) go into config.json's label_names.
-            labels = (getattr(model, 'pretrained_cfg', None) or {}).get('label_names')
-            model_config = {'label_names': list(labels)} if labels and len(labels) == model.num_classes else None
+        # The training data's class names (the trainer records them) go into config.json's label_names.
+        labels = weights_cfg.get('label_names')
+        model_config = {'label_names': list(labels)} if labels and len(labels) == model.num_classes else None
+        # safetensors refuses channels-last (strided) tensors
+        with _contiguous_tensors(model), _pretrained_cfg(model, weights_cfg):
             save_for_hf(model, staging, model_config=model_config, model_args=model_args, safe_serialization=True,
                         data_config=data_config)
-        if metrics:
-            _describe_trained_weights(staging / 'config.json', metrics)
-            (staging / 'metrics.json').write_text(json.dumps(metrics, indent=2))
-        plot_cluster_maps(model, str(staging / CLUSTER_MAPS_IMAGE))  # writes nothing without 2-D cluster maps
-        (staging / 'README.md').write_text(_folder_card(staging, repo_id), encoding='utf-8')
+        if results:
+            (staging / 'metrics.json').write_text(json.dumps(results.to_dict(), indent=2))
+        picture = plot_cluster_maps(model, str(staging / CLUSTER_MAPS_IMAGE))  # None without 2-D cluster maps
+        card = render_model_card(arch, metrics=results, model_args=get_model_args(model, model_args), repo_id=repo_id,
+                                 cluster_maps=CLUSTER_MAPS_IMAGE if picture else None, **_card_license(weights_cfg, results))
+        (staging / 'README.md').write_text(card, encoding='utf-8')
         # Every file gets the mode the umask gives config.json (safetensors writes 0600), and the folder
         # the same with search bits (mkdtemp's 0700 is for staging only).
         mode = (staging / 'config.json').stat().st_mode & 0o666
@@ -112,6 +115,54 @@ def save_pretrained(
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # gone already after a swap
     return save_directory
+
+
+def copy_model_folder(source: Union[str, Path], save_directory: Union[str, Path]) -> Path:
+    """Put a copy of the model folder ``source`` (written by ``save_pretrained``) at ``save_directory``,
+    swapped in at once like a save: the trainer's ``best/`` is its ``last/`` of that epoch, written once.
+    The files are hard links where the file system allows (a save never changes a file in place)."""
+    source, save_directory = Path(source), Path(save_directory)
+    _check_replaceable(save_directory)
+    staging = Path(tempfile.mkdtemp(dir=save_directory.parent, prefix=f'.{save_directory.name}.new.'))
+    try:
+        for name in _FOLDER_FILES:
+            if (source / name).is_file():
+                _link_or_copy(source / name, staging / name)
+        staging.chmod(source.stat().st_mode & 0o777)
+        _keep_other_files(save_directory, staging)
+        _replace_folder(staging, save_directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return save_directory
+
+
+def _weights_cfg(model: nn.Module, results: RunResults) -> Dict[str, Any]:
+    """The pretrained_cfg of weights trained by a run: without the identity of the weights the model
+    was created with (tag, notes, papers, origin, and the license unless the run fine-tuned them:
+    ``base_model``), with their preprocessing, and a note of how the weights were trained."""
+    arch = model.pretrained_cfg['architecture']
+    cfg = {k: v for k, v in model.pretrained_cfg.items()
+           if k not in _SOURCE_IDENTITY_KEYS or (k == 'license' and results.base_model)}
+    dropcluster = is_dropcluster_architecture(arch, dropcluster_model_args(model))
+    cfg['notes'] = [training_notes(arch, results, dropcluster)]
+    return cfg
+
+
+def _card_license(pretrained_cfg: Dict[str, Any], results: Optional[RunResults]) -> Dict[str, str]:
+    """A fine-tune is under the terms of the weights it started from; anything else under the code's."""
+    license = pretrained_cfg.get('license')
+    return {'license': license} if results and results.base_model and license else {}
+
+
+@contextlib.contextmanager
+def _pretrained_cfg(model: nn.Module, cfg: Dict[str, Any]):
+    """``model.pretrained_cfg`` is ``cfg`` for the block (timm's ``save_for_hf`` reads it), its own afterwards."""
+    own = model.pretrained_cfg
+    model.pretrained_cfg = cfg
+    try:
+        yield model
+    finally:
+        model.pretrained_cfg = own
 
 
 _FOLDER_FILES = ('model.safetensors', 'config.json', 'metrics.json', CLUSTER_MAPS_IMAGE, 'README.md')
@@ -242,38 +293,19 @@ def export_plain(
     return save_pretrained(plain, save_directory, metrics=metrics, repo_id=repo_id)
 
 
-def _describe_trained_weights(config_path: Path, metrics: Dict[str, Any]) -> None:
-    """Make config.json's pretrained_cfg describe weights trained by a run: drop the identity of the
-    weights the model was created with (tag, notes, papers, origin, and the license unless the run
-    fine-tuned them: ``base_model``), keep the preprocessing, note how the weights were trained."""
-    config = json.loads(config_path.read_text())
-    cfg = config.get('pretrained_cfg') or {}
-    for key in _SOURCE_IDENTITY_KEYS:
-        if key != 'license' or not metrics.get('base_model'):
-            cfg.pop(key, None)
-    dropcluster = is_dropcluster_architecture(config['architecture'], config.get('model_args'))
-    cfg['notes'] = [training_notes(config['architecture'], metrics, dropcluster)]
-    config['pretrained_cfg'] = cfg
-    config_path.write_text(json.dumps(config, indent=2))
-
-
 def _folder_card(folder: Path, repo_id: Optional[str]) -> str:
     """The card of a saved folder, from what it holds (config.json, the run's metrics file,
-    cluster_maps.png): save_pretrained and push render it the same way."""
+    cluster_maps.png): push renders it for the repo it uploads to."""
     config = json.loads((folder / 'config.json').read_text())
     found = [folder / n for n in _METRICS_FILES if (folder / n).is_file()]
     metrics = load_metrics(found[0]) if found else None
-    kwargs = {}
-    license = (config.get('pretrained_cfg') or {}).get('license')
-    if metrics and metrics.get('base_model') and license:
-        kwargs['license'] = license  # a fine-tune is under the terms of the weights it started from
     return render_model_card(
         config['architecture'],
         metrics=metrics,
         model_args=config.get('model_args'),
         repo_id=repo_id,
         cluster_maps=CLUSTER_MAPS_IMAGE if (folder / CLUSTER_MAPS_IMAGE).is_file() else None,
-        **kwargs,
+        **_card_license(config.get('pretrained_cfg') or {}, metrics),
     )
 
 

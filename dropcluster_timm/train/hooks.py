@@ -1,9 +1,10 @@
 """ Optional methods join training through hooks: the loop and the trainer call every hook at a few
 points and carry no branch of their own for any method."""
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Tuple
 
 import torch.nn as nn
 
+from ..hub.run_results import RunResults
 from .config import TrainConfig
 
 __all__ = ['TrainHook', 'build_hooks']
@@ -26,9 +27,9 @@ class TrainHook:
         """Entries for the epoch's row after an evaluation; ``model`` holds the weights to publish."""
         return {}
 
-    def publish(self, model: nn.Module, row: Dict[str, Any], card: Dict[str, Any]) -> nn.Module:
-        """The model to save in place of ``model`` after an evaluation (``row``); may add to the card's results."""
-        return model
+    def publish(self, model: nn.Module, row: Dict[str, Any], results: RunResults) -> Tuple[nn.Module, RunResults]:
+        """The model to save in place of ``model`` after an evaluation (``row``), and its results."""
+        return model, results
 
 
 def build_hooks(cfg: TrainConfig, model: nn.Module) -> List[TrainHook]:

@@ -6,6 +6,7 @@ import torch
 from timm.utils import dispatch_clip_grad
 from tqdm.auto import tqdm
 
+from .config import TrainConfig
 from .hooks import TrainHook
 from .recipe import DropClusterRecipe
 
@@ -39,23 +40,25 @@ class TrainState:
 
 
 def train_one_epoch(
-        accelerator, model, loader, optimizer, loss_fn, lr_scheduler, recipe: DropClusterRecipe,
-        state: TrainState, ema=None, mixup_fn=None, clip_grad: Optional[float] = None, clip_mode: str = 'norm',
-        checkpoint_fn: Optional[Callable[[str], str]] = None, checkpoint_steps: int = 0, progress: bool = True,
-        log_interval: int = 0, channels_last: bool = False,
-        max_steps: Optional[int] = None, synchronize_step: bool = False,
+        accelerator, model, loader, optimizer, loss_fn, lr_scheduler, recipe: DropClusterRecipe, state: TrainState,
+        cfg: TrainConfig, ema=None, mixup_fn=None, checkpoint_fn: Optional[Callable[[str], str]] = None,
         on_step: Optional[Callable[[TrainState], None]] = None, hooks: Sequence[TrainHook] = (),
 ) -> Dict[str, float]:
     """One epoch of training; resumes at ``state.step_in_epoch`` batches into the epoch (those batches
     are skipped without being loaded, Accelerate's ``skip_first_batches``).
 
-    The ``recipe`` steps the drop rate every batch. The
-    loss stays on the device: the host waits for it only to print (a bar on a terminal, or a line
-    every ``log_interval`` batches) and once at the end. ``checkpoint_fn(name)`` is called every
+    The ``recipe`` steps the drop rate every batch. ``cfg`` gives gradient clipping (``optim``),
+    channels-last (``model``), and from ``output`` the batches of the epoch
+    (``train_batches_per_epoch``), progress, checkpoint and device-sync settings. The loss stays on
+    the device: the host waits for it only to print (a bar on a terminal, or a line every
+    ``log_interval`` batches) and once at the end. ``checkpoint_fn(name)`` is called every
     ``checkpoint_steps`` batches (not at the end of the epoch, which the caller checkpoints);
-    ``on_step(state)`` after every batch. ``max_steps`` caps the batches of the epoch. Every hook's
-    ``before_step`` runs before each training step (EDropout scores and applies its states there).
+    ``on_step(state)`` after every batch. Every hook's ``before_step`` runs before each training step
+    (EDropout scores and applies its states there).
     """
+    o, out = cfg.optim, cfg.output
+    clip_grad, clip_mode, max_steps = o.clip_grad, o.clip_mode, out.train_batches_per_epoch
+    progress, log_interval, checkpoint_steps = out.progress, out.log_interval, out.checkpoint_steps
     model.train()
     epoch = state.epoch
     steps = min(len(loader), max_steps) if max_steps else len(loader)
@@ -75,7 +78,7 @@ def train_one_epoch(
             break
         rate = recipe.step(unwrapped, epoch + i / steps)
         state.peak_drop_rate = max(state.peak_drop_rate, rate)
-        if channels_last:
+        if cfg.model.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         if mixup_fn is not None:
             images, targets = mixup_fn(images, targets)
@@ -107,7 +110,7 @@ def train_one_epoch(
             if checkpoint_fn is not None and checkpoint_steps and state.global_step % checkpoint_steps == 0 \
                     and state.step_in_epoch < steps:
                 checkpoint_fn(f'step_{state.global_step:08d}')
-        if synchronize_step and accelerator.device.type == 'cuda':
+        if out.synchronize_step and accelerator.device.type == 'cuda':
             torch.cuda.synchronize()
         if on_step is not None:
             on_step(state)

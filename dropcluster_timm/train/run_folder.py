@@ -24,6 +24,7 @@ from safetensors import safe_open
 
 from ..evaluation.data import DataBundle, dataset_description, split_name
 from ..errors import TrainingError, first_line
+from ..hub.run_results import RunResults
 from ..layers.model_helpers import dropcluster_layers
 from .config import TrainConfig
 from .loop import TrainState
@@ -33,7 +34,7 @@ __all__ = [
     'CHECKPOINT_DIR', 'RUN_FILE', 'META_FILE', 'write_text_atomic', 'write_json_atomic', 'list_checkpoints', 'find_checkpoint',
     'check_checkpoint_files', 'load_checkpoint', 'run_identity', 'check_resume', 'check_output', 'write_run_file',
     'write_args_file',
-    'save_checkpoint', 'MetricsLog', 'run_card_metrics',
+    'save_checkpoint', 'MetricsLog', 'run_results',
 ]
 
 CHECKPOINT_DIR = 'checkpoints'
@@ -169,11 +170,9 @@ def lock_output(output: str):
     """Hold an exclusive lock on ``output`` for the run's lifetime (main process), so that a second run
     into the same folder stops at start. The system releases it when the process ends, however it
     ends, so the file a killed run leaves behind never blocks a resume. Returns the open lock file:
-    keep it, and close it when the run is over."""
+    closing it releases the lock."""
     os.makedirs(output, exist_ok=True)
     path = os.path.realpath(os.path.join(output, LOCK_FILE))
-    if path in _HELD:  # left open by an earlier run in this process that stopped with an error
-        _HELD.pop(path).close()
     f = open(path, 'a+')
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -187,11 +186,7 @@ def lock_output(output: str):
     f.truncate()
     f.write(f'pid {os.getpid()} on {socket.gethostname()}\n')
     f.flush()
-    _HELD[path] = f
     return f
-
-
-_HELD: Dict[str, Any] = {}  # lock path -> open lock file of this process
 
 
 SHARED_CHECK_FILE = '.shared_check'
@@ -316,24 +311,22 @@ class MetricsLog:
         write_text_atomic(os.path.join(self.output, name), text.getvalue())
 
 
-def run_card_metrics(cfg: TrainConfig, row: Dict[str, Any], state: TrainState, model: nn.Module, data: DataBundle,
-                     ema_decay: Optional[float] = None) -> Dict[str, Any]:
+def run_results(cfg: TrainConfig, row: Dict[str, Any], state: TrainState, model: nn.Module, data: DataBundle,
+                ema_decay: Optional[float] = None) -> RunResults:
     """Results and description of the weights a run publishes, for ``hub.save_pretrained``'s card:
     the EMA weights' metrics when EMA is on, the data set without local paths, what DropCluster did."""
     prefix = 'ema_' if ema_decay is not None else ''
-    metrics = {k: row[prefix + k] for k in ('top1', 'top5', 'eval_loss')}
-    metrics.update(epoch=row['epoch'], epochs=cfg.optim.epochs, split=split_name(data.splits['validation']),
-                   weights='raw' if ema_decay is None else 'ema')
-    metrics.update(dataset_description(cfg.data.dataset, cfg.data.data_dir))
-    if ema_decay is not None:
-        metrics['ema_decay'] = ema_decay
+    results = {k: row[prefix + k] for k in ('top1', 'top5', 'eval_loss')}
+    results.update(epoch=row['epoch'], epochs=cfg.optim.epochs, split=split_name(data.splits['validation']),
+                   weights='raw' if ema_decay is None else 'ema', ema_decay=ema_decay)
+    results.update(dataset_description(cfg.data.dataset, cfg.data.data_dir))
     if 'input_size' in data.data_config:
-        metrics['img_size'] = int(data.data_config['input_size'][-1])
+        results['img_size'] = int(data.data_config['input_size'][-1])
     base = (getattr(model, 'pretrained_cfg', None) or {}).get('hf_hub_id')
     if cfg.model.pretrained and base:
-        metrics['base_model'] = base  # a fine-tune of these weights
+        results['base_model'] = base  # a fine-tune of these weights
     if any(True for _ in dropcluster_layers(model)):
-        metrics.update(peak_drop_rate=state.peak_drop_rate, reclusterings=state.reclusterings)
+        results.update(peak_drop_rate=state.peak_drop_rate, reclusterings=state.reclusterings)
     if cfg.model.drop_block_rate:
-        metrics['drop_block_rate'] = cfg.model.drop_block_rate
-    return metrics
+        results['drop_block_rate'] = cfg.model.drop_block_rate
+    return RunResults(**results)

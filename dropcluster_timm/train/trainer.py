@@ -5,6 +5,7 @@ beside it: ``builders`` (model, loss, schedule), ``loop`` (one epoch), ``run_fol
 resume, run.json, metrics); data and evaluation in ``dropcluster_timm.evaluation.data`` / ``.evaluate``, model
 folders and the Hub in ``dropcluster_timm.hub``.
 """
+import contextlib
 import copy
 import os
 import time
@@ -21,7 +22,6 @@ from ..evaluation.data import build_data, class_names, set_transforms
 from ..errors import TrainingError, first_line
 from ..evaluation.evaluate import evaluate
 from ..layers.model_helpers import ddp_ignore_cluster_buffers, dropcluster_layers, init_cluster_maps, set_drop_prob
-from ..hub.pictures import plot_cluster_maps
 from . import run_folder as rf
 from .hooks import build_hooks
 from .builders import (
@@ -53,6 +53,11 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[TrainState], None]] = No
     ``on_step(state)`` runs after every training batch. Errors a user can fix raise ``TrainingError``
     before anything is written.
     """
+    with contextlib.ExitStack() as run:  # the output folder's lock is released however the run ends
+        return _train(cfg, on_step, run)
+
+
+def _train(cfg: TrainConfig, on_step: Optional[Callable[[TrainState], None]], run: contextlib.ExitStack) -> SimpleNamespace:
     d, o, out = cfg.data, cfg.optim, cfg.output
     cfg.check()  # one-line errors before any setup
     checkpoint = rf.find_checkpoint(out.resume) if out.resume else None
@@ -62,8 +67,8 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[TrainState], None]] = No
     if out.push_to_hub:
         _check_push(out.push_to_hub)
     accelerator = build_accelerator(cfg)
-    lock = rf.lock_output(out.output) if accelerator.is_main_process else None
-    if lock is not None:
+    if accelerator.is_main_process:
+        run.enter_context(rf.lock_output(out.output))
         rf.check_output(out.output, checkpoint)  # again, now that no other run can start writing here
     rf.check_shared_output(accelerator, out.output)
     use_cpu_cores(accelerator)
@@ -174,12 +179,9 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[TrainState], None]] = No
         state.soft_resets += reset
         state.reclusterings += reclustered
         row = {'epoch': epoch}
-        row.update(train_one_epoch(
-            accelerator, model, train_loader, optimizer, loss_fn, lr_scheduler, recipe, state, ema=ema,
-            mixup_fn=mixup_fn, clip_grad=o.clip_grad, clip_mode=o.clip_mode, checkpoint_fn=checkpoint_fn,
-            checkpoint_steps=out.checkpoint_steps, progress=out.progress, log_interval=out.log_interval,
-            channels_last=cfg.model.channels_last, max_steps=out.train_batches_per_epoch,
-            synchronize_step=out.synchronize_step, on_step=on_step, hooks=hooks))
+        row.update(train_one_epoch(accelerator, model, train_loader, optimizer, loss_fn, lr_scheduler, recipe, state,
+                                   cfg, ema=ema, mixup_fn=mixup_fn, checkpoint_fn=checkpoint_fn, on_step=on_step,
+                                   hooks=hooks))
         if accelerator.num_processes > 1 and out.dist_bn and not cfg.model.sync_bn:
             distribute_bn(model, accelerator.num_processes, out.dist_bn == 'reduce')
         evaluated = (epoch + 1) % out.val_interval == 0 or epoch + 1 == o.epochs
@@ -205,14 +207,14 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[TrainState], None]] = No
             if ema is not None and num_dropcluster:
                 set_drop_prob(published, schedule.rate)  # config.json records the rate of the run
             if evaluated:
-                card = rf.run_card_metrics(cfg, row, state, published, data,
-                                           ema_decay=o.model_ema_decay if ema is not None else None)
+                results = rf.run_results(cfg, row, state, published, data,
+                                         ema_decay=o.model_ema_decay if ema is not None else None)
                 for hook in hooks:
-                    published = hook.publish(published, row, card)
-                for folder in ('last', 'best') if is_best else ('last',):
-                    hub.save_pretrained(published, os.path.join(out.output, folder), metrics=card,
-                                        data_config=data.data_config, repo_id=out.push_to_hub)
-            plot_cluster_maps(published, os.path.join(out.output, 'cluster_maps.png'))
+                    published, results = hook.publish(published, row, results)
+                last = hub.save_pretrained(published, os.path.join(out.output, 'last'), metrics=results,
+                                           data_config=data.data_config, repo_id=out.push_to_hub)
+                if is_best:
+                    hub.copy_model_folder(last, os.path.join(out.output, 'best'))
             rf.write_run_file(out.output, cfg.to_dict(), data.splits, state, num_dropcluster)
         if out.log_with:
             accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=epoch)
@@ -229,8 +231,6 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[TrainState], None]] = No
             except Exception as e:
                 raise TrainingError(f'push to {out.push_to_hub} failed: {first_line(e)}') from e
     accelerator.wait_for_everyone()
-    if lock is not None:
-        lock.close()
     return SimpleNamespace(accelerator=accelerator, model=model, ema=ema, schedule=schedule, state=state,
                            metrics=metrics.rows, hooks=hooks)
 

@@ -430,7 +430,7 @@ def test_a_save_replaces_the_folder_whole_or_not_at_all(trained, tmp_path, monke
 
     def crash(*args, **kwargs):  # dies after the weights and config are written, before the card
         raise KeyboardInterrupt
-    monkeypatch.setattr(hub, '_folder_card', crash)
+    monkeypatch.setattr(hub, 'render_model_card', crash)
     plain = timm.create_model('resnet18', num_classes=10)
     with pytest.raises(KeyboardInterrupt):
         save_pretrained(plain, out)
@@ -468,3 +468,34 @@ def test_a_crash_while_moving_files_leaves_a_folder_that_loads(trained, tmp_path
     reloaded = timm.create_model(f'local-dir:{out}', pretrained=True)  # loads: old or new, not a mix
     arch = json.loads((out / 'config.json').read_text())['architecture']
     assert torch.equal(reloaded.fc.weight, (plain if arch == 'resnet18' else trained).fc.weight)
+
+
+def test_the_card_of_a_save_is_the_card_push_renders_from_the_folder(trained, tmp_path):
+    """save_pretrained renders the card from memory, push from the written files: the two agree, and
+    the model's own pretrained_cfg is left as it was."""
+    from dropcluster_timm.hub.save import _folder_card
+    own = dict(trained.pretrained_cfg)
+    for name, metrics in (('a', RUN), ('b', None)):
+        out = save_pretrained(trained, tmp_path / name, metrics=metrics, repo_id='someorg/r18-dc')
+        assert (out / 'README.md').read_text() == _folder_card(out, 'someorg/r18-dc')
+    assert trained.pretrained_cfg == own
+    notes = json.loads((tmp_path / 'a' / 'config.json').read_text())['pretrained_cfg']['notes']
+    assert 'imagenette2' in notes[0] and 'tag' not in json.loads((tmp_path / 'a' / 'config.json').read_text())['pretrained_cfg']
+
+
+def test_copy_model_folder_is_the_folder_of_that_save(trained, tmp_path):
+    """The trainer's best/ is a copy of last/ of its epoch; a later save of last/ leaves it alone."""
+    from dropcluster_timm.hub import copy_model_folder
+    last = save_pretrained(trained, tmp_path / 'last', metrics=RUN)
+    (tmp_path / 'best').mkdir()
+    (tmp_path / 'best' / 'notes.txt').write_text('mine')  # a user's file in the target stays
+    best = copy_model_folder(last, tmp_path / 'best')
+    files = {p.name: p.read_bytes() for p in last.iterdir()}
+    assert {p.name: p.read_bytes() for p in best.iterdir() if p.name != 'notes.txt'} == files
+    assert (best / 'notes.txt').read_text() == 'mine'
+    save_pretrained(trained, last, metrics=dict(RUN, top1=12.5))
+    assert json.loads((best / 'metrics.json').read_text())['top1'] == RUN['top1']
+    assert json.loads((last / 'metrics.json').read_text())['top1'] == 12.5
+    reloaded = timm.create_model(f'local-dir:{best}', pretrained=True)
+    assert torch.equal(reloaded.state_dict()['layer3.0.drop_block.cluster_map'],
+                       trained.state_dict()['layer3.0.drop_block.cluster_map'])

@@ -13,9 +13,9 @@ from dropcluster_timm.hub.run_results import load_metrics, load_results_table
 VARIANTS = ['resnet18_dropcluster', 'resnet34_dropcluster', 'resnet50_dropcluster', 'resnet101_dropcluster',
             'resnet152_dropcluster', 'resnet50d_dropcluster']
 REPO_ROOT = Path(__file__).resolve().parents[2]
-# The CIFAR-10 study's table in the card of the model it trained (benchmarks/study_cifar10.py writes it).
+# The CIFAR-10 study's table in the card of the model family it trained (its report writes it).
 STUDY_MODEL = 'resnet18_dropcluster'
-STUDY_TABLE = REPO_ROOT / 'benchmarks' / 'results' / 'study_cifar10_card_table.json'
+STUDY_TABLE = REPO_ROOT / 'benchmarks' / 'results' / 'study_v3' / 'card_table.json'
 CARDS_COMMAND = f'dropcluster-timm cards --table {STUDY_MODEL}={STUDY_TABLE.relative_to(REPO_ROOT).as_posix()}'
 
 
@@ -64,7 +64,7 @@ def test_card_with_metrics_file(tmp_path):
 
     summary = tmp_path / 'summary.csv'  # timm train.py's summary
     summary.write_text('epoch,train_loss,eval_loss,eval_top1,eval_top5\n0,6.9,6.8,10.5,30.1\n1,5.0,4.9,42.25,70.0\n2,4.9,5.1,40.0,69.0\n')
-    assert load_metrics(summary) == {'top1': 42.25, 'top5': 70.0, 'epoch': 1, 'epochs': 3}
+    assert load_metrics(summary).to_dict() == {'top1': 42.25, 'top5': 70.0, 'epoch': 1, 'epochs': 3}
     bad = tmp_path / 'bad.json'
     bad.write_text('{"acc": 3}')
     with pytest.raises(ValueError, match='top1'):
@@ -101,18 +101,17 @@ def test_committed_model_cards_are_current(tmp_path):
 
 
 def test_card_of_the_study_model_carries_the_study_table(tmp_path):
-    """The committed study table (benchmarks/results/study_cifar10_card_table.json) becomes a section
-    of the card it is given to, with every arm's figures of the committed results, and only there."""
+    """The committed study table (benchmarks/results/study_v3/card_table.json) becomes a section of
+    the card it is given to, with every arm's figures of the committed summary, and only there."""
     table = load_results_table(STUDY_TABLE)
     written = {p.stem: p.read_text() for p in write_model_cards(tmp_path, tables={STUDY_MODEL: [table]})}
     text = written[STUDY_MODEL]
-    assert '### CIFAR-10 study (from-scratch runs; no weights published)' in text
+    assert '### CIFAR-10 study: DropCluster against matched DropBlock' in text
     assert 'No DropCluster-trained weights are published yet' in text
-    assert '| train images | regulariser | rate | test top-1 (%) | mCA (%) |\n|---:|---|---:|---:|---:|' in text
-    results = json.loads((STUDY_TABLE.parent / 'study_cifar10.json').read_text())
-    for e in results['summary']:
-        assert (f"| {e['size']} | " in text and f"{e['test_top1']:.2f} +- {e['test_top1_std']:.2f}" in text
-                and f"{e['mean_corruption_top1']:.2f} +- {e['mean_corruption_top1_std']:.2f}" in text), e
+    summary = json.loads((STUDY_TABLE.parent / 'summary.json').read_text())
+    for a in summary['arms']:
+        assert f"| {a['arm']} | {a['n']} | {a['top1']:.2f} +- {a['top1_std']:.2f} | {a['mca']:.2f} +- {a['mca_std']:.2f} |" \
+            in text, a
     assert all('CIFAR-10 study' not in t for name, t in written.items() if name != STUDY_MODEL)
 
 
@@ -176,8 +175,18 @@ def test_card_of_pruned_weights_gives_measured_sizes_and_accuracies_before_and_a
 
 @pytest.mark.parametrize('bad, words', [({'pruning_method': 'random'}, 'pruning_method'),
                                         ({'kept_channels': 1.5}, 'kept_channels'),
-                                        ({'edropout_steps': -1}, 'edropout_steps')])
-def test_pruning_metrics_are_checked(bad, words):
-    from dropcluster_timm.hub.run_results import check_metrics
+                                        ({'edropout_steps': -1}, 'edropout_steps'),
+                                        ({'epochs': 2.5}, 'epochs'),
+                                        ({'top_1': 50.0}, 'unknown key.*top_1'),
+                                        ({'dataset': 3}, '"dataset" must be a string')])
+def test_run_results_are_checked_when_built(bad, words, tmp_path):
+    from dropcluster_timm.hub.run_results import RunResults
     with pytest.raises(ValueError, match=words):
-        check_metrics({'top1': 50.0, **bad})
+        RunResults.from_dict({'top1': 50.0, **bad})
+    path = tmp_path / 'metrics.json'  # a file names itself in the message
+    path.write_text(json.dumps({'top1': 50.0, **bad}))
+    with pytest.raises(ValueError, match=f'metrics.json: .*{words}'):
+        load_metrics(path)
+    if 'top_1' not in bad:  # a typed object is checked as it is changed, too
+        with pytest.raises(ValueError, match=words):
+            RunResults(top1=50.0).replace(**bad)

@@ -36,8 +36,8 @@ def test_every_metrics_file_of_a_run_reads_the_same_best_epoch(full_run, tmp_pat
     best = max(rows, key=lambda r: r['top1'])
     results = [load_metrics(os.path.join(full_run, name)) for name in ('metrics.csv', 'metrics.json', 'summary.csv')]
     for r in results:
-        assert r['top1'] == pytest.approx(best['top1']) and r['epoch'] == best['epoch'] and r['epochs'] == len(rows)
-        assert r['top5'] == pytest.approx(best['top5'])
+        assert r.top1 == pytest.approx(best['top1']) and r.epoch == best['epoch'] and r.epochs == len(rows)
+        assert r.top5 == pytest.approx(best['top5'])
     for name in ('metrics.csv', 'metrics.json', 'summary.csv'):
         argv = ['cards', '--out-dir', str(tmp_path / name), '--metrics', f'resnet18_dropcluster={full_run}/{name}']
         assert cli_main(argv) == 0

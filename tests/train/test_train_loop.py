@@ -6,6 +6,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from dropcluster_timm import DropCluster2d
 from dropcluster_timm.train import DropClusterConfig, DropClusterRecipe, TrainState, train_one_epoch
+from dropcluster_timm.train.config import OutputConfig, TrainConfig
+
+QUIET = TrainConfig(output=OutputConfig(progress=False))
 
 
 class _Sched:
@@ -30,8 +33,7 @@ def test_rate_stepped_per_batch_and_callback_after_each():
     accelerator, model, optimizer, loader, schedule = _setup()
     state, seen = TrainState(), []
     row = train_one_epoch(accelerator, model, loader, optimizer, torch.nn.CrossEntropyLoss(), _Sched(), schedule,
-                          state, progress=False,
-                          on_step=lambda s: seen.append((s.global_step, model[1].drop_prob)))
+                          state, QUIET, on_step=lambda s: seen.append((s.global_step, model[1].drop_prob)))
     assert [step for step, _ in seen] == [1, 2, 3, 4, 5]
     assert [rate for _, rate in seen] == pytest.approx([0.2 * i / 5 for i in range(5)])  # epoch + i / steps
     assert state.epoch == 1 and state.step_in_epoch == 0 and state.num_updates == 5
@@ -44,7 +46,7 @@ def test_resume_mid_epoch_skips_the_batches_done():
     state, seen = TrainState(), []
     state.step_in_epoch, state.global_step = 3, 3
     train_one_epoch(accelerator, model, loader, optimizer, torch.nn.CrossEntropyLoss(), _Sched(), schedule, state,
-                    progress=False, on_step=lambda s: seen.append(s.global_step))
+                    QUIET, on_step=lambda s: seen.append(s.global_step))
     assert seen == [4, 5] and state.epoch == 1
 
 
@@ -56,7 +58,7 @@ def test_drop_block_baseline_ramps_like_dropcluster():
     accelerator.unwrap_model(model)[1] = block
     rates = []
     train_one_epoch(accelerator, model, loader, optimizer, torch.nn.CrossEntropyLoss(), _Sched(), schedule,
-                    TrainState(), progress=False, on_step=lambda s: rates.append(block.drop_prob))
+                    TrainState(), QUIET, on_step=lambda s: rates.append(block.drop_prob))
     assert rates == pytest.approx([0.2 * i / 5 for i in range(5)])
 
 
@@ -64,7 +66,7 @@ def test_log_lines_only_every_interval_and_max_steps(capsys):
     accelerator, model, optimizer, loader, schedule = _setup()
     state = TrainState()
     train_one_epoch(accelerator, model, loader, optimizer, torch.nn.CrossEntropyLoss(), _Sched(), schedule, state,
-                    progress=True, log_interval=2, max_steps=4)
+                    TrainConfig(output=OutputConfig(progress=True, log_interval=2, train_batches_per_epoch=4)))
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith('epoch 0 [')]
     assert [line.split(']')[0] for line in lines] == ['epoch 0 [2/4', 'epoch 0 [4/4']
     assert state.global_step == 4 and state.epoch == 1

@@ -1,5 +1,6 @@
 """ Runs that cannot be broken by the options timm users pass: channels-last weights are saved and
 reload equal to the trained ones; launch modes that cannot work are refused at start."""
+import fcntl
 import json
 import os
 import shutil
@@ -44,7 +45,7 @@ def test_a_second_run_into_the_same_output_stops_and_a_killed_runs_lock_does_not
     out = tmp_path / 'run'
     args = with_epochs(TINY, 1) + ['--data-dir', image_folder, '--output', str(out)]
     # Another process holds the folder, as a run does, until it is killed.
-    code = f'from dropcluster_timm.train.run_folder import lock_output; lock_output({str(out)!r}); print(1, flush=True); input()'
+    code = f'from dropcluster_timm.train.run_folder import lock_output; f = lock_output({str(out)!r}); print(1, flush=True); input()'
     holder = subprocess.Popen([sys.executable, '-c', code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == '1'
@@ -72,6 +73,8 @@ def test_a_run_that_failed_in_this_process_does_not_lock_its_folder(image_folder
     with pytest.raises(TrainingError, match='larger than the training set'):
         train(parse_train_args(with_epochs(TINY, 1) + ['--data-dir', image_folder, '--output', str(out),
                                                        '--batch-size', '64']))
+    with open(out / '.lock') as f:  # released at once (flock: another open file of this process would conflict)
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     args = with_epochs(TINY, 1) + ['--data-dir', image_folder, '--output', str(out), '--sched', 'step',
                                    '--decay-epochs', '100']
     args[args.index('--lr') + 1] = '2e-5'
