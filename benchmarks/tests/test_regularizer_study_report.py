@@ -94,3 +94,18 @@ def test_committed_card_table_is_that_of_the_committed_rows():
     committed = json.loads((folder / 'card_table.json').read_text())
     assert committed == json.loads(json.dumps(R.card_table(R.summarise(read_rows(folder))))), \
         'stale: run `python -m benchmarks.regularizer_study.report benchmarks/results/study_v3`'
+
+
+def test_readme_and_guide_quote_the_committed_summary():
+    """The README's first section and the benchmarks guide give the figures of the committed report."""
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[2]
+    summary = json.loads((root / 'benchmarks' / 'results' / 'study_v3' / 'summary.json').read_text())
+    readme = ' '.join((root / 'README.md').read_text().split())
+    guide = ' '.join((root / 'docs' / 'benchmarks.md').read_text().split())
+    seeds = len(summary['complete_seeds'])
+    assert f'At {seeds} ' in readme and f'at {seeds} seeds' in guide
+    for c in summary['primary'] + summary['control'][:1]:
+        figures = (f"{c['mean']:+.2f}", f"{c['ci_low']:.2f} to {c['ci_high']:.2f}")
+        for text, name in ((readme, 'README.md'), (guide, 'docs/benchmarks.md')):
+            assert all(f in text for f in figures), f"{name} does not quote {c['name']} {figures}"
