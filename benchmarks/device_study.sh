@@ -13,7 +13,7 @@
 # The call: run(command="COMMIT=$(git rev-parse HEAD) bash benchmarks/device_study.sh", carry=[".whl", ".cifar"],
 #   timeout_s=600) with the commit written out; then commit $OUT/runs.jsonl to benchmarks/results/study_v3_gpu/.
 #
-# Dry run on a CPU (benchmarks/tests/test_regularizer_study.py): DEVICE=cpu CONFIG=tiny SEEDS="0 0" PARALLEL=2 \
+# Dry run on a CPU (benchmarks/tests/test_regularizer_study.py): DEVICE=cpu CONFIG=tiny SEEDS="0 0" WORKERS=2 \
 #   DATA=../shared/data/cifar10-jpg.tar.gz OUT=/tmp/device_out bash benchmarks/device_study.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,7 +21,7 @@ OUT=${OUT:-device_out}
 DEVICE=${DEVICE:-cuda}
 CONFIG=${CONFIG:-gpu}
 SEEDS=${SEEDS:-0 23}
-PARALLEL=${PARALLEL:-8}
+WORKERS=${WORKERS:-8}
 BUDGET=${BUDGET:-9}
 DATA=${DATA:-.cifar/cifar10-jpg.tar.gz}
 CACHE_DIR=${CACHE_DIR:-/tmp/dropcluster_cifar10}
@@ -36,5 +36,5 @@ python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm._
 torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')" | tee "$OUT/env.txt"
 # shellcheck disable=SC2086  # SEEDS is two numbers
 python3 -m benchmarks.regularizer_study.run --config "$CONFIG" --device "$DEVICE" --seeds $SEEDS \
-    --parallel "$PARALLEL" --budget-minutes "$BUDGET" --data "$DATA" --cache-dir "$CACHE_DIR" \
+    --workers "$WORKERS" --budget-minutes "$BUDGET" --data "$DATA" --cache-dir "$CACHE_DIR" \
     --results "$OUT" --commit "$COMMIT" 2>&1 | tee "$OUT/driver.txt"

@@ -1,7 +1,9 @@
 """ CIFAR-10 for the study: decoded once into uint8 tensors, class-balanced splits, augmentation on
 the device that holds the images (GPU or CPU), so no per-image PIL pipeline sits in the loop."""
+import fcntl
 import hashlib
 import os
+import shutil
 import tarfile
 from pathlib import Path
 from typing import Dict, Optional
@@ -26,18 +28,30 @@ def load_cifar10(data: str, cache_dir: str) -> Dict[str, torch.Tensor]:
     cache = Path(cache_dir) / 'cifar10_uint8.safetensors'
     if cache.exists():
         return _checked(load_file(str(cache)), cache)
-    root = Path(data)
+    # Workers that start together build the cache once: the first holds the lock, the others wait
+    # for it and then read its cache (no one sees a half-extracted folder).
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with open(cache.parent / '.cifar10.lock', 'w') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if cache.exists():
+            return _checked(load_file(str(cache)), cache)
+        return _build_cache(Path(data), cache)
+
+
+def _build_cache(root: Path, cache: Path) -> Dict[str, torch.Tensor]:
     if not root.exists():
-        raise FileNotFoundError(f'CIFAR-10 not found at {data} (see ../shared/data/README.md)')
+        raise FileNotFoundError(f'CIFAR-10 not found at {root} (see ../shared/data/README.md)')
     if root.is_file():
         digest = hashlib.sha256(root.read_bytes()).hexdigest()
         if digest != CIFAR10_SHA256:
             raise ValueError(f'{root}: sha256 {digest} is not that of the CIFAR-10 archive ({CIFAR10_SHA256})')
-        folder = Path(cache_dir) / 'images'
-        if not (folder / 'test').is_dir():
-            folder.mkdir(parents=True, exist_ok=True)
+        folder = cache.parent / 'images'
+        if not folder.is_dir():  # extracted beside it and renamed: an interrupted extraction leaves no folder
+            tmp = cache.parent / f'images.{os.getpid()}.tmp'
+            shutil.rmtree(tmp, ignore_errors=True)
             with tarfile.open(root) as tar:
-                tar.extractall(folder, filter='data')
+                tar.extractall(tmp, filter='data')
+            os.replace(tmp, folder)
         root = folder
     out = {}
     for split in ('train', 'test'):
@@ -50,7 +64,6 @@ def load_cifar10(data: str, cache_dir: str) -> Dict[str, torch.Tensor]:
         out[f'{split}_x'] = torch.stack(images).permute(0, 3, 1, 2).contiguous()
         out[f'{split}_y'] = torch.tensor(labels, dtype=torch.int64)
     _checked(out, root)
-    cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_name(f'{cache.name}.{os.getpid()}.tmp')
     save_file(out, str(tmp))
     os.replace(tmp, cache)

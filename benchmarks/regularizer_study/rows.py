@@ -4,6 +4,7 @@ A row is keyed by (config, arm, seed). Two copies of a key are the same run when
 timings agrees: they merge into one (the first). Copies that disagree on anything else are refused
 with the fields that differ, since a study must not quietly choose between two results.
 """
+import fcntl
 import json
 import os
 from pathlib import Path
@@ -55,10 +56,28 @@ def read_rows(folder: Path) -> List[Dict[str, Any]]:
     return merge_rows(rows)
 
 
-def append_row(folder: Path, row: Dict[str, Any]) -> None:
-    """Append ``row`` to ``folder/runs.jsonl`` (one writer: the driver process), synced to disk."""
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    with open(Path(folder) / 'runs.jsonl', 'a') as f:
-        f.write(json.dumps(row, sort_keys=True) + '\n')
-        f.flush()
-        os.fsync(f.fileno())
+def append_row(folder: Path, row: Dict[str, Any]) -> bool:
+    """Append ``row`` to ``folder/runs.jsonl`` unless its key is there already; False then.
+
+    Any number of drivers may share the folder: the file is locked for the check and the write, the row
+    goes out in one write and is synced, and a line cut short by a writer killed mid-write (no newline
+    at its end) is dropped first, so a row is in the file whole or not at all."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    line = (json.dumps(row, sort_keys=True) + '\n').encode()
+    with open(folder / 'runs.jsonl', 'a+b') as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            f.seek(0)
+            text = f.read()
+            if text and not text.endswith(b'\n'):
+                f.truncate(text.rfind(b'\n') + 1)
+                text = text[:text.rfind(b'\n') + 1]
+            if row_key(row) in {row_key(r) for r in read_rows(folder)}:
+                return False
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+            return True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -22,12 +22,13 @@ import concurrent.futures as cf
 import json
 import multiprocessing as mp
 import os
+import platform
 import subprocess
 import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,7 @@ from dropcluster_timm.train import DropClusterConfig, DropClusterRecipe
 
 from . import arms as A
 from .data import augment, balanced_split, cutout, load_cifar10
+from .protocols import CONFIGS
 from .rows import append_row, read_rows, row_key
 from .streams import purpose_seed, stream
 
@@ -51,22 +53,6 @@ REPO = HERE.parents[1]
 DEFAULT_DATA = REPO.parent / 'shared' / 'data' / 'cifar10-jpg.tar.gz'
 MODULE = 'benchmarks.regularizer_study.run'
 
-# Fixed before any run. The CPU network is narrower than the 32-64-128 first planned: at those widths a
-# run took 11 minutes of training on one core (0.73 s a step), at 16-32-64-128 0.25 s (see the note
-# of the commit that fixed it). timm's ResNet has four stages; the drop slots are the stem and stages 1-2.
-CPU = dict(
-    name='cpu', layers=[1, 1, 1, 1], channels=[16, 32, 64, 128], drop_stages=[1, 2], block_size=4, img_size=32,
-    train_images=2000, epochs=60, batch_size=100, lr=0.1, weight_decay=5e-4, momentum=0.9, lr_warmup_epochs=3,
-    drop_rate=0.1, drop_start=12, drop_warmup=30, recluster_every=12, cluster_images=256, cutout_size=8,
-    test_images=10000, corruption_images=1000, seeds=list(range(24)), amp=None, channels_last=False,
-)
-# The same protocol on a GPU: a half-width ResNet-18, 5,000 images per seed, bf16, channels-last.
-GPU = dict(CPU, name='gpu', layers=[2, 2, 2, 2], channels=[32, 64, 128, 256], train_images=5000, batch_size=128,
-           amp='bfloat16', channels_last=True)
-# The whole pipeline in seconds (tests, dry runs); its numbers mean nothing.
-TINY = dict(CPU, name='tiny', channels=[8, 16, 32, 64], train_images=100, epochs=3, batch_size=50, drop_start=1,
-            drop_warmup=1, recluster_every=1, cluster_images=16, test_images=100, corruption_images=20, seeds=[0, 1])
-CONFIGS = {c['name']: c for c in (CPU, GPU, TINY)}
 
 
 def commit_of_checkout() -> str:
@@ -88,6 +74,17 @@ def check_package_location() -> None:
     if package != REPO:
         raise SystemExit(f'error: dropcluster_timm is imported from {package}, not from this checkout ({REPO}); '
                          'run from the repository root (python -m ...) so that the code of this commit runs')
+
+
+def cpu_model() -> str:
+    """The processor's model name (float results differ between CPU models and capabilities)."""
+    try:
+        for line in Path('/proc/cpuinfo').read_text().splitlines():
+            if line.startswith('model name'):
+                return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or 'unknown'
 
 
 def _setup_determinism(device: torch.device) -> None:
@@ -202,6 +199,7 @@ def run_one(arm: str, seed: int, cfg: Dict[str, Any], device: str, data: Dict[st
                final_rate=recipe.schedule.rate if arm in A.DROP_ARMS else 0.0, reclusters=reclusters,
                final_loss=float(loss.detach()), deterministic=deterministic, train_images=n, epochs=cfg['epochs'])
     row.update(device='cpu' if device.type == 'cpu' else torch.cuda.get_device_name(device),
+               cpu_capability=torch.backends.cpu.get_cpu_capability(), cpu_model=cpu_model(),
                threads=threads if device.type == 'cpu' else None, torch=torch.__version__.split('+')[0],
                timm=timm.__version__, commit=commit, command=row_command(arm, seed, cfg['name'], device.type),
                train_time_s=round(train_time, 1), total_time_s=round(time.perf_counter() - t0, 1))
@@ -229,11 +227,42 @@ def _worker(job: Dict[str, Any]) -> Dict[str, Any]:
                    job['threads'])
 
 
-def missing_jobs(cfg: Dict[str, Any], rows: List[Dict[str, Any]], seeds: List[int]) -> List[Dict[str, Any]]:
+def missing_jobs(cfg: Dict[str, Any], rows: List[Dict[str, Any]], seeds: List[int],
+                 arms: Sequence[str] = A.ARMS) -> List[Dict[str, Any]]:
     """The (arm, seed) runs of ``seeds`` not in ``rows``, seed-major: an interrupted chunk leaves whole
     seeds behind it."""
     done = {row_key(r) for r in rows}
-    return [dict(arm=arm, seed=seed) for seed in seeds for arm in A.ARMS if (cfg['name'], arm, seed) not in done]
+    return [dict(config=cfg['name'], arm=arm, seed=seed) for seed in seeds for arm in arms
+            if (cfg['name'], arm, seed) not in done]
+
+
+def run_jobs(next_job: Callable[[Set[Tuple]], Optional[Dict[str, Any]]], results: Path, common: Dict[str, Any],
+             workers: int = 1, deadline: float = float('inf')) -> int:
+    """Run jobs (``{config, arm, seed}``) in ``workers`` one-thread processes until ``next_job`` (given
+    the keys running now) returns None or the deadline nears; each row is appended as it finishes.
+    Returns the number of rows written. A stopped driver loses only the runs in flight."""
+    longest, done = 0.0, 0
+    with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context('spawn')) as pool:
+        pending: Dict[cf.Future, Tuple] = {}
+        while True:
+            # Start a run only when it can end before the deadline, judged by the longest so far.
+            while len(pending) < workers and time.time() + longest * 1.1 < deadline:
+                job = next_job(set(pending.values()))
+                if job is None:
+                    break
+                pending[pool.submit(_worker, dict(job, **common))] = (job['config'], job['arm'], job['seed'])
+            if not pending:
+                return done
+            finished, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+            for future in finished:
+                del pending[future]
+                row = future.result()
+                written = append_row(results, row)
+                done += written
+                longest = max(longest, row['total_time_s'])
+                print(f"{row['config']} {row['arm']}/{row['seed']}: top1 {row['top1']:.2f} train {row['train_top1']:.2f} "
+                      f"mca {row['mca']:.2f} dropped {row['dropped_fraction']:.3f} ({row['total_time_s']:.0f} s)"
+                      + ('' if written else ' (already in the results: not written again)'), flush=True)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -247,7 +276,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--results', type=Path, help='folder whose runs.jsonl receives the rows; rows there are skipped')
     p.add_argument('--budget-minutes', type=float, default=None,
                    help='driver: start no run that would end past this many minutes (default: no limit)')
-    p.add_argument('--parallel', type=int, default=1, help='driver: runs at once, in worker processes')
+    p.add_argument('--workers', '--parallel', type=int, default=1, dest='workers',
+                   help='driver: runs at once, each in its own one-thread process (rows do not depend on it)')
+    p.add_argument('--arms', nargs='+', choices=A.ARMS, default=list(A.ARMS),
+                   help='driver: the arms to run (default: all five)')
     p.add_argument('--threads', type=int, default=1, help='CPU threads per run (recorded; results depend on it)')
     p.add_argument('--device', default='cpu', help="'cpu' or a CUDA device, e.g. 'cuda'")
     p.add_argument('--data', default=str(DEFAULT_DATA), help='cifar10-jpg.tar.gz or its unpacked folder')
@@ -260,8 +292,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error('--arm and --seed go together (one row); leave both out to run the study')
     if args.arm is None and args.results is None:
         p.error('the driver needs --results (the folder of runs.jsonl)')
-    if args.parallel < 1 or args.threads < 1:
-        p.error('--parallel and --threads must be >= 1')
+    if args.workers < 1 or args.threads < 1:
+        p.error('--workers and --threads must be >= 1')
     if args.budget_minutes is not None and args.budget_minutes <= 0:
         p.error('--budget-minutes must be > 0')
     return args
@@ -283,31 +315,24 @@ def main(argv=None) -> int:
         return 0
     deadline = time.time() + args.budget_minutes * 60 if args.budget_minutes else float('inf')
     seeds = list(range(args.seeds[0], args.seeds[1] + 1)) if args.seeds else cfg['seeds']
-    rows = read_rows(args.results)
-    jobs = missing_jobs(cfg, rows, seeds)
-    print(f'{len(jobs)} runs left of {len(seeds) * len(A.ARMS)} ({args.config}, seeds {seeds[0]}-{seeds[-1]}), '
-          f'{args.parallel} at a time on {args.device}', flush=True)
-    common = dict(config=args.config, device=args.device, threads=args.threads, commit=commit, data=args.data,
-                  cache_dir=args.cache_dir)
-    longest, done = 0.0, 0
-    with cf.ProcessPoolExecutor(args.parallel, mp_context=mp.get_context('spawn')) as pool:
-        pending = set()
-        while jobs or pending:
-            # Start a run only when it can end before the deadline, judged by the longest so far.
-            while jobs and len(pending) < args.parallel and time.time() + longest * 1.1 < deadline:
-                pending.add(pool.submit(_worker, dict(jobs.pop(0), **common)))
-            if not pending:
-                break
-            finished, pending = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
-            for future in finished:
-                row = future.result()
-                append_row(args.results, row)
-                done += 1
-                longest = max(longest, row['total_time_s'])
-                print(f"{row['arm']}/{row['seed']}: top1 {row['top1']:.2f} mca {row['mca']:.2f} "
-                      f"dropped {row['dropped_fraction']:.3f} ({row['total_time_s']:.0f} s)", flush=True)
-    print(f'{done} runs done, {len(jobs)} left' + ('; run the command again to go on' if jobs else ''), flush=True)
+    left = len(missing_jobs(cfg, read_rows(args.results), seeds, args.arms))
+    print(f'{left} runs left of {len(seeds) * len(args.arms)} ({args.config}, seeds {seeds[0]}-{seeds[-1]}), '
+          f'{args.workers} at a time on {args.device}', flush=True)
+
+    def next_job(running: Set[Tuple]) -> Optional[Dict[str, Any]]:
+        # Re-read: another driver on the same folder may have written rows meanwhile.
+        jobs = missing_jobs(cfg, read_rows(args.results), seeds, args.arms)
+        return next((j for j in jobs if (j['config'], j['arm'], j['seed']) not in running), None)
+
+    done = run_jobs(next_job, args.results, common_job_args(args, commit), args.workers, deadline)
+    left = len(missing_jobs(cfg, read_rows(args.results), seeds, args.arms))
+    print(f'{done} runs done, {left} left' + ('; run the command again to go on' if left else ''), flush=True)
     return 0
+
+
+def common_job_args(args: argparse.Namespace, commit: str) -> Dict[str, Any]:
+    """What every worker job of a driver shares."""
+    return dict(device=args.device, threads=args.threads, commit=commit, data=args.data, cache_dir=args.cache_dir)
 
 
 if __name__ == '__main__':

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from benchmarks.regularizer_study import arms as A
+from benchmarks.regularizer_study import protocols as P
 from benchmarks.regularizer_study import run as R
 from benchmarks.regularizer_study.data import load_cifar10
 from benchmarks.regularizer_study.rows import append_row, merge_rows, read_rows
@@ -38,24 +39,24 @@ def test_streams_differ_by_purpose_and_repeat_by_seed():
 
 
 def test_every_arm_of_a_seed_starts_from_the_same_weights():
-    params = {arm: dict(A.build_model(arm, R.TINY, seed=5).named_parameters()) for arm in A.ARMS}
+    params = {arm: dict(A.build_model(arm, P.TINY, seed=5).named_parameters()) for arm in A.ARMS}
     ref = params['none']
     for arm, p in params.items():
         assert p.keys() == ref.keys(), arm
         assert all(torch.equal(p[k], ref[k]) for k in ref), arm
-    other = dict(A.build_model('none', R.TINY, seed=6).named_parameters())
+    other = dict(A.build_model('none', P.TINY, seed=6).named_parameters())
     assert not torch.equal(other['conv1.weight'], ref['conv1.weight'])
 
 
 def test_drop_slots_and_maps_sit_where_the_protocol_says():
-    model = A.build_model('dropcluster', R.CPU, seed=0)
+    model = A.build_model('dropcluster', P.CPU, seed=0)
     maps = {n: tuple(m.cluster_map.shape[1:]) for n, m in A.regulariser_layers(model)}
     assert maps == {'maxpool.drop_cluster': (32, 32), 'layer1.0.drop_block': (32, 32), 'layer2.0.drop_block': (16, 16)}
     counts = {n: int(m.cluster_counts.max()) for n, m in A.regulariser_layers(model)}
     assert min(counts.values()) >= 16  # learned and grid partitions can differ
-    blocks = A.build_model('dropblock', R.CPU, seed=0)
+    blocks = A.build_model('dropblock', P.CPU, seed=0)
     assert [n for n, _ in A.regulariser_layers(blocks)] == [n.replace('drop_cluster', 'drop_block') for n in maps]
-    assert A.regulariser_layers(A.build_model('none', R.CPU, seed=0)) == []
+    assert A.regulariser_layers(A.build_model('none', P.CPU, seed=0)) == []
 
 
 def _recorded_inputs(arm, monkeypatch, seed=1):
@@ -70,7 +71,7 @@ def _recorded_inputs(arm, monkeypatch, seed=1):
         return model
 
     monkeypatch.setattr(A, 'build_model', recording_build)
-    row = R.run_one(arm, seed, R.TINY, 'cpu', _fake_data(), commit='test')
+    row = R.run_one(arm, seed, P.TINY, 'cpu', _fake_data(), commit='test')
     monkeypatch.setattr(A, 'build_model', build)
     return seen, row
 
@@ -79,7 +80,7 @@ def test_two_arms_of_a_seed_see_the_same_batches_and_augmentations_to_the_last_s
     none, _ = _recorded_inputs('none', monkeypatch)
     clustered, row = _recorded_inputs('dropcluster', monkeypatch)
     blocks, _ = _recorded_inputs('dropblock', monkeypatch)
-    assert row['reclusters'] == 2 and len(none) == R.TINY['epochs'] * (R.TINY['train_images'] // R.TINY['batch_size']) > 1
+    assert row['reclusters'] == 2 and len(none) == P.TINY['epochs'] * (P.TINY['train_images'] // P.TINY['batch_size']) > 1
     assert len(clustered) == len(none) == len(blocks)
     for step, (a, b, c) in enumerate(zip(none, clustered, blocks)):
         assert torch.equal(a, b) and torch.equal(a, c), f'step {step} differs'
@@ -94,17 +95,17 @@ def test_two_arms_of_a_seed_see_the_same_batches_and_augmentations_to_the_last_s
 def test_drop_arms_drop_the_target_fraction_and_the_recipe_ramps_them():
     data = _fake_data()
     for arm, tol in (('dropcluster', 0.015), ('dropcluster_grid', 0.015), ('dropblock', 0.03)):
-        row = R.run_one(arm, 0, R.TINY, 'cpu', data, commit='test')
+        row = R.run_one(arm, 0, P.TINY, 'cpu', data, commit='test')
         assert row['final_rate'] == pytest.approx(0.1)
         assert row['dropped_fraction'] == pytest.approx(0.1, abs=tol), arm
         assert len(row['dropped_fraction_layers']) == 3
-    assert R.run_one('none', 0, R.TINY, 'cpu', data, commit='test')['dropped_fraction'] == 0.0
+    assert R.run_one('none', 0, P.TINY, 'cpu', data, commit='test')['dropped_fraction'] == 0.0
 
 
 def test_a_run_is_deterministic_on_the_cpu():
     data = _fake_data()
-    a = R.run_one('dropcluster', 3, R.TINY, 'cpu', data, commit='test')
-    b = R.run_one('dropcluster', 3, R.TINY, 'cpu', data, commit='test')
+    a = R.run_one('dropcluster', 3, P.TINY, 'cpu', data, commit='test')
+    b = R.run_one('dropcluster', 3, P.TINY, 'cpu', data, commit='test')
     for key in ('top1', 'mca', 'train_top1', 'final_loss', 'dropped_fraction', 'corruptions'):
         assert a[key] == b[key], key
     assert a['command'][-4:] == ['--arm', 'dropcluster', '--seed', '3'] and a['deterministic']
@@ -126,7 +127,7 @@ def test_duplicate_rows_merge_when_identical_and_are_refused_when_they_conflict(
 
 def test_missing_jobs_are_seed_major():
     rows = [dict(config='cpu', arm='none', seed=0)]
-    jobs = R.missing_jobs(R.CPU, rows, [0, 1])
+    jobs = R.missing_jobs(P.CPU, rows, [0, 1])
     assert [(j['seed'], j['arm']) for j in jobs[:5]] == [(0, a) for a in A.ARMS[1:]] + [(1, 'none')]
 
 
@@ -162,15 +163,6 @@ def test_data_files_are_checked(tmp_path):
         load_cifar10('unused', str(cache))
 
 
-@pytest.fixture(scope='session')
-def cifar_cache(tmp_path_factory):
-    if not CIFAR.exists():
-        pytest.skip(f'CIFAR-10 archive not found at {CIFAR}')
-    cache = tmp_path_factory.mktemp('cifar_cache')
-    load_cifar10(str(CIFAR), str(cache))
-    return cache
-
-
 @needs_cifar
 def test_driver_writes_rows_that_re_run_alone_bit_for_bit(cifar_cache, tmp_path, capsys):
     results = tmp_path / 'results'
@@ -190,7 +182,7 @@ def test_driver_writes_rows_that_re_run_alone_bit_for_bit(cifar_cache, tmp_path,
 @needs_cifar
 def test_device_script_dry_run_on_the_cpu(cifar_cache, tmp_path):
     out = tmp_path / 'device_out'
-    env = dict(__import__('os').environ, DEVICE='cpu', CONFIG='tiny', SEEDS='1 1', PARALLEL='2', BUDGET='5',
+    env = dict(__import__('os').environ, DEVICE='cpu', CONFIG='tiny', SEEDS='1 1', WORKERS='2', BUDGET='5',
                DATA=str(CIFAR), CACHE_DIR=str(cifar_cache), OUT=str(out), COMMIT='0123abc')
     subprocess.run(['bash', 'benchmarks/device_study.sh'], cwd=REPO, env=env, check=True, capture_output=True)
     rows = read_rows(out)

@@ -1,0 +1,153 @@
+#!/usr/bin/env python3
+""" The v4 gate: does a candidate regime reward a known regulariser before the arms are compared?
+
+For each candidate of ``protocols.V4_CANDIDATES``, cheapest first, run ``none`` and ``cutout`` at up
+to 6 paired seeds. A candidate passes when Cutout - none is at least +1.0 point of test top-1 with the
+paired 95% CI above 0 at 6 seeds; its pilot stops early when after 4 seeds the CI's upper bound is
+below +1.0. The gate ends at the first candidate that passes (every one before it was cheaper and
+failed), or when every candidate is decided. ``gate.md`` is rewritten after every row.
+
+    python -m benchmarks.regularizer_study.gate --results benchmarks/results/study_v4 --workers 2
+    python -m benchmarks.regularizer_study.gate --results benchmarks/results/study_v4 --report-only
+"""
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+
+from .protocols import V4_CANDIDATES
+from .rows import read_rows
+from .stats import mean_std, paired_difference
+
+__all__ = ['GATE_ARMS', 'GAIN', 'SEEDS', 'PILOT_SEEDS', 'decide', 'gate_status', 'render_gate', 'main']
+
+GATE_ARMS = ('none', 'cutout')
+GAIN = 1.0  # points of test top-1 that Cutout must add
+SEEDS = 6
+PILOT_SEEDS = 4
+
+
+def decide(diff: Dict[str, Any]) -> str:
+    """'pass', 'fail', 'stopped' (after the pilot seeds the CI cannot reach +GAIN) or 'running'."""
+    n = diff['n']
+    if n >= PILOT_SEEDS and diff['ci_high'] < GAIN:
+        return 'stopped' if n < SEEDS else 'fail'
+    if n >= SEEDS:
+        return 'pass' if diff['mean'] >= GAIN and diff['ci_low'] > 0 else 'fail'
+    return 'running'
+
+
+def gate_status(rows: List[Dict[str, Any]], candidates: Sequence[Dict[str, Any]] = V4_CANDIDATES) -> List[Dict[str, Any]]:
+    """One entry per candidate, in gate order: its rows' figures and its decision ('not run' after a pass)."""
+    out, passed = [], False
+    for cfg in candidates:
+        mine = [r for r in rows if r['config'] == cfg['name'] and r['arm'] in GATE_ARMS]
+        by = {arm: {int(r['seed']): r for r in mine if r['arm'] == arm} for arm in GATE_ARMS}
+        seeds = sorted(set(by['none']) & set(by['cutout']))[:SEEDS]
+        diff = paired_difference({s: by['cutout'][s]['top1'] for s in seeds}, {s: by['none'][s]['top1'] for s in seeds})
+        entry = dict(config=cfg['name'], cfg=cfg, seeds=seeds, diff=diff,
+                     decision='not run' if passed and not mine else decide(diff),
+                     minutes=mean_std([r['total_time_s'] / 60 for r in mine])[0],
+                     capabilities=sorted({r.get('cpu_capability', '?') for r in mine}))
+        for arm in GATE_ARMS:
+            entry[f'{arm}_top1'] = mean_std([by[arm][s]['top1'] for s in seeds])[0]
+            entry[f'{arm}_train_top1'] = mean_std([by[arm][s]['train_top1'] for s in seeds])[0]
+        passed = passed or entry['decision'] == 'pass'
+        out.append(entry)
+    return out
+
+
+def next_gate_job(rows: List[Dict[str, Any]], running: Set[Tuple]) -> Optional[Dict[str, Any]]:
+    """The next (config, arm, seed) to run: the first undecided candidate's next missing pair, or the
+    next candidate's when in-flight runs could decide this one. None when the gate is decided."""
+    for entry in gate_status(rows):
+        if entry['decision'] == 'pass':
+            return None
+        if entry['decision'] != 'running':
+            continue
+        done = {(r['config'], r['arm'], int(r['seed'])) for r in rows}
+        for seed in range(SEEDS):
+            for arm in GATE_ARMS:
+                key = (entry['config'], arm, seed)
+                if key not in done and key not in running:
+                    return dict(config=entry['config'], arm=arm, seed=seed)
+    return None
+
+
+def _describe(cfg: Dict[str, Any]) -> str:
+    layers = '' if cfg['layers'] == [1, 1, 1, 1] else f", {cfg['layers'][0]} blocks a stage"
+    return (f"widths {'-'.join(map(str, cfg['channels']))}{layers}, {cfg['train_images']:,} images, "
+            f"{cfg['epochs']} epochs, Cutout {cfg['cutout_size']} px")
+
+
+def render_gate(status: List[Dict[str, Any]]) -> str:
+    f = lambda x, s=False: '-' if x != x else (f'{x:+.2f}' if s else f'{x:.2f}')  # noqa: E731
+    lines = ['# Study v4: the gate on the positive control', '',
+             f'Each candidate regime (`benchmarks/regularizer_study/protocols.py`, registered before its first run) '
+             f'runs `none` and `cutout` at up to {SEEDS} paired seeds. It passes when Cutout - none is at least '
+             f'+{GAIN:g} point of test top-1 (all 10,000 test images) with the paired 95% CI above 0; its pilot '
+             f'stops when after {PILOT_SEEDS} seeds the upper CI bound is below +{GAIN:g}. The cheapest passing '
+             'candidate hosts the five-arm study. Minutes: mean wall time of one run (one thread, two runs at a time).',
+             '', '| candidate | regime | est. min | min/run | seeds | train top-1 none / cutout | test top-1 none '
+             '| Cutout - none [95% CI] | CPU | decision |', '|' + '---|' * 10]
+    for e in status:
+        d = e['diff']
+        lines.append(f"| `{e['config']}` | {_describe(e['cfg'])} | {e['cfg']['est_minutes']:.1f} | {f(e['minutes'])} "
+                     f"| {d['n']} | {f(e['none_train_top1'])} / {f(e['cutout_train_top1'])} | {f(e['none_top1'])} "
+                     f"| {f(d['mean'], True)} [{f(d['ci_low'])}, {f(d['ci_high'])}] | {', '.join(e['capabilities']) or '-'} "
+                     f"| {e['decision']} |")
+    passed = [e for e in status if e['decision'] == 'pass']
+    undecided = [e for e in status if e['decision'] == 'running']
+    lines.append('')
+    if passed:
+        lines.append(f"The gate passed at `{passed[0]['config']}`: the five-arm study runs there.")
+    elif undecided:
+        lines.append('The gate is still running: ' + ', '.join(f"`{e['config']}`" for e in undecided) + ' undecided.')
+    else:
+        lines.append('No candidate passed: no CPU-affordable regime where Cutout helps was found, so the v3 '
+                     'study stays the answer and the GPU protocol is the next evidence.')
+    return '\n'.join(lines) + '\n'
+
+
+def write_gate(results: Path) -> str:
+    text = render_gate(gate_status(read_rows(results)))
+    tmp = results / f'.gate.md.{os.getpid()}.tmp'
+    tmp.write_text(text)
+    os.replace(tmp, results / 'gate.md')
+    return text
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from . import run as R  # the driver pulls in torch and timm; --report-only does not need them
+
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--results', type=Path, required=True, help='folder of runs.jsonl; gate.md is written there')
+    p.add_argument('--report-only', action='store_true', help='write gate.md from the rows and run nothing')
+    p.add_argument('--workers', type=int, default=1, help='runs at once, each in its own one-thread process')
+    p.add_argument('--budget-minutes', type=float, default=None, help='start no run that would end past this')
+    p.add_argument('--data', default=str(R.DEFAULT_DATA), help='cifar10-jpg.tar.gz or its unpacked folder')
+    p.add_argument('--cache-dir', default=os.path.join(os.environ.get('TMPDIR', '/tmp'), 'dropcluster_cifar10'),
+                   help='where the decoded images are cached')
+    args = p.parse_args(argv)
+    if args.workers < 1:
+        p.error('--workers must be >= 1')
+    args.results.mkdir(parents=True, exist_ok=True)
+    if not args.report_only:
+        R.check_package_location()
+        R.load_cifar10(args.data, args.cache_dir)  # built once here, before the workers start
+        args.device, args.threads = 'cpu', 1
+        deadline = time.time() + args.budget_minutes * 60 if args.budget_minutes else float('inf')
+
+        def next_job(running: Set[Tuple]) -> Optional[Dict[str, Any]]:
+            write_gate(args.results)
+            return next_gate_job(read_rows(args.results), running)
+
+        R.run_jobs(next_job, args.results, R.common_job_args(args, R.commit_of_checkout()), args.workers, deadline)
+    print(write_gate(args.results))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
