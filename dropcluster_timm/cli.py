@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from .evaluation.corruptions import CORRUPTIONS, SEVERITIES
-from .errors import TrainingError
+from .errors import TrainingError, check_writable_file, one_line
 
 __all__ = ['main']
 
@@ -56,6 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument('--severities', nargs='+', type=int, default=list(SEVERITIES), help='corruption severities, 1 to 5')
     e.add_argument('--corruption-seed', type=int, default=0, help='seed of the corruption noise')
     e.add_argument('--json', default=None, metavar='PATH', help='also write the result as JSON')
+    e.add_argument('--overwrite', action='store_true', help='replace an existing --json file')
 
     p = sub.add_parser('push', help='upload a saved model folder to the Hugging Face Hub (safetensors only)')
     p.add_argument('output_dir', metavar='OUTPUT_DIR', help='folder written by dropcluster_timm.hub.save_pretrained')
@@ -71,6 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument('folder', metavar='FOLDER', help='folder written by dropcluster_timm.hub.save_pretrained')
     x.add_argument('out', metavar='OUT', help='output folder')
     x.add_argument('--repo-id', default=None, help='the Hub repo the folder is meant for (card usage)')
+    x.add_argument('--overwrite', action='store_true', help='replace an existing OUT folder')
 
     c = sub.add_parser('cards', help='regenerate the model cards of the registered *_dropcluster models')
     c.add_argument('--out-dir', default='model_cards', help='folder the cards are written to')
@@ -102,6 +104,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         except TrainingError as e:
             print(f'error: {e}', file=sys.stderr)
             return 2
+        except KeyboardInterrupt:
+            where = f'; resume with --resume {_output_of(args)}' if args.command == 'train' else ''
+            print(f'interrupted{where}', file=sys.stderr)
+            return 130
     if args.command == 'push':
         from .hub import export_plain, push
         try:
@@ -119,10 +125,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command == 'export-plain':
         from .hub import export_plain
         try:
-            print(export_plain(args.folder, args.out, repo_id=args.repo_id))
-        except (ValueError, FileNotFoundError) as e:
-            print(f'dropcluster-timm export-plain: error: {e}', file=sys.stderr)
-            return 1
+            print(export_plain(args.folder, args.out, repo_id=args.repo_id, overwrite=args.overwrite))
+        except (ValueError, FileNotFoundError, RuntimeError) as e:  # RuntimeError: weights that do not load
+            print(f'dropcluster-timm export-plain: error: {one_line(e)}', file=sys.stderr)
+            return 2
         return 0
 
     from .hub.model_card import write_model_cards
@@ -143,9 +149,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
+def _output_of(args: argparse.Namespace) -> str:
+    return args.output if not getattr(args, 'experiment', '') else f'{args.output.rstrip("/")}/{args.experiment}'
+
+
 def _train(args: argparse.Namespace) -> int:
-    from .train import config_from_args, train
-    run = train(config_from_args(args))
+    from .train import NothingToTrain, config_from_args, train
+    try:
+        run = train(config_from_args(args))
+    except NothingToTrain as e:
+        print(e)
+        return 0
     run.accelerator.end_training()  # trackers finished, the process group taken down before exit
     return 0
 
@@ -155,6 +169,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .evaluation.evaluate import evaluate_checkpoint, format_corruption_report
     from .train.run_folder import write_json_atomic
     corruptions = list(CORRUPTIONS) if args.corruptions == ['all'] else args.corruptions
+    if args.json:  # the destination is checked before the evaluation, not after it
+        check_writable_file(args.json, '--json', args.overwrite)
     result = evaluate_checkpoint(args.checkpoint, args.dataset, args.data_dir, args.split, args.batch_size,
                                  args.workers, args.img_size, corruptions, args.severities, args.corruption_seed)
     if not PartialState().is_main_process:  # under accelerate launch every process has the result: one reports

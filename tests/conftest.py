@@ -72,6 +72,16 @@ def full_run(image_folder, tmp_path_factory):
 
 
 @pytest.fixture(scope='session')
+def one_epoch_run(image_folder, tmp_path_factory):
+    """The output folder of a finished 1-epoch run of ``TINY`` on ``image_folder`` (copy it to change it)."""
+    from run_helpers import TINY, with_epochs
+    from dropcluster_timm.train import parse_train_args, train
+    out = tmp_path_factory.mktemp('resume') / 'run'
+    train(parse_train_args(with_epochs(TINY, 1) + ['--data-dir', image_folder, '--output', str(out)])).accelerator.end_training()
+    return out
+
+
+@pytest.fixture(scope='session')
 def train_test_folder(tmp_path_factory):
     """CIFAR's layout: train/ and test/, no validation/ folder."""
     from run_helpers import make_image_folder, relayout

@@ -70,11 +70,11 @@ def test_cli_export_plain_and_push_plain(trained, fake_hub, monkeypatch, capsys,
         ['README.md', 'config.json', 'model.safetensors']
     assert "create_model('hf-hub:someorg/r18-plain', pretrained=True)" in (uploaded / 'README.md').read_text()
     assert 'import dropcluster_timm' not in (uploaded / 'README.md').read_text()
-    assert cli_main(['export-plain', str(tmp_path / 'nope'), str(tmp_path / 'x')]) == 1
+    assert cli_main(['export-plain', str(tmp_path / 'nope'), str(tmp_path / 'x')]) == 2  # an input error
     assert 'no such folder' in capsys.readouterr().err
     before = (out / 'config.json').read_text()
     for target in (out, tmp_path):  # the source itself, or a folder above it
-        assert cli_main(['export-plain', str(out), str(target)]) == 1
+        assert cli_main(['export-plain', str(out), str(target), '--overwrite']) == 2
         assert 'is or contains the source folder' in capsys.readouterr().err
     assert (out / 'config.json').read_text() == before
 
@@ -95,3 +95,86 @@ def test_every_flag_of_every_subcommand_has_help_text():
     for name, sub in subcommands.items():
         missing = [a.option_strings or a.dest for a in sub._actions if not a.help]
         assert not missing, f'{name}: flags without help text: {missing}'
+
+
+@pytest.mark.parametrize('content, words', [({'top1': 1000.0}, '"top1" must be in [0, 100]'),
+                                            ({'top1': 50.0, 'top5': -5.0}, '"top5" must be in [0, 100]')])
+def test_cli_cards_refuses_results_out_of_range(tmp_path, capsys, content, words):
+    metrics = tmp_path / 'm.json'
+    metrics.write_text(json.dumps(content))
+    assert cli_main(['cards', '--out-dir', str(tmp_path / 'cards'), '--metrics', f'resnet18_dropcluster={metrics}']) == 2
+    assert words in capsys.readouterr().err and not (tmp_path / 'cards').exists()
+
+
+def test_cli_cards_refuses_a_model_without_a_card(tmp_path, capsys):
+    metrics = tmp_path / 'm.json'
+    metrics.write_text(json.dumps({'top1': 60.0}))
+    assert cli_main(['cards', '--out-dir', str(tmp_path / 'cards'), '--metrics', f'resnet81_dropcluster={metrics}']) == 2
+    assert 'results for model(s) without a card here: resnet81_dropcluster' in capsys.readouterr().err
+
+
+def _one_line_error(capsys, words):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and 'error: ' in err[0] and all(w in err[0] for w in words), err
+
+
+def test_cli_export_plain_never_replaces_a_folder_unless_asked(trained, tmp_path, capsys):
+    src = save_pretrained(trained, tmp_path / 'src')
+    run_root = tmp_path / 'run'
+    run_root.mkdir()
+    (run_root / 'metrics.json').write_text('[]')
+    (run_root / 'run.json').write_text('{}')
+    existing = save_pretrained(trained, tmp_path / 'existing')
+    for dst, what in ((run_root, 'a run folder'), (existing, 'a model folder')):
+        before = sorted((p.name, p.read_bytes()) for p in dst.iterdir())
+        assert cli_main(['export-plain', str(src), str(dst)]) == 2
+        _one_line_error(capsys, [f'{dst} exists ({what})', '--overwrite'])
+        assert sorted((p.name, p.read_bytes()) for p in dst.iterdir()) == before
+    assert cli_main(['export-plain', str(src), str(existing), '--overwrite']) == 0
+    assert json.loads((existing / 'config.json').read_text())['architecture'] == 'resnet18'
+
+
+def test_cli_export_plain_of_invalid_cluster_labels_is_one_line(trained, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+    src = save_pretrained(trained, tmp_path / 'src')
+    weights = load_file(str(src / 'model.safetensors'))
+    key = next(k for k in weights if k.endswith('cluster_map'))
+    weights[key].view(-1)[0] = 999
+    save_file(weights, str(src / 'model.safetensors'), metadata={'format': 'pt'})
+    assert cli_main(['export-plain', str(src), str(tmp_path / 'plain')]) == 2
+    _one_line_error(capsys, [key, 'labels up to 999'])
+    assert not (tmp_path / 'plain').exists()
+
+
+def test_weights_with_nan_are_refused_at_a_local_dir_load_naming_the_tensor(trained, tmp_path, capsys):
+    import timm
+    from safetensors.torch import load_file, save_file
+    src = save_pretrained(trained, tmp_path / 'src')
+    weights = load_file(str(src / 'model.safetensors'))
+    weights['layer1.0.conv1.weight'][0, 0, 0, 0] = float('inf')
+    save_file(weights, str(src / 'model.safetensors'), metadata={'format': 'pt'})
+    with pytest.raises(ValueError, match='NaN or inf values in layer1.0.conv1.weight'):
+        timm.create_model(f'local-dir:{src}', pretrained=True)
+    assert cli_main(['evaluate', str(src), '--dataset', 'digits']) == 2
+    _one_line_error(capsys, ['NaN or inf values in layer1.0.conv1.weight'])
+
+
+@pytest.mark.parametrize('target, words', [('folder', ['is a folder']), ('missing/x.json', ['does not exist']),
+                                           ('taken.json', ['exists', '--overwrite'])])
+def test_cli_evaluate_checks_its_json_destination_before_evaluating(trained, tmp_path, capsys, monkeypatch,
+                                                                    target, words):
+    import dropcluster_timm.evaluation.evaluate as E
+    monkeypatch.setattr(E, 'evaluate_checkpoint', lambda *a, **k: pytest.fail('evaluated before the check'))
+    (tmp_path / 'folder').mkdir()
+    (tmp_path / 'taken.json').write_text('{"top1": 1}')
+    assert cli_main(['evaluate', str(tmp_path / 'src'), '--json', str(tmp_path / target)]) == 2
+    _one_line_error(capsys, words)
+    assert (tmp_path / 'taken.json').read_text() == '{"top1": 1}' and not list(tmp_path.rglob('*.tmp'))
+
+
+def test_cli_evaluate_json_with_overwrite(trained, tmp_path, capsys):
+    src = save_pretrained(trained, tmp_path / 'src')
+    (tmp_path / 'r.json').write_text('{}')
+    assert cli_main(['evaluate', str(src), '--dataset', 'digits', '--img-size', '32', '--json', str(tmp_path / 'r.json'),
+                     '--overwrite']) == 0
+    assert 'top1' in json.loads((tmp_path / 'r.json').read_text())

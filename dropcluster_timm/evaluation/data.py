@@ -3,6 +3,7 @@
 Errors a user can fix (a missing folder, no held-out split, overlapping splits, class counts that
 differ) raise ``TrainingError`` with a one-line reason.
 """
+import io
 import os
 import sys
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from ..errors import TrainingError, first_line
 __all__ = [
     'EMBEDDED_DATASET', 'TRAIN_SPLITS', 'EVAL_SPLITS', 'DigitsDataset', 'DataBundle', 'num_classes_of', 'class_names',
     'is_folder_dataset', 'find_split_folder', 'make_dataset', 'build_data', 'set_transforms',
-    'dataset_description', 'split_name', 'cluster_batch',
+    'dataset_description', 'split_name', 'cluster_batch', 'check_no_link_loop', 'EightBitReader',
 ]
 
 EMBEDDED_DATASET = 'digits'
@@ -125,20 +126,85 @@ def make_dataset(dataset: str, data_dir: Optional[str], split: str, is_training:
     if data_dir is None or not os.path.exists(data_dir):
         raise TrainingError(f'data folder {data_dir!r} does not exist')
     root, search_split = data_dir, True
-    if is_folder_dataset(dataset, data_dir):
+    folder = is_folder_dataset(dataset, data_dir)
+    if folder:
         root, search_split = find_split_folder(data_dir, split, flag), False
+        check_no_link_loop(root)
     try:
         ds = create_dataset(dataset, root=root, split=split, is_training=is_training, search_split=search_split,
                             **dataset_args)
     except Exception as e:
         raise TrainingError(f'cannot read data set {dataset or "ImageFolder"} split {split!r} in {root}: '
                             f'{first_line(e)}') from e
+    if folder:
+        ds.reader = EightBitReader(ds.reader)
     if len(ds) == 0:
         raise TrainingError(f'data set split {split!r} in {root} is empty')
     ds.source = root if not search_split else f'{dataset}:{split}'
     if transform is not None:
         ds.transform = transform
     return ds
+
+
+MAX_FOLDER_DEPTH = 64
+
+
+def check_no_link_loop(root: str) -> None:
+    """``TrainingError`` naming the link when a folder link under ``root`` leads back to a folder
+    above it: timm's folder reader follows links and would walk such a tree forever."""
+    def walk(path: str, above: frozenset, depth: int) -> None:
+        if depth > MAX_FOLDER_DEPTH:
+            raise TrainingError(f'{path}: folders nested more than {MAX_FOLDER_DEPTH} deep under {root}')
+        try:
+            entries = list(os.scandir(path))
+        except OSError:
+            return  # unreadable: timm's reader skips it too
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=True):
+                real = os.path.realpath(entry.path)
+                if real in above:
+                    raise TrainingError(f'{entry.path} links back to {real}, a folder above it: the image folder '
+                                        'would be read forever; remove the link')
+                walk(entry.path, above | {real}, depth + 1)
+
+    walk(root, frozenset([os.path.realpath(root)]), 0)
+
+
+# Modes PIL gives 16-bit PNGs (grayscale; 'I' in older Pillow), which convert('RGB') clips at 255, with
+# the value that stands for white. PIL itself reduces 16-bit colour PNGs to 8 bits correctly.
+_HIGH_BIT_MODES = {'I;16': 65535, 'I;16B': 65535, 'I;16L': 65535, 'I;16N': 65535, 'I': 65535}
+
+
+class EightBitReader:
+    """timm's folder reader with 16-bit images scaled to 8 bits: PIL's ``convert('RGB')``, which timm's
+    ``ImageDataset`` applies, clips them instead (a 16-bit photograph turns almost white). 8-bit images
+    pass through untouched."""
+
+    def __init__(self, reader):
+        self.reader = reader
+
+    def __getattr__(self, name: str):
+        if name == 'reader':  # not set yet (unpickling in a worker process)
+            raise AttributeError(name)
+        return getattr(self.reader, name)
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def __getitem__(self, index: int):
+        f, target, *rest = self.reader[index]
+        img = Image.open(f)  # reads the header only; a broken file raises OSError, which timm's retry takes
+        white = _HIGH_BIT_MODES.get(img.mode)
+        if white is None:
+            f.seek(0)
+            return (f, target, *rest)
+        pixels = np.asarray(img, dtype=np.float64)
+        scaled = Image.fromarray(np.clip(np.round(pixels * (255.0 / white)), 0, 255).astype(np.uint8), 'L')
+        f.close()
+        out = io.BytesIO()
+        scaled.save(out, format='PNG')
+        out.seek(0)
+        return (out, target, *rest)
 
 
 @dataclass

@@ -76,7 +76,9 @@ def training_notes(model_name: str, metrics: RunResults, dropcluster: bool) -> s
         text += ' trained'
     if name:
         text += f' on {name}'
-    if metrics.epochs:
+    if metrics.epochs and metrics.epoch is not None and metrics.epoch + 1 < metrics.epochs:
+        text += f' for {metrics.epoch + 1} of the run\'s {metrics.epochs} epochs'  # best/ of an earlier epoch
+    elif metrics.epochs:
         text += f' for {metrics.epochs} epochs'
     if metrics.img_size:
         text += f' at {_size_text(metrics.img_size)} px'
@@ -91,7 +93,7 @@ def training_notes(model_name: str, metrics: RunResults, dropcluster: bool) -> s
         text += ' It has DropCluster structured dropout layers.'
     elif peak > 0:
         text += f' It was trained with DropCluster (peak rate {peak:g}'
-        text += f', clusters re-computed {count} times).' if count is not None else ').'
+        text += f', clusters re-computed {count} time{"" if count == 1 else "s"}).' if count is not None else ').'
     else:
         text += (' Its DropCluster layers were present but never switched on (rate 0 throughout), so it '
                  'was trained without structured dropout.')

@@ -259,14 +259,15 @@ def write_model_cards(
 
     ``metrics`` maps a model name to the results of its run; models without one get the
     "no DropCluster-trained weights" card. ``tables`` maps a model name to the results tables
-    (``load_results_table``) of its card; a name that is not written raises ``ValueError``.
+    (``load_results_table``) of its card. A name in either that is not written raises ``ValueError``.
     """
     names = list(models or CARD_MODELS)
     metrics, tables = metrics or {}, tables or {}
-    unknown = sorted(set(tables) - set(names))
-    if unknown:  # a misspelt model name would otherwise drop its tables without a word
-        raise ValueError(f'results tables for model(s) without a card here: {", ".join(unknown)} '
-                         f'(cards: {", ".join(names)})')
+    for what, given in (('results', metrics), ('results tables', tables)):
+        unknown = sorted(set(given) - set(names))
+        if unknown:  # a misspelt model name would otherwise drop them without a word
+            raise ValueError(f'{what} for model(s) without a card here: {", ".join(unknown)} '
+                             f'(cards: {", ".join(names)})')
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []

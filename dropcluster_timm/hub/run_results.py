@@ -108,6 +108,16 @@ class RunResults:
         if self.pruning_method not in (None, 'edropout', 'magnitude'):
             raise ValueError(f'{source}: "pruning_method" must be "edropout" or "magnitude", got '
                              f'{self.pruning_method!r}')
+        for key, low, high in (('top1', 0, 100), ('top5', 0, 100), ('top1_before_pruning', 0, 100),
+                               ('peak_drop_rate', 0, 1), ('drop_block_rate', 0, 1), ('ema_decay', 0, 1),
+                               ('eval_loss', 0, float('inf'))):
+            value = getattr(self, key)
+            if value is not None and not low <= value <= high:
+                raise ValueError(f'{source}: "{key}" must be in [{low:g}, {high:g}], got {value!r}')
+        if self.top5 is not None and self.top5 < self.top1:
+            raise ValueError(f'{source}: "top5" ({self.top5!r}) cannot be below "top1" ({self.top1!r})')
+        if self.epoch is not None and self.epochs is not None and self.epoch >= self.epochs:
+            raise ValueError(f'{source}: "epoch" {self.epoch} (counted from 0) must be below "epochs" {self.epochs}')
         if self.kept_channels is not None and not 0 < self.kept_channels <= 1:
             raise ValueError(f'{source}: "kept_channels" must be in (0, 1], got {self.kept_channels!r}')
 
@@ -178,7 +188,8 @@ def _best_row(rows: List[Dict[str, Any]], path: Path) -> RunResults:
     try:
         best = max(rows, key=lambda r: float(r[f'{prefix}top1']))
         top5 = best.get(f'{prefix}top5')
-        return RunResults(top1=float(best[f'{prefix}top1']), epoch=int(float(best['epoch'])), epochs=len(rows),
+        epochs = max(len(rows), 1 + max(int(float(r['epoch'])) for r in rows))  # a resumed run's file may start late
+        return RunResults(top1=float(best[f'{prefix}top1']), epoch=int(float(best['epoch'])), epochs=epochs,
                           top5=float(top5) if top5 not in (None, '') else None,
                           weights='ema' if prefix == 'ema_' else None)
     except (KeyError, TypeError, ValueError) as e:

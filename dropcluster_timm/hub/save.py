@@ -257,6 +257,7 @@ def export_plain(
         model_or_folder: Union[nn.Module, str, Path],
         save_directory: Union[str, Path],
         repo_id: Optional[str] = None,
+        overwrite: bool = False,
 ) -> Path:
     """Write a ``*_dropcluster`` model as its base timm architecture: the same weights without the
     DropCluster layers and cluster buffers, a folder that stock timm loads without this package
@@ -268,6 +269,8 @@ def export_plain(
             ``metrics.json`` goes along).
         save_directory: output folder.
         repo_id: the Hub repo the folder is meant for (the card's usage examples).
+        overwrite: replace ``save_directory`` when it exists and is not empty (else ``ValueError``,
+            before any work).
 
     Returns:
         the folder.
@@ -275,6 +278,7 @@ def export_plain(
     metrics = None
     if isinstance(model_or_folder, nn.Module):
         model = model_or_folder
+        _check_destination(Path(save_directory), overwrite)
     else:
         folder = Path(model_or_folder)
         _check_folder(folder)
@@ -282,6 +286,7 @@ def export_plain(
         if out == folder.resolve() or out in folder.resolve().parents:
             raise ValueError(f'the output {save_directory} is or contains the source folder {folder}: '
                              'the export would overwrite the model it reads; give another folder')
+        _check_destination(Path(save_directory), overwrite)
         model = timm.create_model(f'local-dir:{folder}', pretrained=True)
         if (folder / 'metrics.json').is_file():
             metrics = load_metrics(folder / 'metrics.json')
@@ -291,6 +296,14 @@ def export_plain(
     plain.load_state_dict(plain_state_dict(arch, model.state_dict()))  # strict: the base has exactly these parameters and buffers
     plain.pretrained_cfg = dict(model.pretrained_cfg, architecture=base)  # preprocessing of these weights
     return save_pretrained(plain, save_directory, metrics=metrics, repo_id=repo_id)
+
+
+def _check_destination(out: Path, overwrite: bool) -> None:
+    """Refuse to replace a file or a folder that is not empty (a model or run folder) unless ``overwrite``."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        what = 'a file' if not out.is_dir() else 'a model folder' if (out / 'config.json').exists() else \
+            'a run folder' if (out / 'run.json').exists() else 'a folder that is not empty'
+        raise ValueError(f'{out} exists ({what}); give another folder, or replace it with --overwrite')
 
 
 def _folder_card(folder: Path, repo_id: Optional[str]) -> str:

@@ -13,7 +13,7 @@ from .drop_cluster_modules import DropClusterNd
 
 __all__ = [
     'dropcluster_layers', 'set_drop_prob', 'init_cluster_maps', 'update_clusters', 'copy_cluster_state',
-    'cluster_state', 'ddp_ignore_cluster_buffers',
+    'cluster_state', 'ddp_ignore_cluster_buffers', 'nonfinite_tensor',
 ]
 
 
@@ -206,3 +206,12 @@ def ddp_ignore_cluster_buffers(model: nn.Module) -> List[str]:
     nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
         model, existing + [n for n in names if n not in existing])
     return names
+
+
+def nonfinite_tensor(tensors: Dict[str, torch.Tensor]) -> Optional[str]:
+    """The name of the first floating-point tensor holding NaN or inf, or None: weights from a file are
+    checked before a model trains on them or publishes them."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return name
+    return None

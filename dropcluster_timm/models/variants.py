@@ -26,7 +26,7 @@ from timm.models import (
     resolve_pretrained_cfg)
 
 from .convert import convert_drop_blocks
-from ..layers.model_helpers import dropcluster_layers
+from ..layers.model_helpers import dropcluster_layers, nonfinite_tensor
 from ..layers.options import LAYER_OPTIONS
 from ..timm_compat import update_model_args
 
@@ -133,6 +133,9 @@ def _create(variant: str, base: str, family: ModelFamily, pretrained: bool = Fal
 
     def filter_fn(state_dict, model):
         state_dict = dict(state_dict)
+        bad = nonfinite_tensor(state_dict)
+        if bad is not None:  # weights from a file: refused before the model is built on them
+            raise ValueError(f'{variant}: the weights hold NaN or inf values in {bad}; refusing to load them')
         if family.filter_fn is not None:
             state_dict = family.filter_fn(state_dict, model)
         return _add_cluster_buffers(state_dict, model)

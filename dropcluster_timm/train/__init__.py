@@ -14,6 +14,7 @@ from .config import DataConfig, DropClusterConfig, LossConfig, ModelConfig, Opti
 from .hooks import TrainHook, build_hooks
 from .recipe import DropClusterRecipe, make_schedule, schedule_warnings
 from .loop import TrainState, train_one_epoch
+from .resume import NothingToTrain
 from .trainer import train
 
 __all__ = [
@@ -22,5 +23,5 @@ __all__ = [
     'build_accelerator', 'build_loaders', 'build_model', 'build_optimizer', 'build_scheduler', 'build_ema',
     'build_loss', 'recluster', 'use_cpu_cores',
     'DropClusterRecipe', 'make_schedule', 'schedule_warnings', 'TrainHook', 'build_hooks',
-    'TrainState', 'train_one_epoch', 'train',
+    'TrainState', 'train_one_epoch', 'train', 'NothingToTrain',
 ]

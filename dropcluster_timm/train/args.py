@@ -280,6 +280,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument('--experiment', default='', help='a sub-folder of --output for this run')
     g.add_argument('--resume', default=None, help='an output folder (its newest checkpoint) or a checkpoint')
     g.add_argument('--no-resume-opt', action='store_true', help='resume without the optimizer state')
+    g.add_argument('--overwrite', action='store_true',
+                   help="replace an earlier run's results in --output (without it such a folder is refused)")
     g.add_argument('--recovery-interval', '--checkpoint-steps', dest='checkpoint_steps', type=int, default=0,
                    help='also checkpoint every N batches')
     g.add_argument('--checkpoint-hist', type=int, default=None, help='checkpoints kept')
@@ -400,7 +402,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             mixup_prob=a.mixup_prob, mixup_switch_prob=a.mixup_switch_prob, mixup_mode=a.mixup_mode,
             mixup_off_epoch=a.mixup_off_epoch),
         output=OutputConfig(
-            output=output, resume=a.resume, no_resume_opt=a.no_resume_opt, checkpoint_steps=a.checkpoint_steps,
+            output=output, resume=a.resume, no_resume_opt=a.no_resume_opt, overwrite=a.overwrite, checkpoint_steps=a.checkpoint_steps,
             checkpoint_hist=a.checkpoint_hist, log_with='wandb' if a.log_wandb else a.log_with,
             wandb_project=a.wandb_project, wandb_tags=list(a.wandb_tags), log_interval=a.log_interval,
             val_interval=a.val_interval, push_to_hub=a.push_to_hub, progress=not a.no_progress,

@@ -26,7 +26,7 @@ from ..layers.model_helpers import copy_cluster_state, update_clusters
 from ..layers.options import layer_option
 from .config import LossConfig, ModelConfig, OptimConfig, TrainConfig
 
-__all__ = ['build_accelerator', 'build_loaders', 'build_model', 'build_optimizer', 'build_scheduler', 'build_ema', 'build_loss',
+__all__ = ['build_accelerator', 'build_loaders', 'build_model', 'check_batch_size', 'build_optimizer', 'build_scheduler', 'build_ema', 'build_loss',
            'recluster', 'use_cpu_cores']
 
 
@@ -75,6 +75,14 @@ def build_model(cfg: ModelConfig, num_classes: Optional[int], img_size: Optional
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(enable=True)
     return model
+
+
+def check_batch_size(model: nn.Module, batch_size: int) -> None:
+    """One-line error for a training batch of one image in a model with BatchNorm (torch stops on it
+    at the first layer with a single value per channel)."""
+    if batch_size == 1 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        raise TrainingError('--batch-size 1: the model has BatchNorm layers, which need more than one image per '
+                            'process in training; use --batch-size 2 or more')
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:

@@ -233,6 +233,7 @@ class OutputConfig:
     output: str = 'output/train'
     resume: Optional[str] = None
     no_resume_opt: bool = False
+    overwrite: bool = False  # replace the results of an earlier run in the output folder
     checkpoint_steps: int = 0  # timm's --recovery-interval
     checkpoint_hist: int = 10
     log_with: Optional[str] = None
@@ -322,6 +323,8 @@ class TrainConfig:
             raise TrainingError(f'--min-cluster-size {low} exceeds --max-cluster-size {high}')
         if not 0.0 <= dc.soft_reset_factor < 1.0:
             fail('--soft-reset-factor', dc.soft_reset_factor, 'in [0, 1)')
+        if out.overwrite and out.resume:
+            raise TrainingError('--overwrite replaces the results in --output and --resume continues them: give one')
         if o.lr is not None and not o.lr > 0:
             fail('--lr', o.lr, '> 0')
         if not o.lr_base > 0:

@@ -25,14 +25,15 @@ from safetensors import safe_open
 from ..evaluation.data import DataBundle, dataset_description, split_name
 from ..errors import TrainingError, first_line
 from ..hub.run_results import RunResults
-from ..layers.model_helpers import dropcluster_layers
+from ..layers.model_helpers import dropcluster_layers, nonfinite_tensor
 from .config import TrainConfig
 from .loop import TrainState
 from .run_state import STATE_JSON, STATE_TENSORS, save_run_state
 
 __all__ = [
     'CHECKPOINT_DIR', 'RUN_FILE', 'META_FILE', 'write_text_atomic', 'write_json_atomic', 'list_checkpoints', 'find_checkpoint',
-    'check_checkpoint_files', 'load_checkpoint', 'run_identity', 'check_resume', 'check_output', 'write_run_file',
+    'check_checkpoint_files', 'load_checkpoint', 'read_meta', 'run_identity', 'check_resume', 'check_output',
+    'RESULTS', 'run_results_in', 'clear_results', 'write_run_file',
     'write_args_file',
     'save_checkpoint', 'MetricsLog', 'run_results',
 ]
@@ -98,7 +99,8 @@ CHECKPOINT_FILES = re.compile(r'(model(_\d+)?\.safetensors|optimizer(_\d+)?\.bin
 
 def check_checkpoint_files(checkpoint: str) -> None:
     """Refuse files a checkpoint should not hold, and read every file for damage (zip CRCs of torch
-    files, safetensors headers) before any setup, so a broken resume fails at once and names the file."""
+    files, safetensors headers, weights that are NaN or inf) before any setup, so a broken resume fails
+    at once and names the file."""
     for name in sorted(os.listdir(checkpoint)):
         path = os.path.join(checkpoint, name)
         if not CHECKPOINT_FILES.fullmatch(name) or not os.path.isfile(path):
@@ -109,7 +111,10 @@ def check_checkpoint_files(checkpoint: str) -> None:
         try:
             if name.endswith('.safetensors'):
                 with safe_open(path, framework='pt') as f:
-                    f.keys()
+                    bad = nonfinite_tensor({k: f.get_tensor(k) for k in f.keys()})
+                if bad is not None:
+                    raise TrainingError(f'cannot resume from {checkpoint}: {name} holds NaN or inf values in {bad}; '
+                                        f'resume from an earlier checkpoint in {os.path.dirname(checkpoint)}')
             elif name.endswith(('.bin', '.pkl', '.pt', '.pth')):
                 with zipfile.ZipFile(path) as z:  # torch.save writes zip archives
                     bad = z.testzip()
@@ -119,6 +124,8 @@ def check_checkpoint_files(checkpoint: str) -> None:
                     # Accelerate skips random states it cannot read: the resumed run would silently
                     # differ. Read them as it does (weights_only: plain values, no code) to refuse early.
                     accelerate_load(path)
+        except TrainingError:
+            raise
         except Exception as e:
             raise TrainingError(f'cannot resume from {checkpoint}: {name} is damaged, truncated or not plain data '
                                 f'({type(e).__name__}: {first_line(e)}); resume from an earlier checkpoint '
@@ -138,9 +145,20 @@ def run_identity(model_name: str, num_classes: int) -> Dict[str, Any]:
     return {'model': model_name, 'num_classes': num_classes}
 
 
+def read_meta(checkpoint: str) -> Dict[str, Any]:
+    """A checkpoint's ``meta.json``, with a one-line error when it is not a JSON object."""
+    try:
+        meta = _read_json(os.path.join(checkpoint, META_FILE))
+    except (OSError, ValueError) as e:
+        raise TrainingError(f'cannot resume from {checkpoint}: {META_FILE}: {first_line(e)}') from None
+    if not isinstance(meta, dict):
+        raise TrainingError(f'cannot resume from {checkpoint}: {META_FILE} must hold a JSON object')
+    return meta
+
+
 def check_resume(checkpoint: str, identity: Dict[str, Any]) -> Dict[str, Any]:
     """Read a checkpoint's meta and check it belongs to a run of this model; returns the meta."""
-    meta = _read_json(os.path.join(checkpoint, META_FILE))
+    meta = read_meta(checkpoint)
     theirs = meta.get('identity', {})
     for key, value in identity.items():
         if theirs.get(key) != value:
@@ -149,21 +167,49 @@ def check_resume(checkpoint: str, identity: Dict[str, Any]) -> Dict[str, Any]:
     return meta
 
 
-def check_output(output: str, checkpoint: Optional[str]) -> None:
-    """Refuse an output that is a file, or a folder holding checkpoints of another run unless this
-    run resumes from one of them. A folder with no checkpoint (a run stopped in its first epoch)
-    is reused: it holds nothing to resume."""
-    existing = output
-    while existing and not os.path.exists(existing):
+# What a run leaves in its folder: a new run there without --resume would replace it.
+RESULTS = (CHECKPOINT_DIR, 'best', 'last', RUN_FILE, 'metrics.json', 'metrics.csv', 'summary.csv', 'args.yaml')
+
+
+def run_results_in(output: str) -> List[str]:
+    """The names of ``RESULTS`` present in ``output``."""
+    return [name for name in RESULTS if os.path.lexists(os.path.join(output, name))]
+
+
+def check_output(output: str, checkpoint: Optional[str], resuming: bool = False, overwrite: bool = False) -> None:
+    """Refuse, in one line, an output that cannot be written, or a folder that holds a run's results
+    unless this run resumes it (``resuming``: ``--resume`` names it) or ``overwrite`` is asked. A
+    resumed folder must hold the checkpoint resumed from, or no checkpoint (a run stopped in its
+    first epoch: it starts over there)."""
+    if not output or not output.strip():
+        raise TrainingError('--output is empty: name the run folder')
+    existing = os.path.abspath(output)
+    while not os.path.exists(existing):
         existing = os.path.dirname(existing)
-    if existing and not os.path.isdir(existing):
+    if not os.path.isdir(existing):
         raise TrainingError(f'--output {output}: {existing} is a file, not a folder')
-    if list_checkpoints(output):
-        same = checkpoint is not None and os.path.realpath(checkpoint).startswith(
-            os.path.realpath(os.path.join(output, CHECKPOINT_DIR)) + os.sep)
-        if not same:
-            raise TrainingError(f'output folder {output} already holds another run; '
-                                f'resume it with --resume {output} or choose another --output')
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise TrainingError(f'--output {output}: {existing} is not writable')
+    found = run_results_in(output) if os.path.isdir(output) else []
+    if not found or overwrite:
+        return
+    ours = checkpoint is not None and os.path.realpath(checkpoint).startswith(
+        os.path.realpath(os.path.join(output, CHECKPOINT_DIR)) + os.sep)
+    if ours or (resuming and checkpoint is None and not list_checkpoints(output)):
+        return
+    what = 'another run' if list_checkpoints(output) else f'the results of a run ({", ".join(found)})'
+    raise TrainingError(f'output folder {output} already holds {what}; resume it with --resume {output}, '
+                        'choose another --output, or replace it with --overwrite')
+
+
+def clear_results(output: str) -> None:
+    """Remove a run's results from ``output`` (``--overwrite``; main process, under the folder's lock)."""
+    for name in run_results_in(output):
+        path = os.path.join(output, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
 
 
 def lock_output(output: str):
@@ -171,9 +217,12 @@ def lock_output(output: str):
     into the same folder stops at start. The system releases it when the process ends, however it
     ends, so the file a killed run leaves behind never blocks a resume. Returns the open lock file:
     closing it releases the lock."""
-    os.makedirs(output, exist_ok=True)
-    path = os.path.realpath(os.path.join(output, LOCK_FILE))
-    f = open(path, 'a+')
+    try:
+        os.makedirs(output, exist_ok=True)
+        path = os.path.realpath(os.path.join(output, LOCK_FILE))
+        f = open(path, 'a+')
+    except OSError as e:
+        raise TrainingError(f'--output {output}: cannot create the run folder ({e.strerror or first_line(e)})') from None
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -223,11 +272,22 @@ def check_shared_output(accelerator, output: str) -> None:
 
 
 def write_run_file(output: str, config: Dict[str, Any], data_splits: Dict[str, str],
-                   state: Optional[TrainState] = None, num_dropcluster_layers: int = 0) -> None:
+                   state: Optional[TrainState] = None, num_dropcluster_layers: int = 0,
+                   resumed: Optional[Dict[str, Any]] = None) -> None:
     """Record the run in ``run.json`` (main process): its settings, the data it read and, as it goes,
-    what it really did (epochs done, best top-1, peak DropCluster rate, re-clusterings)."""
+    what it really did (epochs done, best top-1, peak DropCluster rate, re-clusterings). ``resumed``
+    (checkpoint, position, settings changed from the command line) joins the list of the run's resumes."""
     os.makedirs(output, exist_ok=True)
+    path = os.path.join(output, RUN_FILE)
+    try:
+        resumes = _read_json(path).get('resumes', []) if os.path.isfile(path) else []
+    except (OSError, ValueError, AttributeError):
+        resumes = []
+    if resumed is not None:
+        resumes = list(resumes) + [{**resumed, 'changed': {k: list(v) for k, v in resumed['changed'].items()}}]
     record = {'config': config, 'data': data_splits}
+    if resumes:
+        record['resumes'] = resumes
     if state is not None:
         record['progress'] = {'epochs_done': state.epoch, 'best_top1': state.best_top1,
                               'best_epoch': state.best_epoch}
@@ -235,7 +295,7 @@ def write_run_file(output: str, config: Dict[str, Any], data_splits: Dict[str, s
             record['dropcluster'] = {'layers': num_dropcluster_layers, 'peak_rate': state.peak_drop_rate,
                                      'reclusterings': state.reclusterings,
                                      'soft_resets': state.soft_resets}
-    write_json_atomic(os.path.join(output, RUN_FILE), record)
+    write_json_atomic(path, record)
 
 
 def write_args_file(output: str, args_yaml: str) -> None:

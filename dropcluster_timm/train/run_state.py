@@ -1,7 +1,7 @@
 """ The run's own state in a checkpoint, kept as data: ``run_state.json`` (numbers, strings, lists)
 and ``run_state.safetensors`` (tensors). Never pickle: a checkpoint folder can come from anywhere.
 
-The position, the drop-rate ramp, the learning-rate schedule, the EMA weights and the EDropout search
+The position, the drop-rate ramp, the EMA weights and the EDropout search
 are saved here instead of through ``accelerator.register_for_checkpointing`` (which unpickles its
 files on load). On resume every value is checked against the state of a freshly built object of the
 same kind (the same keys, kinds of value, tensor shapes and dtypes) before any object is touched,
@@ -90,6 +90,11 @@ def _decode(value: Any, expected: Any, path: str, tensors: Dict[str, torch.Tenso
     return value
 
 
+# Saved by earlier versions and no longer loaded: the LR scheduler's state is its settings, which a
+# resumed run takes from the command line.
+NOT_LOADED = ('lr_scheduler',)
+
+
 def load_run_state(folder: str, objects: Dict[str, Any]) -> None:
     """Check ``folder``'s run state against ``objects`` (freshly built, same settings), then load it
     into them. Raises ``TrainingError`` naming the file and the value, having loaded nothing."""
@@ -97,6 +102,8 @@ def load_run_state(folder: str, objects: Dict[str, Any]) -> None:
         with open(os.path.join(folder, STATE_JSON)) as f:
             data = json.load(f, parse_constant=lambda c: float(c))  # NaN / Infinity are refused below
         tensors = load_file(os.path.join(folder, STATE_TENSORS))
+        if isinstance(data, dict):
+            data = {k: v for k, v in data.items() if k not in NOT_LOADED}
         if not isinstance(data, dict) or set(data) != set(objects):
             raise _Refused(f'expected the states of {sorted(objects)}, got '
                            f'{sorted(data) if isinstance(data, dict) else type(data).__name__}')

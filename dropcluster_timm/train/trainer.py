@@ -10,7 +10,7 @@ import copy
 import os
 import time
 from types import SimpleNamespace
-from typing import Callable, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 from accelerate.utils import set_seed
@@ -26,10 +26,12 @@ from . import run_folder as rf
 from .hooks import build_hooks
 from .builders import (
     build_accelerator, build_ema, build_loaders, build_loss, build_model, build_optimizer, build_scheduler,
-    recluster, use_cpu_cores)
+    check_batch_size, recluster, use_cpu_cores)
 from .config import TrainConfig
 from .loop import TrainState, train_one_epoch
 from .recipe import DropClusterRecipe, schedule_warnings
+from .resume import (
+    changed_settings, check_changes, check_global_batch, check_position, checkpoint_settings, read_position)
 from .run_state import load_run_state
 
 __all__ = ['train']
@@ -61,18 +63,27 @@ def _train(cfg: TrainConfig, on_step: Optional[Callable[[TrainState], None]], ru
     d, o, out = cfg.data, cfg.optim, cfg.output
     cfg.check()  # one-line errors before any setup
     checkpoint = rf.find_checkpoint(out.resume) if out.resume else None
+    changes: Dict[str, Any] = {}
     if checkpoint:
         rf.check_checkpoint_files(checkpoint)
-    rf.check_output(out.output, checkpoint)  # refuses a file, or a folder holding another run
+        meta = rf.read_meta(checkpoint)
+        check_position(checkpoint, read_position(checkpoint, meta), o.epochs)  # NothingToTrain for a finished run
+        changes = changed_settings(checkpoint_settings(checkpoint, meta) or {}, cfg.to_dict())
+        check_changes(checkpoint, changes)
+    rf.check_output(out.output, checkpoint, bool(out.resume), out.overwrite)  # refuses a folder holding results
     if out.push_to_hub:
         _check_push(out.push_to_hub)
     accelerator = build_accelerator(cfg)
     if accelerator.is_main_process:
         run.enter_context(rf.lock_output(out.output))
-        rf.check_output(out.output, checkpoint)  # again, now that no other run can start writing here
+        rf.check_output(out.output, checkpoint, bool(out.resume), out.overwrite)  # again, now that no other run
+        # can start writing here
     rf.check_shared_output(accelerator, out.output)
     use_cpu_cores(accelerator)
     set_seed(o.seed)
+    global_batch = o.batch_size * accelerator.num_processes * o.grad_accum_steps
+    if checkpoint:
+        check_global_batch(checkpoint, meta, global_batch)
     if out.resume and checkpoint is None:
         accelerator.print(f'{out.resume} holds no checkpoint yet (its run stopped in the first epoch): starting over')
 
@@ -82,6 +93,7 @@ def _train(cfg: TrainConfig, on_step: Optional[Callable[[TrainState], None]], ru
                           d.train_num_samples, d.val_num_samples)
     img_size = tuple(d.input_size[-2:]) if d.input_size else d.img_size
     model = build_model(cfg.model, data.num_classes, img_size, d.in_chans)
+    check_batch_size(model, o.batch_size)
     identity = rf.run_identity(cfg.model.name, data.num_classes)
     if class_names(data.train):  # recorded in config.json, so evaluation can match classes by name
         model.pretrained_cfg = dict(model.pretrained_cfg, label_names=class_names(data.train))
@@ -127,16 +139,24 @@ def _train(cfg: TrainConfig, on_step: Optional[Callable[[TrainState], None]], ru
 
     state = TrainState()
     # The run's own state goes into the checkpoint as data (run_state.json / .safetensors), not pickles.
-    run_objects = dict(lr_scheduler=lr_scheduler, schedule=schedule, state=state, **({'ema': ema} if ema else {}))
+    # The LR scheduler is not among them: it holds only settings, and those come from the command line.
+    run_objects = dict(schedule=schedule, state=state, **({'ema': ema} if ema else {}))
     for hook in hooks:
         run_objects.update(hook.run_state())
     if checkpoint:
         fresh_optimizer = copy.deepcopy(optimizer.state_dict()) if out.no_resume_opt else None
+        settings = schedule.state_dict()
         load_run_state(checkpoint, run_objects)  # checked whole before anything is loaded
         rf.load_checkpoint(accelerator, checkpoint)
         if fresh_optimizer is not None:
             optimizer.load_state_dict(fresh_optimizer)  # --no-resume-opt: the weights only
+        # The command line's schedules, at the checkpoint's position.
+        schedule.load_state_dict(dict(settings, epoch=schedule.epoch))
+        schedule.step(schedule.epoch)
+        lr_scheduler.step(state.epoch)
         lr_scheduler.step_update(num_updates=state.num_updates)
+        for key, (old, new) in changes.items():
+            accelerator.print(f'resume: {key} {old!r} -> {new!r} (from the command line)')
         for hook in hooks:
             hook.after_resume(accelerator.unwrap_model(model))
         accelerator.print(f'resumed from {checkpoint}: epoch {state.epoch}, step {state.global_step}, '
@@ -147,7 +167,11 @@ def _train(cfg: TrainConfig, on_step: Optional[Callable[[TrainState], None]], ru
     metrics = rf.MetricsLog(out.output, keep_epochs=state.epoch)
     accelerator.wait_for_everyone()  # every process has checked the output folder before it is written
     if accelerator.is_main_process:
-        rf.write_run_file(out.output, cfg.to_dict(), data.splits)  # all checks passed
+        if out.overwrite:  # all checks passed: the earlier run's results go only now
+            rf.clear_results(out.output)
+        rf.write_run_file(out.output, cfg.to_dict(), data.splits, state if checkpoint else None, num_dropcluster,
+                          resumed=dict(checkpoint=checkpoint, epoch=state.epoch, step=state.global_step,
+                                       changed=changes) if checkpoint else None)  # all checks passed
         rf.write_args_file(out.output, out.args_yaml)
     if out.log_with:
         accelerator.init_trackers(out.wandb_project or 'train_timm', config=_flat(cfg.to_dict()),
@@ -155,7 +179,7 @@ def _train(cfg: TrainConfig, on_step: Optional[Callable[[TrainState], None]], ru
 
     def checkpoint_fn(name):
         meta = {'identity': identity, 'epoch': state.epoch, 'global_step': state.global_step,
-                'step_in_epoch': state.step_in_epoch}
+                'step_in_epoch': state.step_in_epoch, 'global_batch_size': global_batch, 'config': cfg.to_dict()}
         return rf.save_checkpoint(accelerator, out.output, name, meta, run_objects, keep=out.checkpoint_hist)
 
     # Loop. With EMA, the EMA weights are evaluated, picked as best and published, as in timm's train.py.

@@ -61,3 +61,30 @@ def test_empty_folders_and_files_are_reported_once_and_too_many_stop(tmp_path, c
     assert data.num_classes == 3 and err.count('warning: ') == 2
     assert "1 class folder(s) hold no images and are not classes: ['class_extra']" in err
     assert '1 of 121 image files are empty' in err and 'skipped' in err
+
+
+def test_a_folder_link_back_up_the_tree_is_refused_in_one_line_not_walked_forever(tmp_path):
+    from run_helpers import assert_fails, run_script
+    root = make_image_folder(tmp_path / 'data')
+    os.symlink(os.path.join(root, 'train'), os.path.join(root, 'train', 'class_1', 'again'))
+    proc = run_script(['--data-dir', root, '--output', str(tmp_path / 'run'), '--epochs', '1', '--img-size', '32'],
+                      check=False, timeout=120)  # the old reader never returns: a timeout fails the test
+    assert_fails(proc, ['class_1/again links back to', 'remove the link'])
+
+
+def test_sixteen_bit_images_are_scaled_to_eight_bits_not_clipped(tmp_path):
+    import numpy as np
+    from PIL import Image
+    from dropcluster_timm.evaluation.data import make_dataset
+    root = make_image_folder(tmp_path / 'data')
+    levels = {'deep16.png': (np.full((16, 16), 40000, dtype=np.uint16), 156),  # 40000 / 65535 of white
+              'dark16.png': (np.full((16, 16), 300, dtype=np.uint16), 1)}
+    for name, (pixels, _) in levels.items():
+        Image.fromarray(pixels).save(os.path.join(root, 'train', 'class_0', name))
+    ds = make_dataset('', root, 'train')
+    for name, (_, expected) in levels.items():
+        index = next(i for i, (path, _) in enumerate(ds.reader.samples) if path.endswith(name))
+        img, _ = ds[index]
+        assert img.mode == 'RGB' and np.asarray(img).min() == np.asarray(img).max() == expected, name
+    plain = next(i for i, (path, _) in enumerate(ds.reader.samples) if path.endswith('1.png'))
+    assert np.array_equal(np.asarray(ds[plain][0]), np.asarray(Image.open(ds.reader.samples[plain][0]).convert('RGB')))

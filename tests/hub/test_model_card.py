@@ -178,7 +178,12 @@ def test_card_of_pruned_weights_gives_measured_sizes_and_accuracies_before_and_a
                                         ({'edropout_steps': -1}, 'edropout_steps'),
                                         ({'epochs': 2.5}, 'epochs'),
                                         ({'top_1': 50.0}, 'unknown key.*top_1'),
-                                        ({'dataset': 3}, '"dataset" must be a string')])
+                                        ({'dataset': 3}, '"dataset" must be a string'),
+                                        ({'top1': 1000.0}, '"top1" must be in \\[0, 100\\]'),
+                                        ({'top5': -5.0}, '"top5" must be in \\[0, 100\\]'),
+                                        ({'top5': 40.0}, '"top5" .* cannot be below "top1"'),
+                                        ({'peak_drop_rate': 1.5}, '"peak_drop_rate" must be in'),
+                                        ({'epoch': 12, 'epochs': 12}, '"epoch" 12 .* must be below "epochs" 12')])
 def test_run_results_are_checked_when_built(bad, words, tmp_path):
     from dropcluster_timm.hub.run_results import RunResults
     with pytest.raises(ValueError, match=words):
@@ -190,3 +195,15 @@ def test_run_results_are_checked_when_built(bad, words, tmp_path):
     if 'top_1' not in bad:  # a typed object is checked as it is changed, too
         with pytest.raises(ValueError, match=words):
             RunResults(top1=50.0).replace(**bad)
+
+
+@pytest.mark.parametrize('run, expected', [
+    ({'epoch': 5, 'epochs': 12, 'peak_drop_rate': 0.1, 'reclusterings': 1},
+     "trained on digits for 6 of the run's 12 epochs. It was trained with DropCluster (peak rate 0.1, clusters "
+     're-computed 1 time).'),
+    ({'epoch': 11, 'epochs': 12}, 'trained on digits for 12 epochs.'),
+])
+def test_card_says_which_epoch_of_how_many_its_weights_come_from(run, expected):
+    from dropcluster_timm.hub.card_text import training_notes
+    from dropcluster_timm.hub.run_results import RunResults
+    assert expected in training_notes('resnet18_dropcluster', RunResults(top1=50.0, dataset='digits', **run), True)
