@@ -138,8 +138,12 @@ def render(s: Dict[str, Any]) -> str:
              + f"; {len(s['complete_seeds'])} seeds complete in all five arms. Devices: {', '.join(s['devices'])}. "
              f"Code: {', '.join('`' + c[:12] + '`' for c in s['commits'])}."
              + (f" {s['nondeterministic']} runs used a non-deterministic kernel." if s['nondeterministic'] else ''),
-             '', 'Protocol and arms: `benchmarks/regularizer_study/run.py` and `arms.py`. Every row of `runs.jsonl` '
-             'holds the `command` that re-runs it alone.', '', '## What is and is not established', '']
+             '', 'Protocol and arms: `benchmarks/regularizer_study/protocols.py`, `run.py` and `arms.py`. Every row of '
+             '`runs.jsonl` holds the `command` that re-runs it alone. Reproducibility holds per CPU capability '
+             '(`torch.backends.cpu.get_cpu_capability()`, recorded in every row from study v4 on): float results '
+             'differ between AVX2 and AVX-512 machines, so a row re-run on another capability can differ slightly '
+             '(a v3 row, dropcluster seed 5, re-run at its commit on an AVX2 machine gave top-1 58.78 twice against '
+             'the recorded 58.83).', '', '## What is and is not established', '']
     lines += statement(s)
     lines += ['', '## Arms (mean +- std over seeds)', '']
     lines += _table(['arm', 'seeds', 'test top-1', 'corruption acc.', 'train top-1', 'dropped fraction'],
