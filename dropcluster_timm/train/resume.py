@@ -88,8 +88,8 @@ def read_position(checkpoint: str, meta: Dict[str, Any]) -> Dict[str, int]:
         if not isinstance(recorded, int) or isinstance(recorded, bool) or recorded < 0:
             raise TrainingError(f'cannot resume from {checkpoint}: meta.json {key} must be a count, got {recorded!r}')
         if saved is not None and saved != recorded:
-            raise TrainingError(f'cannot resume from {checkpoint}: meta.json says {key} {recorded} but run_state.json '
-                                f'says {saved}; the checkpoint was edited or mixed up: resume from another one')
+            raise TrainingError(f'cannot resume from {checkpoint}: run_state.json: state.{key} is {saved!r} but meta.json '
+                                f'says {recorded}; the checkpoint was edited or mixed up: resume from another one')
         position[key] = recorded
     return position
 

@@ -33,7 +33,7 @@ from .run_state import STATE_JSON, STATE_TENSORS, save_run_state
 __all__ = [
     'CHECKPOINT_DIR', 'RUN_FILE', 'META_FILE', 'write_text_atomic', 'write_json_atomic', 'list_checkpoints', 'find_checkpoint',
     'check_checkpoint_files', 'load_checkpoint', 'read_meta', 'run_identity', 'check_resume', 'check_output',
-    'RESULTS', 'run_results_in', 'clear_results', 'write_run_file',
+    'RESULTS', 'RECORDS', 'run_results_in', 'clear_results', 'write_run_file',
     'write_args_file',
     'save_checkpoint', 'MetricsLog', 'run_results',
 ]
@@ -167,13 +167,15 @@ def check_resume(checkpoint: str, identity: Dict[str, Any]) -> Dict[str, Any]:
     return meta
 
 
-# What a run leaves in its folder: a new run there without --resume would replace it.
-RESULTS = (CHECKPOINT_DIR, 'best', 'last', RUN_FILE, 'metrics.json', 'metrics.csv', 'summary.csv', 'args.yaml')
+# What a run leaves in its folder once it has trained: a new run there without --resume would replace
+# it. A run stopped in its first epoch leaves only its records (RUN_FILE, args.yaml), which a new run rewrites.
+RESULTS = (CHECKPOINT_DIR, 'best', 'last', 'metrics.json', 'metrics.csv', 'summary.csv')
+RECORDS = (RUN_FILE, 'args.yaml')
 
 
-def run_results_in(output: str) -> List[str]:
-    """The names of ``RESULTS`` present in ``output``."""
-    return [name for name in RESULTS if os.path.lexists(os.path.join(output, name))]
+def run_results_in(output: str, records: bool = False) -> List[str]:
+    """The names of ``RESULTS`` (and with ``records``, of ``RECORDS``) present in ``output``."""
+    return [name for name in RESULTS + (RECORDS if records else ()) if os.path.lexists(os.path.join(output, name))]
 
 
 def check_output(output: str, checkpoint: Optional[str], resuming: bool = False, overwrite: bool = False) -> None:
@@ -204,7 +206,7 @@ def check_output(output: str, checkpoint: Optional[str], resuming: bool = False,
 
 def clear_results(output: str) -> None:
     """Remove a run's results from ``output`` (``--overwrite``; main process, under the folder's lock)."""
-    for name in run_results_in(output):
+    for name in run_results_in(output, records=True):
         path = os.path.join(output, name)
         if os.path.isdir(path) and not os.path.islink(path):
             shutil.rmtree(path)

@@ -67,9 +67,9 @@ def _train(cfg: TrainConfig, on_step: Optional[Callable[[TrainState], None]], ru
     if checkpoint:
         rf.check_checkpoint_files(checkpoint)
         meta = rf.read_meta(checkpoint)
-        check_position(checkpoint, read_position(checkpoint, meta), o.epochs)  # NothingToTrain for a finished run
         changes = changed_settings(checkpoint_settings(checkpoint, meta) or {}, cfg.to_dict())
         check_changes(checkpoint, changes)
+        check_position(checkpoint, read_position(checkpoint, meta), o.epochs)  # NothingToTrain for a finished run
     rf.check_output(out.output, checkpoint, bool(out.resume), out.overwrite)  # refuses a folder holding results
     if out.push_to_hub:
         _check_push(out.push_to_hub)

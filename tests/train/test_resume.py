@@ -65,7 +65,7 @@ def test_a_finished_run_resumed_with_the_same_epochs_trains_nothing_and_changes_
 
 
 @pytest.mark.parametrize('tamper, epochs, words', [
-    (lambda meta, state: meta.update(epoch=5), 3, ['meta.json says epoch 5 but run_state.json says 1']),
+    (lambda meta, state: meta.update(epoch=5), 3, ['run_state.json: state.epoch is 1 but meta.json says 5']),
     (lambda meta, state: (meta.update(epoch=5), state['state'].update(epoch=5)), 3,
      ['it is at epoch 5', 'give --epochs 5 or more']),
 ])

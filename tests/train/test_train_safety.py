@@ -112,9 +112,10 @@ def test_resume_never_runs_code_from_a_checkpoint(one_epoch_run, image_folder, t
 
 
 @pytest.mark.parametrize('tamper, words', [
-    (lambda s: s['state'].update(epoch='x'), 'state.epoch: expected a number'),
+    (lambda s: s['state'].update(epoch='x'), "state.epoch is 'x' but meta.json says 1"),
     (lambda s: s['state'].pop('global_step'), 'state: expected the keys'),
-    (lambda s: s['state'].update(epoch=-3), 'TrainState.epoch must be a count'),
+    (lambda s: s['state'].update(epoch=-3), 'state.epoch is -3 but meta.json says 1'),
+    (lambda s: s['state'].update(num_updates=-3), 'TrainState.num_updates must be a count'),
     (lambda s: s['schedule'].update(rate=float('nan')), 'schedule.rate: nan is not a finite number'),
     (lambda s: s.pop('schedule'), 'expected the states of'),
 ])
