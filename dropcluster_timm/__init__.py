@@ -12,8 +12,8 @@ from .clustering.engine import CLUSTER_METHODS, cluster_activations, within_clus
 from .layers.drop_cluster import DROP_MODES, cluster_drop_probs, drop_cluster, resample_cluster_map
 from .layers.drop_cluster_modules import DropCluster1d, DropCluster2d, DropCluster3d
 from .layers.model_helpers import (
-    cluster_state, copy_cluster_state, ddp_ignore_cluster_buffers, dropcluster_layers, init_cluster_maps,
-    set_drop_prob, update_clusters)
+    cluster_state, copy_cluster_state, ddp_ignore_cluster_buffers, disable_own_schedule, dropcluster_layers,
+    init_cluster_maps, set_drop_prob, update_clusters)
 from .layers.schedules import SCHEDULE_SHAPES, DropClusterSchedule
 from .models.convert import convert_drop_blocks
 from . import models  # noqa: F401  registers the *_dropcluster models with timm
@@ -25,7 +25,7 @@ __all__ = [
     'CLUSTER_COUNTS', 'gap_statistic_labels', 'structured_maps', 'DROP_MODES', 'cluster_drop_probs',
     'DropCluster1d', 'DropCluster2d', 'DropCluster3d', 'drop_cluster', 'resample_cluster_map',
     'dropcluster_layers', 'set_drop_prob', 'init_cluster_maps', 'update_clusters', 'copy_cluster_state',
-    'cluster_state', 'ddp_ignore_cluster_buffers',
+    'cluster_state', 'ddp_ignore_cluster_buffers', 'disable_own_schedule',
     'DropClusterSchedule', 'SCHEDULE_SHAPES', 'convert_drop_blocks',
     'save_pretrained', 'export_plain', 'push',
 ]

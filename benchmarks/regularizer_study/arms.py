@@ -51,6 +51,7 @@ def build_model(arm: str, cfg: Dict, seed: int) -> nn.Module:
             method = dict(dc_cluster_method='grid') if arm == 'dropcluster_grid' else {}
             model = timm.create_model('resnet18_dropcluster', drop_cluster_rate=0.0, dc_stem=True,
                                       dc_stages=tuple(cfg['drop_stages']), dc_block_size=cfg['block_size'],
+                                      dc_recluster_every=0, dc_ramp_steps=0,  # the recipe drives the layers
                                       **method, **kwargs)
         else:
             model = timm.create_model('resnet18', **kwargs)

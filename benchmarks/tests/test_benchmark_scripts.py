@@ -236,3 +236,15 @@ def test_edropout_pilot_quick_on_cuda(tmp_path):
               '--device', 'cuda')
     assert len(read_runs(tmp_path / 'edropout_pilot_quick' / 'runs.jsonl')) == 12
     assert has_row(out, 'edropout_ft - magnitude_ft', '2')
+
+
+# ---- bench_own_schedule ----
+
+def test_bench_own_schedule_cpu():
+    """The amortised cost of the layers' own re-clustering, and the recompiles of a compiled model."""
+    out = run('bench_own_schedule', '--model', 'resnet18_dropcluster', '--img-size', '64', '--batch', '4',
+              '--steps', '1', '--compile-steps', '6', '--compile-interval', '2')
+    assert re.search(rf'median training step {NUM} ms without re-clustering, {NUM} ms re-clustering every layer; '
+                     rf'amortised at the default interval of 1000 steps: {NUM}% of a step', out), out
+    assert re.search(r'torch.compile over 6 steps re-clustering every 2 \(3 re-clusterings\): \d+ graphs compiled at '
+                     r'the first step, 0 recompiles after it', out), out

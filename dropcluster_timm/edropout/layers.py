@@ -34,7 +34,7 @@ from ..layers.drop_cluster import resample_cluster_map
 
 from ..layers.drop_cluster_modules import DropCluster2d
 from .energy_search import EnergySearch
-from ..layers.model_helpers import _distributed  # one definition of "a process group of several"
+from ..layers.distributed import distributed
 
 __all__ = ['edropout', 'EDropout2d', 'drop_cluster_state', 'EDropCluster2d', 'EDROPOUT_UNITS', 'add_edropout',
            'edropout_layers', 'set_edropout_state', 'edropout_state', 'state_energies', 'edropout_step',
@@ -298,7 +298,7 @@ def state_energies(model: nn.Module, states: Tensor, images: Tensor, targets: Te
         for m, mode in modes.items():
             m.train(mode)
     energies = torch.stack([loss_fn(logits[i], targets) for i in range(s)]).float()
-    if _distributed():
+    if distributed():
         torch.distributed.all_reduce(energies)
         energies /= torch.distributed.get_world_size()
     return energies

@@ -122,9 +122,11 @@ import torch
 import dropcluster_timm
 
 model = timm.create_model('{model_id}', pretrained=True, drop_cluster_rate=0.1)
-images = torch.randn(32, 3, 224, 224)  # a batch of training images
-# re-cluster the DropCluster layers from the batch, e.g. every few epochs
-dropcluster_timm.update_clusters(model, images)
+# Train it in any loop (timm's train.py with --drop-block 0.1, plain PyTorch, Accelerate): its layers
+# cluster their input at the first training step and every dc_recluster_every steps after, and ramp
+# the rate over dc_ramp_steps steps, with no extra call. To drive them yourself instead:
+dropcluster_timm.disable_own_schedule(model)
+dropcluster_timm.update_clusters(model, torch.randn(32, 3, 224, 224))  # from a batch of training images
 dropcluster_timm.set_drop_prob(model, 0.1)  # or follow a schedule
 ```
 """

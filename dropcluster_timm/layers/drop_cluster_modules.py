@@ -10,12 +10,15 @@ from timm.layers import register_notrace_module
 
 from ..clustering.cluster_count import CLUSTER_COUNTS, gap_statistic_labels, structured_maps
 from ..clustering.engine import CLUSTER_METHODS, activation_features, cluster_features, grid_cluster_map, one_cpu_thread
+from .distributed import broadcast_cluster_map, distributed
 from .drop_cluster import DROP_MODES, LABEL_DTYPE, _cluster_values_error, drop_cluster
 from .options import option_defaults
 
-__all__ = ['DropClusterNd', 'DropCluster1d', 'DropCluster2d', 'DropCluster3d']
+__all__ = ['DropClusterNd', 'DropCluster1d', 'DropCluster2d', 'DropCluster3d', 'LAYER_BUFFERS']
 
-_DEFAULTS = option_defaults()  # the option defaults of options.LAYER_OPTIONS
+_DEFAULTS = option_defaults(alone=True)  # the option defaults of options.LAYER_OPTIONS
+# The state of a DropCluster layer: what a base architecture lacks and export_plain drops.
+LAYER_BUFFERS = ('cluster_map', 'cluster_counts', 'num_steps')
 
 
 class DropClusterNd(nn.Module):
@@ -58,8 +61,18 @@ class DropClusterNd(nn.Module):
             ``set_cluster_map`` and loaded state are checked against it, so a checkpoint whose maps
             do not fit fails at load rather than at the first training step. Left ``None``, the
             first ``update_clusters`` records it.
+        recluster_every: re-cluster from the layer's own input (``cluster_images`` images of it, no
+            grad) at its first training forward with a rate above 0 and every ``recluster_every``
+            training forwards after; 0: never (the maps change only through ``update_clusters``).
+            Under ``torch.distributed`` the maps of rank 0 are then broadcast, so all ranks agree.
+        ramp_steps: raise the rate linearly from 0 to ``drop_prob`` over the first ``ramp_steps``
+            training forwards (DropBlock's schedule); 0: the full rate from the start.
+        cluster_images: images of a training batch the layer clusters from.
         device: device of the cluster buffers.
         dtype: accepted for timm's factory-kwargs convention; the buffers are integer labels.
+
+    The training forwards counted for ``recluster_every`` and ``ramp_steps`` are the ``num_steps``
+    buffer, saved with the maps, so a resumed run goes on where it stopped.
     """
     spatial_dims: int = 2
     num_channels: Optional[int]  # typed for TorchScript, which would otherwise see a NoneType attribute
@@ -81,6 +94,9 @@ class DropClusterNd(nn.Module):
             skip_unstructured: bool = _DEFAULTS['skip_unstructured'],
             drop_mode: str = _DEFAULTS['drop_mode'],
             batch_shared: bool = _DEFAULTS['batch_shared'],
+            recluster_every: int = _DEFAULTS['recluster_every'],
+            ramp_steps: int = _DEFAULTS['ramp_steps'],
+            cluster_images: int = _DEFAULTS['cluster_images'],
             feat_size: Optional[Tuple[int, ...]] = None,
             num_channels: Optional[int] = None,
             gamma_scale: float = 1.0,
@@ -106,6 +122,11 @@ class DropClusterNd(nn.Module):
                             ('min_cluster_size', min_cluster_size), ('max_cluster_size', max_cluster_size)):
             if value is not None and int(value) < 1:
                 raise ValueError(f'{name} must be >= 1, got {value}')
+        for name, value in (('recluster_every', recluster_every), ('ramp_steps', ramp_steps)):
+            if int(value) < 0:
+                raise ValueError(f'{name} must be >= 0, got {value}')
+        if int(cluster_images) < 1:
+            raise ValueError(f'cluster_images must be >= 1, got {cluster_images}')
         if not 0.0 < gamma_scale <= 1.0:
             raise ValueError(f'gamma_scale must be in (0, 1], got {gamma_scale}')
         if num_channels is not None and int(num_channels) < 1:
@@ -128,6 +149,12 @@ class DropClusterNd(nn.Module):
         self.drop_mode = drop_mode
         self.batch_shared = batch_shared
         self.num_channels = int(num_channels) if num_channels is not None else None
+        self.recluster_every = int(recluster_every)
+        self.ramp_steps = int(ramp_steps)
+        self.cluster_images = int(cluster_images)
+        self.register_buffer('num_steps', torch.zeros((), dtype=torch.int64, device=device))
+        self.steps = 0  # host copy of num_steps: read every training forward without a device sync
+        self.clustered = False  # whether the maps come from data (update_clusters), not a grid
         empty_shape = [0] * (self.spatial_dims + 1)
         self.register_buffer('cluster_map', torch.zeros(empty_shape, dtype=LABEL_DTYPE, device=device))
         self.register_buffer('cluster_counts', torch.zeros(0, dtype=LABEL_DTYPE, device=device))
@@ -175,7 +202,15 @@ class DropClusterNd(nn.Module):
         if num_channels is not None and x.shape[1] != num_channels:
             raise ValueError('DropCluster' + str(self.spatial_dims) + 'd expects ' + str(num_channels)
                              + ' input channels, got ' + str(x.shape[1]))
-        if not self.training or self.drop_prob == 0.0:
+        if not self.training:
+            return x
+        if not torch.jit.is_scripting() and (self.recluster_every > 0 or self.ramp_steps > 0):
+            return self.forward_own_schedule(x)
+        return self.drop(x, self.drop_prob)
+
+    def drop(self, x: Tensor, drop_prob: float) -> Tensor:
+        """The training forward at rate ``drop_prob``."""
+        if drop_prob == 0.0:
             return x
         spatial = x.shape[2:]
         if self.cluster_map.numel() > 0:
@@ -185,7 +220,7 @@ class DropClusterNd(nn.Module):
         return drop_cluster(
             x,
             cluster_map,
-            drop_prob=self.drop_prob * self.gamma_scale,
+            drop_prob=drop_prob * self.gamma_scale,
             num_clusters=k,
             couple_channels=self.couple_channels,
             with_noise=self.with_noise,
@@ -195,6 +230,47 @@ class DropClusterNd(nn.Module):
             batch_shared=self.batch_shared,
             cluster_counts=self.cluster_counts if self.has_undropped else None,
         )
+
+    @torch.jit.unused
+    def own_rate(self, step: Optional[int] = None) -> float:
+        """The rate of the layer's own ramp at training forward ``step`` (counted from 1; default: the
+        last one): ``drop_prob`` once ``ramp_steps`` have passed."""
+        step = self.steps if step is None else step
+        return self.drop_prob * (min(1.0, step / self.ramp_steps) if self.ramp_steps > 0 else 1.0)
+
+    # Eager, a graph break under torch.compile: the step count and the rate change every step, and a
+    # compiled graph would specialise on them (a recompile per step).
+    @torch.jit.unused
+    @torch.compiler.disable
+    def forward_own_schedule(self, x: Tensor) -> Tensor:
+        """A training forward on the layer's own schedule (``recluster_every``, ``ramp_steps``):
+        re-cluster when due, count the step, drop at the ramp's rate."""
+        step = self.steps
+        rate = self.own_rate(step + 1)
+        # Due at the first training forward unless the maps already come from data, and every
+        # recluster_every after; maps of another input size (grids made for 224 px) never wait.
+        every = self.recluster_every
+        if every > 0 and self.drop_prob > 0.0 and (not self.clustered or (step > 0 and step % every == 0)
+                                                   or tuple(self.cluster_map.shape[1:]) != tuple(x.shape[2:])):
+            self.recluster_from_batch(x)
+        self.steps = step + 1
+        self.num_steps.fill_(self.steps)
+        return self.drop(x, rate)
+
+    @torch.no_grad()
+    def recluster_from_batch(self, x: Tensor) -> None:
+        """Re-cluster from the first ``cluster_images`` images of ``x`` (detached); under
+        ``torch.distributed`` rank 0's maps are broadcast to every rank."""
+        x = x.detach()[:self.cluster_images]
+        if not distributed():
+            self.update_clusters(x)
+            return
+        if torch.distributed.get_rank() == 0:
+            self.update_clusters(x)
+        m = 1 if self.couple_channels else x.shape[1]
+        broadcast_cluster_map(self, (m,) + tuple(x.shape[2:]), x.device, src=0)
+        if self.num_channels is None:
+            self.num_channels = int(x.shape[1])
 
     def count_bounds(self, spatial: List[int]) -> Tuple[int, int]:
         """The range of cluster counts ``cluster_count='gap'`` chooses from, for inputs of this size."""
@@ -233,6 +309,7 @@ class DropClusterNd(nn.Module):
                                           generator, **kwargs)
             undropped = ~structured_maps(feats, spatial, generator=generator) if self.skip_unstructured else None
         self.set_cluster_map(labels.view([-1] + spatial), undropped=undropped)
+        self.clustered = True
         if self.num_channels is None:
             # Learned from the input, so later loads and set_cluster_map calls are checked.
             self.num_channels = int(x.shape[1])
@@ -293,6 +370,16 @@ class DropClusterNd(nn.Module):
         self.has_undropped = has_undropped
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        steps = state_dict.get(prefix + 'num_steps')
+        if steps is None:  # saved before the layers counted their steps: they start counting here
+            state_dict[prefix + 'num_steps'] = self.num_steps.detach().clone()
+        elif steps.numel() != 1 or steps.is_floating_point() or int(steps) < 0:
+            error_msgs.append(f'{prefix}num_steps: expected one integer count >= 0, got {steps.dtype} '
+                              f'{tuple(steps.shape)}')
+            return
+        else:
+            self.steps = int(steps)
+            self.clustered = self.steps > 0  # the layer's own schedule ran, so its maps come from data
         # Maps differ in shape between checkpoints (other resolutions, per-channel vs grid), so
         # adopt the incoming shapes instead of failing on a size mismatch.
         incoming = state_dict.get(prefix + 'cluster_map')

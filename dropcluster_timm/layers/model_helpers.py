@@ -7,13 +7,13 @@ import torch.nn as nn
 from timm.layers import DropBlock2d
 from timm.utils import unwrap_model
 
-from .drop_cluster import LABEL_DTYPE
 
-from .drop_cluster_modules import DropClusterNd
+from .distributed import broadcast_cluster_map, distributed as is_distributed
+from .drop_cluster_modules import LAYER_BUFFERS, DropClusterNd
 
 __all__ = [
     'dropcluster_layers', 'set_drop_prob', 'init_cluster_maps', 'update_clusters', 'copy_cluster_state',
-    'cluster_state', 'ddp_ignore_cluster_buffers', 'nonfinite_tensor',
+    'cluster_state', 'ddp_ignore_cluster_buffers', 'nonfinite_tensor', 'disable_own_schedule',
 ]
 
 
@@ -39,11 +39,6 @@ def set_drop_prob(model: nn.Module, drop_prob: float, drop_block: bool = False) 
                 module.drop_prob = float(drop_prob)
                 count += 1
     return count
-
-
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized() \
-        and torch.distributed.get_world_size() > 1
 
 
 def _forward_with_pre_hook(model: nn.Module, layers: Sequence[nn.Module], hook: Callable, batch: Any) -> None:
@@ -127,7 +122,7 @@ def update_clusters(
     layers = list(dropcluster_layers(model))
     if not layers:
         raise ValueError('update_clusters: the model has no DropCluster layers')
-    distributed = _distributed()
+    distributed = is_distributed()
     clusters_here = not distributed or torch.distributed.get_rank() == src
     shapes = {}  # layer -> (map shape, device) seen in the forward
 
@@ -144,25 +139,8 @@ def update_clusters(
         # Every rank runs the same model, so every rank raises here before any broadcast.
         raise RuntimeError(f'update_clusters: the forward pass did not reach DropCluster layers {missed}')
     if distributed:
-        backend = torch.distributed.get_backend()
         for _, layer in layers:
-            shape, device = shapes[layer]
-            if 'nccl' in str(backend) and 'gloo' not in str(backend):
-                if device.type != 'cuda':
-                    device = torch.device('cuda', torch.cuda.current_device())
-            elif device.type != 'cuda' or 'nccl' not in str(backend):
-                device = torch.device('cpu')
-            # The counts travel too: a map counted 0 is left undropped (skip_unstructured).
-            if clusters_here:
-                labels = layer.cluster_map.to(device=device, dtype=LABEL_DTYPE)
-                counts = layer.cluster_counts.to(device=device, dtype=LABEL_DTYPE)
-            else:
-                labels = torch.empty(shape, dtype=LABEL_DTYPE, device=device)
-                counts = torch.empty(shape[:1], dtype=LABEL_DTYPE, device=device)
-            torch.distributed.broadcast(labels, src=src)
-            torch.distributed.broadcast(counts, src=src)
-            if not clusters_here:
-                layer.set_cluster_map(labels, undropped=counts == 0)
+            broadcast_cluster_map(layer, *shapes[layer], src=src)
     return len(shapes)
 
 
@@ -201,7 +179,7 @@ def ddp_ignore_cluster_buffers(model: nn.Module) -> List[str]:
     names = []
     for name, layer in dropcluster_layers(model):
         prefix = name + '.' if name else ''
-        names += [prefix + 'cluster_map', prefix + 'cluster_counts']
+        names += [prefix + buffer for buffer in LAYER_BUFFERS]
     existing = list(getattr(model, '_ddp_params_and_buffers_to_ignore', []))
     nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
         model, existing + [n for n in names if n not in existing])
@@ -215,3 +193,14 @@ def nonfinite_tensor(tensors: Dict[str, torch.Tensor]) -> Optional[str]:
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             return name
     return None
+
+
+def disable_own_schedule(model: nn.Module) -> int:
+    """Turn off the layers' own re-clustering and ramp (``recluster_every``, ``ramp_steps``), for a
+    training loop that drives them itself (``set_drop_prob``, ``update_clusters``); one mechanism per
+    run, never both. Returns the number of layers."""
+    count = 0
+    for _, layer in dropcluster_layers(model):
+        layer.recluster_every = layer.ramp_steps = 0
+        count += 1
+    return count

@@ -14,6 +14,9 @@ from .drop_cluster import DROP_MODES
 __all__ = ['LayerOption', 'LAYER_OPTIONS', 'layer_option', 'option_defaults']
 
 
+_SAME = object()  # layer_default: as the models' default
+
+
 @dataclass(frozen=True)
 class LayerOption:
     """One option of the DropCluster layers.
@@ -26,6 +29,7 @@ class LayerOption:
         flag: the ``train`` flag; ``None``: set it with ``--model-kwargs dc_<name>=...``.
         choices: the allowed values of a ``str`` option.
         card: the model card's phrase for a value other than the default (``{value}`` is filled in).
+        layer_default: the default of a layer built alone, where it differs from the models' ``default``.
     """
     name: str
     default: Any
@@ -34,6 +38,12 @@ class LayerOption:
     flag: Optional[str] = None
     choices: Optional[Tuple[str, ...]] = None
     card: Optional[str] = None
+    layer_default: Any = _SAME
+
+    @property
+    def alone_default(self) -> Any:
+        """The default of a ``DropCluster1d/2d/3d`` built alone."""
+        return self.default if self.layer_default is _SAME else self.layer_default
 
     @property
     def model_arg(self) -> str:
@@ -81,6 +91,15 @@ LAYER_OPTIONS: Tuple[LayerOption, ...] = (
     LayerOption('couple_channels', False, 'one cluster map and one drop decision for all channels', type=bool,
                 card='one map for all channels'),
     LayerOption('with_noise', False, 'fill dropped elements with Gaussian noise instead of zeros', type=bool),
+    # The layers' own schedule, for training loops that know nothing of DropCluster (timm's train.py, a
+    # plain loop): on in the *_dropcluster models, off in a layer built alone (as timm's DropBlock2d);
+    # `dropcluster-timm train` turns it off and drives the layers itself.
+    LayerOption('recluster_every', 1000, 're-cluster from the input the layer sees at its first training forward '
+                '(unless its maps come from data) and every N training forwards after (0: never; the maps '
+                'change only by update_clusters)', type=int, layer_default=0),
+    LayerOption('ramp_steps', 2000, 'raise the drop rate linearly from 0 to drop_prob over the first N training '
+                'forwards (0: the full rate from the start)', type=int, layer_default=0),
+    LayerOption('cluster_images', 32, 'images of a training batch a layer clusters from', type=int),
 )
 
 
@@ -92,6 +111,7 @@ def layer_option(name: str) -> LayerOption:
     raise KeyError(f'no DropCluster layer option {name!r}; the options: {[o.name for o in LAYER_OPTIONS]}')
 
 
-def option_defaults() -> Dict[str, Any]:
-    """``{layer argument: default}`` of the options."""
-    return {o.name: o.default for o in LAYER_OPTIONS}
+def option_defaults(alone: bool = False) -> Dict[str, Any]:
+    """``{layer argument: default}`` of the options: the models' defaults, or with ``alone`` those of a
+    layer built alone."""
+    return {o.name: o.alone_default if alone else o.default for o in LAYER_OPTIONS}

@@ -13,6 +13,7 @@ timm; bases the installed timm does not have are skipped at import.
 """
 import dataclasses
 import json
+import logging
 import os
 import sys
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from timm.models import (
     resolve_pretrained_cfg)
 
 from .convert import convert_drop_blocks
+from ..layers.drop_cluster_modules import LAYER_BUFFERS
 from ..layers.model_helpers import dropcluster_layers, nonfinite_tensor
 from ..layers.options import LAYER_OPTIONS
 from ..timm_compat import update_model_args
@@ -98,15 +100,34 @@ def _add_cluster_buffers(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
     the model's own checkpoints keep theirs."""
     for name, layer in dropcluster_layers(model):
         prefix = name + '.' if name else ''
-        for buffer_name in ('cluster_map', 'cluster_counts'):
+        for buffer_name in LAYER_BUFFERS:
             state_dict.setdefault(prefix + buffer_name, getattr(layer, buffer_name).detach().cpu())
     return state_dict
 
 
+def _slot_rate(variant: str, kwargs: Dict[str, Any]) -> None:
+    """timm's ``drop_block_rate`` (``--drop-block`` of its train.py) is the rate of the DropCluster
+    layers in the DropBlock slots; ``drop_cluster_rate`` is the explicit name, and the two must agree."""
+    block_rate = kwargs.pop('drop_block_rate', None)
+    if not block_rate:
+        return
+    rate = kwargs.get('drop_cluster_rate')
+    if rate is not None and float(rate) != float(block_rate):
+        raise ValueError(f'{variant}: drop_block_rate {block_rate:g} and drop_cluster_rate {float(rate):g} differ; '
+                         'its DropBlock slots hold DropCluster layers, give one rate')
+    kwargs['drop_cluster_rate'] = block_rate
+    if variant not in _SLOT_RATE_LOGGED:
+        _SLOT_RATE_LOGGED.add(variant)
+        _logger.info(f'{variant}: drop_block_rate {block_rate:g} is the rate of the DropCluster layers in its '
+                     'DropBlock slots')
+
+
+_SLOT_RATE_LOGGED: set = set()
+_logger = logging.getLogger(__name__)
+
+
 def _create(variant: str, base: str, family: ModelFamily, pretrained: bool = False, **kwargs) -> nn.Module:
-    if kwargs.pop('drop_block_rate', None):
-        raise ValueError(f'{variant} puts DropCluster in the DropBlock slots: use drop_cluster_rate '
-                         'instead of drop_block_rate')
+    _slot_rate(variant, kwargs)
     dc = {k: kwargs.pop(k, default) for k, default in DROPCLUSTER_ARGS.items() if k != 'drop_cluster_rate'}
     dc['drop_cluster_rate'] = _rate(kwargs)
     family_args = {k: kwargs.pop(k, default) for k, default in family.family_args.items()}
@@ -242,7 +263,7 @@ def plain_state_dict(variant: str, state_dict: Dict[str, torch.Tensor]) -> Dict[
     """``variant``'s state dict as its base architecture's: without the cluster buffers, with the keys
     the family moved put back."""
     family = _registered(variant)[1]
-    state = {k: v for k, v in state_dict.items() if not k.endswith(('.cluster_map', '.cluster_counts'))}
+    state = {k: v for k, v in state_dict.items() if k.rpartition('.')[2] not in LAYER_BUFFERS}
     return family.plain_state_fn(state) if family.plain_state_fn else state
 
 

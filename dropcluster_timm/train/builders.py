@@ -22,7 +22,7 @@ from timm.utils import ModelEmaV3
 
 from ..evaluation.data import DataBundle, cluster_batch
 from ..errors import TrainingError, first_line
-from ..layers.model_helpers import copy_cluster_state, update_clusters
+from ..layers.model_helpers import copy_cluster_state, disable_own_schedule, update_clusters
 from ..layers.options import layer_option
 from .config import LossConfig, ModelConfig, OptimConfig, TrainConfig
 
@@ -48,6 +48,9 @@ def build_model(cfg: ModelConfig, num_classes: Optional[int], img_size: Optional
     if cfg.pretrained_path:
         kwargs['pretrained_cfg_overlay'] = dict(file=cfg.pretrained_path, num_classes=-1)  # as timm's train.py
     if 'dropcluster' in cfg.name and not is_file_model:
+        if cfg.drop_block_rate:  # the recipe ramps the layers to --drop-cluster; one rate flag per run
+            raise TrainingError(f'--drop-block: {cfg.name} puts DropCluster in its DropBlock slots; set their rate '
+                                'with --drop-cluster')
         kwargs.update(drop_cluster_rate=0.0, img_size=img_size)
     try:
         layer_args = {layer_option(name).model_arg: value for name, value in cfg.layer_options.items()}
@@ -74,6 +77,7 @@ def build_model(cfg: ModelConfig, num_classes: Optional[int], img_size: Optional
                 nn.init.constant_(head.bias, cfg.head_init_bias)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(enable=True)
+    disable_own_schedule(model)  # the run's recipe ramps and re-clusters the layers
     return model
 
 

@@ -11,6 +11,7 @@ from timm.models import get_pretrained_cfg
 import dropcluster_timm  # noqa: F401  registers the models
 from dropcluster_timm import dropcluster_layers, set_drop_prob, update_clusters
 from dropcluster_timm.clustering.engine import grid_cluster_map
+from dropcluster_timm.layers.drop_cluster_modules import LAYER_BUFFERS
 from dropcluster_timm.models.variants import load_architectures
 
 VARIANTS = ['resnet18_dropcluster', 'resnet34_dropcluster', 'resnet50_dropcluster', 'resnet101_dropcluster',
@@ -115,15 +116,23 @@ def test_drop_in_train_identity_in_eval():
     torch.testing.assert_close(model(x), reference(x))
 
 
-def test_model_kwargs_and_errors():
+def test_model_kwargs_and_errors(caplog, monkeypatch):
     model = timm.create_model('resnet18_dropcluster', dc_num_clusters=4, dc_couple_channels=True,
                               dc_cluster_method='kmeans', drop_cluster_rate=0.2)
     for _, layer in dropcluster_layers(model):
         assert (layer.num_clusters, layer.couple_channels, layer.cluster_method, layer.drop_prob) == \
             (4, True, 'kmeans', 0.2)
         assert int(layer.cluster_counts[0]) <= 4
-    with pytest.raises(ValueError, match='use drop_cluster_rate instead of drop_block_rate'):
-        timm.create_model('resnet18_dropcluster', drop_block_rate=0.1)
+    # timm's train.py --drop-block: the rate of the DropCluster layers in the DropBlock slots, logged once
+    caplog.set_level('INFO', logger='dropcluster_timm.models.variants')
+    monkeypatch.setattr('dropcluster_timm.models.variants._SLOT_RATE_LOGGED', set())  # once per process
+    for kwargs in (dict(drop_block_rate=0.15), dict(drop_block_rate=0.15, drop_cluster_rate=0.15)):
+        assert {layer.drop_prob for _, layer in dropcluster_layers(timm.create_model('resnet18_dropcluster', **kwargs))} \
+            == {0.15}
+    assert [r.message for r in caplog.records if 'drop_block_rate' in r.message] == [
+        'resnet18_dropcluster: drop_block_rate 0.15 is the rate of the DropCluster layers in its DropBlock slots']
+    with pytest.raises(ValueError, match='drop_block_rate 0.1 and drop_cluster_rate 0.2 differ'):
+        timm.create_model('resnet18_dropcluster', drop_block_rate=0.1, drop_cluster_rate=0.2)
     with pytest.raises(ValueError, match='dc_stages'):
         timm.create_model('resnet18_dropcluster', dc_stages=[5])
     with pytest.raises(ValueError, match='no DropCluster placement'):
@@ -251,9 +260,9 @@ def test_variant_is_the_base_with_dropcluster_in_the_slots(base):
     """Same parameters and buffers as timm's model (its weights load strictly), the layers' channel
     counts and grid maps fit the activations they see, and eval outputs equal the base's."""
     torch.manual_seed(0)
-    model = timm.create_model(f'{base}_dropcluster', drop_cluster_rate=0.2).eval()
+    model = timm.create_model(f'{base}_dropcluster', drop_cluster_rate=0.2, dc_ramp_steps=0).eval()
     plain = timm.create_model(base).eval()
-    state = {k: v for k, v in model.state_dict().items() if not k.endswith(('.cluster_map', '.cluster_counts'))}
+    state = {k: v for k, v in model.state_dict().items() if k.rpartition('.')[2] not in LAYER_BUFFERS}
     plain.load_state_dict(state)  # strict
     seen = {}
     layers = list(dropcluster_layers(model))
