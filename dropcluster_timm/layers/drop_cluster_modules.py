@@ -415,6 +415,9 @@ class DropClusterNd(nn.Module):
             known = counts.numel() > 0 and not counts.is_meta
             self.max_clusters = max(1, int(counts.max())) if known else 0
             self.has_undropped = bool((counts == 0).any()) if known else False
+            if known and not incoming.is_meta:  # maps from data (not a grid) are kept at the first training step
+                grid = self.grid_map(list(incoming.shape[1:]), incoming.device).to(incoming.dtype)
+                self.clustered = self.steps > 0 or incoming.shape[0] != 1 or not torch.equal(incoming, grid)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     def extra_repr(self) -> str:
