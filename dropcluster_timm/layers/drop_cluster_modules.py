@@ -61,18 +61,11 @@ class DropClusterNd(nn.Module):
             ``set_cluster_map`` and loaded state are checked against it, so a checkpoint whose maps
             do not fit fails at load rather than at the first training step. Left ``None``, the
             first ``update_clusters`` records it.
-        recluster_every: re-cluster from the layer's own input (``cluster_images`` images of it, no
-            grad) at its first training forward with a rate above 0 and every ``recluster_every``
-            training forwards after; 0: never (the maps change only through ``update_clusters``).
-            Under ``torch.distributed`` the maps of rank 0 are then broadcast, so all ranks agree.
-        ramp_steps: raise the rate linearly from 0 to ``drop_prob`` over the first ``ramp_steps``
-            training forwards (DropBlock's schedule); 0: the full rate from the start.
-        cluster_images: images of a training batch the layer clusters from.
+        recluster_every, ramp_steps, cluster_images: the layer's own schedule (``options.py``), counted
+            in training forwards by the ``num_steps`` buffer, saved with the maps; under
+            ``torch.distributed`` rank 0's new maps are broadcast.
         device: device of the cluster buffers.
         dtype: accepted for timm's factory-kwargs convention; the buffers are integer labels.
-
-    The training forwards counted for ``recluster_every`` and ``ramp_steps`` are the ``num_steps``
-    buffer, saved with the maps, so a resumed run goes on where it stopped.
     """
     spatial_dims: int = 2
     num_channels: Optional[int]  # typed for TorchScript, which would otherwise see a NoneType attribute
@@ -122,11 +115,9 @@ class DropClusterNd(nn.Module):
                             ('min_cluster_size', min_cluster_size), ('max_cluster_size', max_cluster_size)):
             if value is not None and int(value) < 1:
                 raise ValueError(f'{name} must be >= 1, got {value}')
-        for name, value in (('recluster_every', recluster_every), ('ramp_steps', ramp_steps)):
-            if int(value) < 0:
-                raise ValueError(f'{name} must be >= 0, got {value}')
-        if int(cluster_images) < 1:
-            raise ValueError(f'cluster_images must be >= 1, got {cluster_images}')
+        if min(int(recluster_every), int(ramp_steps)) < 0 or int(cluster_images) < 1:
+            raise ValueError(f'recluster_every and ramp_steps must be >= 0 and cluster_images >= 1, got '
+                             f'{recluster_every}, {ramp_steps}, {cluster_images}')
         if not 0.0 < gamma_scale <= 1.0:
             raise ValueError(f'gamma_scale must be in (0, 1], got {gamma_scale}')
         if num_channels is not None and int(num_channels) < 1:
