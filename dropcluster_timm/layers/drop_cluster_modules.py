@@ -12,6 +12,7 @@ from ..clustering.cluster_count import CLUSTER_COUNTS, gap_statistic_labels, str
 from ..clustering.engine import CLUSTER_METHODS, activation_features, cluster_features, grid_cluster_map, one_cpu_thread
 from .distributed import broadcast_cluster_map, distributed
 from .drop_cluster import DROP_MODES, LABEL_DTYPE, _cluster_values_error, drop_cluster
+from .map_copies import FollowsOriginalMaps
 from .options import option_defaults
 
 __all__ = ['DropClusterNd', 'DropCluster1d', 'DropCluster2d', 'DropCluster3d', 'LAYER_BUFFERS']
@@ -21,7 +22,7 @@ _DEFAULTS = option_defaults(alone=True)  # the option defaults of options.LAYER_
 LAYER_BUFFERS = ('cluster_map', 'cluster_counts', 'num_steps')
 
 
-class DropClusterNd(nn.Module):
+class DropClusterNd(FollowsOriginalMaps, nn.Module):
     """Shared implementation of DropCluster1d/2d/3d (``spatial_dims`` set by the subclass).
 
     Args:
@@ -334,6 +335,7 @@ class DropClusterNd(nn.Module):
         error = self._map_count_error(tuple(cluster_map.shape))
         if error is not None:
             raise ValueError('cluster_map: ' + error)
+        self.forget_original()  # a deep copy (an EMA) stops following its original's maps
         if undropped is not None:
             undropped = undropped.to(device=cluster_map.device, dtype=torch.bool)
             if undropped.shape != cluster_map.shape[:1]:
@@ -361,6 +363,7 @@ class DropClusterNd(nn.Module):
         self.has_undropped = has_undropped
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        self.forget_original()
         steps = state_dict.get(prefix + 'num_steps')
         if steps is None:  # saved before the layers counted their steps: they start counting here
             state_dict[prefix + 'num_steps'] = self.num_steps.detach().clone()

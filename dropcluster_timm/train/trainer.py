@@ -24,6 +24,7 @@ from ..evaluation.evaluate import evaluate
 from ..layers.model_helpers import ddp_ignore_cluster_buffers, dropcluster_layers, init_cluster_maps, set_drop_prob
 from . import run_folder as rf
 from .hooks import build_hooks
+from .interrupt import files_written_whole
 from .builders import (
     build_accelerator, build_ema, build_loaders, build_loss, build_model, build_optimizer, build_scheduler,
     check_batch_size, recluster, use_cpu_cores)
@@ -180,7 +181,8 @@ def _train(cfg: TrainConfig, on_step: Optional[Callable[[TrainState], None]], ru
     def checkpoint_fn(name):
         meta = {'identity': identity, 'epoch': state.epoch, 'global_step': state.global_step,
                 'step_in_epoch': state.step_in_epoch, 'global_batch_size': global_batch, 'config': cfg.to_dict()}
-        return rf.save_checkpoint(accelerator, out.output, name, meta, run_objects, keep=out.checkpoint_hist)
+        with files_written_whole():
+            return rf.save_checkpoint(accelerator, out.output, name, meta, run_objects, keep=out.checkpoint_hist)
 
     # Loop. With EMA, the EMA weights are evaluated, picked as best and published, as in timm's train.py.
     accelerator.print(f'training {cfg.model.name} ({data.num_classes} classes) for {o.epochs} epochs, '
@@ -225,24 +227,25 @@ def _train(cfg: TrainConfig, on_step: Optional[Callable[[TrainState], None]], ru
         # Learning rates are small: significant digits, not places (lr 0.0000 says nothing).
         accelerator.print(' '.join(f'{k} {v:.4g}' if k == 'lr' else f'{k} {v:.4f}' if isinstance(v, float)
                                    else f'{k} {v}' for k, v in row.items()))
-        if accelerator.is_main_process:
-            metrics.add(row)
-            published = accelerator.unwrap_model(model) if ema is None else ema.module
-            if ema is not None and num_dropcluster:
-                set_drop_prob(published, schedule.rate)  # config.json records the rate of the run
-            if evaluated:
-                results = rf.run_results(cfg, row, state, published, data,
-                                         ema_decay=o.model_ema_decay if ema is not None else None)
-                for hook in hooks:
-                    published, results = hook.publish(published, row, results)
-                last = hub.save_pretrained(published, os.path.join(out.output, 'last'), metrics=results,
-                                           data_config=data.data_config, repo_id=out.push_to_hub)
-                if is_best:
-                    hub.copy_model_folder(last, os.path.join(out.output, 'best'))
-            rf.write_run_file(out.output, cfg.to_dict(), data.splits, state, num_dropcluster)
-        if out.log_with:
-            accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=epoch)
-        checkpoint_fn(f'epoch_{epoch:04d}')
+        with files_written_whole():  # the epoch's files and checkpoint, whole even on Ctrl-C
+            if accelerator.is_main_process:
+                metrics.add(row)
+                published = accelerator.unwrap_model(model) if ema is None else ema.module
+                if ema is not None and num_dropcluster:
+                    set_drop_prob(published, schedule.rate)  # config.json records the rate of the run
+                if evaluated:
+                    results = rf.run_results(cfg, row, state, published, data,
+                                             ema_decay=o.model_ema_decay if ema is not None else None)
+                    for hook in hooks:
+                        published, results = hook.publish(published, row, results)
+                    last = hub.save_pretrained(published, os.path.join(out.output, 'last'), metrics=results,
+                                               data_config=data.data_config, repo_id=out.push_to_hub)
+                    if is_best:
+                        hub.copy_model_folder(last, os.path.join(out.output, 'best'))
+                rf.write_run_file(out.output, cfg.to_dict(), data.splits, state, num_dropcluster)
+            if out.log_with:
+                accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=epoch)
+            checkpoint_fn(f'epoch_{epoch:04d}')
 
     # Save: the model folders are written every epoch; publish the best one. (The caller ends the
     # accelerator: trackers and process group stay up for whatever it does with the trained model.)

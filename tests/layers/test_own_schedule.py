@@ -131,3 +131,42 @@ def test_the_guides_own_training_blocks_run_as_written():
         exec(compile(block, 'docs/training.md', 'exec'), scope)
         layers = [layer for _, layer in dropcluster_layers(scope['model'])]
         assert all(layer.steps == 5 and layer.clustered for layer in layers)
+
+
+@pytest.mark.parametrize('force_cpu', [False, True])
+def test_timms_model_ema_follows_the_maps_as_they_change_shape(tmp_path, force_cpu):
+    from timm.utils import ModelEmaV3
+    torch.manual_seed(0)
+    model = timm.create_model('resnet18_dropcluster', num_classes=4, drop_block_rate=0.2, dc_recluster_every=3,
+                              dc_cluster_images=4)
+    ema = ModelEmaV3(model, decay=0.9, device='cpu' if force_cpu else None)  # as timm's train.py: before training
+    g = torch.Generator().manual_seed(0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    for step in range(1, 8):  # 64 px: the maps made for 224 px become 4x4 and 2x2 maps, one per channel
+        loss = F.cross_entropy(model(torch.randn(4, 3, 64, 64, generator=g)), torch.randint(0, 4, (4,), generator=g))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        ema.update(model, step=step)
+    for (_, a), (_, b) in zip(dropcluster_layers(model), dropcluster_layers(ema.module)):
+        assert a.cluster_map.shape[1:] in ((4, 4), (2, 2)) and torch.equal(a.cluster_map, b.cluster_map)
+        assert torch.equal(a.cluster_counts, b.cluster_counts) and int(b.num_steps) == 7
+    torch.save(ema.module.state_dict(), tmp_path / 'ema.pth')  # timm's train.py saves the EMA's state dict
+    reloaded = timm.create_model('resnet18_dropcluster', num_classes=4, drop_block_rate=0.2)
+    reloaded.load_state_dict(torch.load(tmp_path / 'ema.pth', weights_only=True))
+    assert all(torch.equal(a.cluster_map, b.cluster_map)
+               for (_, a), (_, b) in zip(dropcluster_layers(model), dropcluster_layers(reloaded)))
+
+
+def test_a_copy_that_trains_or_loads_keeps_its_own_maps():
+    import copy
+    model = timm.create_model('resnet18_dropcluster', num_classes=4, drop_block_rate=0.2, dc_recluster_every=3,
+                              dc_cluster_images=4)
+    student, teacher = copy.deepcopy(model), copy.deepcopy(model)
+    teacher.load_state_dict(model.state_dict())  # given maps of its own
+    _train(student, 2, size=96, seed=1)
+    _train(model, 2, size=64)
+    student.state_dict(), teacher.state_dict()  # where a following copy would take the model's maps
+    for (_, a), (_, s), (_, t) in zip(*(dropcluster_layers(m) for m in (model, student, teacher))):
+        assert a.cluster_map.shape[1:] in ((4, 4), (2, 2)) and s.cluster_map.shape[1:] in ((6, 6), (3, 3))
+        assert t.cluster_map.shape[1:] in ((14, 14), (7, 7))

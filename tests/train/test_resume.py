@@ -144,8 +144,11 @@ def test_ctrl_c_ends_in_one_line_naming_the_folder_to_resume(image_folder, tmp_p
     for line in proc.stdout:
         if line.startswith('epoch 0 '):  # a checkpoint exists from here on
             break
-    time.sleep(0.5)
+    time.sleep(0.1)  # while epoch 0's model folders and checkpoint are being written
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
     assert err.strip().splitlines()[-1] == f'interrupted; resume with --resume {out}' and 'Traceback' not in err
+    # The interrupt waited for the epoch's files: its checkpoint is whole, nothing half written is left.
+    assert (out / 'checkpoints' / 'epoch_0000' / 'meta.json').is_file()
+    assert not list(out.rglob('.tmp*'))
