@@ -19,14 +19,13 @@ def plot_cluster_maps(model: nn.Module, path: str, channels: int = 4) -> Optiona
     layers = [(n, l) for n, l in dropcluster_layers(unwrap_model(model)) if l.cluster_map.numel() > 0 and l.cluster_map.dim() == 3]
     if not layers:
         return None
-    try:
-        import matplotlib
+    try:  # the object API: no pyplot state, and the caller's backend (a notebook's, say) stays as it is
+        from matplotlib.figure import Figure
     except ImportError:
         return None  # optional: pip install matplotlib (or dropcluster-timm[train])
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
     cols = min(channels, max(l.cluster_map.shape[0] for _, l in layers))
-    fig, axes = plt.subplots(len(layers), cols, figsize=(2 * cols, 2 * len(layers)), squeeze=False)
+    fig = Figure(figsize=(2 * cols, 2 * len(layers)))
+    axes = fig.subplots(len(layers), cols, squeeze=False)
     for r, (name, layer) in enumerate(layers):
         maps = layer.cluster_map.detach().cpu().long()
         for c in range(cols):
@@ -39,6 +38,5 @@ def plot_cluster_maps(model: nn.Module, path: str, channels: int = 4) -> Optiona
             else:
                 ax.axis('off')
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    fig.savefig(path, dpi=80)  # a Figure of its own draws with Agg, whatever pyplot's backend is
     return path

@@ -499,3 +499,17 @@ def test_copy_model_folder_is_the_folder_of_that_save(trained, tmp_path):
     reloaded = timm.create_model(f'local-dir:{best}', pretrained=True)
     assert torch.equal(reloaded.state_dict()['layer3.0.drop_block.cluster_map'],
                        trained.state_dict()['layer3.0.drop_block.cluster_map'])
+
+
+def test_save_pretrained_leaves_the_callers_matplotlib_backend_alone(tmp_path):
+    import subprocess
+    import sys
+    code = ("import matplotlib, sys, timm, dropcluster_timm; matplotlib.use('pdf'); "
+            "from dropcluster_timm import save_pretrained; "
+            "m = timm.create_model('resnet18_dropcluster', num_classes=4, img_size=64); "
+            f"out = save_pretrained(m, {str(tmp_path / 'out')!r}); "
+            "assert (out / 'cluster_maps.png').is_file(); "
+            "print(matplotlib.get_backend(), 'matplotlib.pyplot' in sys.modules)")
+    proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ['pdf', 'False']  # the backend as the caller set it, no pyplot state
