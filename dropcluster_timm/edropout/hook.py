@@ -7,7 +7,7 @@ import torch.nn as nn
 from ..errors import TrainingError, first_line
 from ..hub.run_results import RunResults
 from ..train.config import TrainConfig
-from ..train.hooks import TrainHook
+from ..train.hooks import TrainHook, register_hook
 from .layers import add_edropout, edropout_step, make_search, set_edropout_state
 from .prune import prune_channels
 
@@ -63,3 +63,6 @@ class EDropoutHook(TrainHook):
             top1_before_pruning=results.top1, top1=row['pruned_top1'], top5=row['pruned_top5'],
             eval_loss=row['pruned_eval_loss'], kept_channels=self.search.kept_fraction(),
             edropout_steps=self.search.step)
+
+
+register_hook('edropout', EDropoutHook)

@@ -20,12 +20,11 @@ from timm.models import is_model
 from torch import Tensor
 
 from .layers import EDropout2d, edropout_layers
+from ..models.names import SLIM_SUFFIX
 from ..timm_compat import adapt_model_from_string, update_model_args
 
 __all__ = ['SLIM_SUFFIX', 'block_parts', 'prunable_blocks', 'set_block_widths', 'edropout_keep', 'magnitude_keep',
            'prune_channels', 'slim_architecture']
-
-SLIM_SUFFIX = '_slim'
 
 
 def block_parts(block: nn.Module) -> Tuple[nn.Conv2d, nn.BatchNorm2d, nn.Conv2d]:

@@ -4,6 +4,7 @@ evaluate`` command line calls ``evaluate_checkpoint``.
 """
 import json
 import os
+import re
 import sys
 from typing import Any, Dict, Optional, Sequence
 
@@ -20,6 +21,7 @@ from timm.utils import accuracy
 from .corruptions import SEVERITIES, check_corruptions, corruption_accuracy
 from .data import EMBEDDED_DATASET, class_names, make_dataset, num_classes_of
 from ..errors import TrainingError, first_line
+from ..models.names import register_architecture
 
 __all__ = ['evaluate', 'evaluate_checkpoint', 'default_eval_dataset', 'format_corruption_report']
 
@@ -75,7 +77,13 @@ def evaluate_checkpoint(
     if not dataset and not data_dir:
         dataset = default_eval_dataset(checkpoint)
     try:
-        model = timm.create_model(name, pretrained=True)
+        try:
+            model = timm.create_model(name, pretrained=True)
+        except RuntimeError as e:  # an architecture of an opt-in package (a pruned *_slim ResNet)
+            unknown = re.fullmatch(r'Unknown model \((\S+)\)', str(e))
+            if not unknown or not register_architecture(unknown.group(1)):
+                raise
+            model = timm.create_model(name, pretrained=True)
     except Exception as e:
         raise TrainingError(f'cannot load {checkpoint!r}: {first_line(e)}') from e
     data_config = resolve_data_config({'img_size': img_size} if img_size else {}, model=model)

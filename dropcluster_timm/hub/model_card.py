@@ -25,7 +25,7 @@ from huggingface_hub import EvalResult, ModelCardData
 from timm.models import get_pretrained_cfg, list_pretrained
 
 from .model_stats import format_stat, model_stats
-from ..edropout.prune import SLIM_SUFFIX
+from ..models.names import SLIM_SUFFIX, register_architecture
 from .run_results import RunResults, check_results_table, format_results_table, load_metrics, load_results_table
 # timm's card writer has no public name; its README layout is the one timm's own weights show on the Hub.
 from ..layers.options import LAYER_OPTIONS
@@ -116,6 +116,7 @@ def build_model_card(
         tables: results tables (``load_results_table``), each a section of the comparison, in order.
         cluster_maps: file name of a cluster-map picture next to the card, shown in it.
     """
+    register_architecture(model_name.split('.')[0])  # a pruned *_slim ResNet: its opt-in package, on demand
     if not timm.is_model(model_name.split('.')[0]):
         raise ValueError(f'unknown model {model_name!r}; did you `import dropcluster_timm`?')
     arch = model_name.split('.')[0]

@@ -1,5 +1,6 @@
 """ Optional methods join training through hooks: the loop and the trainer call every hook at a few
 points and carry no branch of their own for any method."""
+import importlib
 from typing import Any, Callable, Dict, List, Tuple
 
 import torch.nn as nn
@@ -7,7 +8,7 @@ import torch.nn as nn
 from ..hub.run_results import RunResults
 from .config import TrainConfig
 
-__all__ = ['TrainHook', 'build_hooks']
+__all__ = ['TrainHook', 'build_hooks', 'register_hook', 'HOOK_MODULES']
 
 
 class TrainHook:
@@ -32,10 +33,24 @@ class TrainHook:
         return model, results
 
 
+# The optional methods: the config section that switches one on, and the module that registers its
+# hook when imported. Only a method that is switched on is imported, so training without it never
+# loads its package (nor the models that package registers).
+HOOK_MODULES = {'edropout': 'dropcluster_timm.edropout.hook'}
+_HOOKS: Dict[str, Callable[[TrainConfig, nn.Module], TrainHook]] = {}
+
+
+def register_hook(name: str, factory: Callable[[TrainConfig, nn.Module], TrainHook]) -> None:
+    """Make ``factory(cfg, model)`` the hook of the method whose config section is ``name``."""
+    _HOOKS[name] = factory
+
+
 def build_hooks(cfg: TrainConfig, model: nn.Module) -> List[TrainHook]:
     """The hooks of the optional methods ``cfg`` switches on, set up on ``model`` before training."""
     hooks: List[TrainHook] = []
-    if cfg.edropout.enabled:
-        from ..edropout.hook import EDropoutHook  # the opt-in part is imported only when used
-        hooks.append(EDropoutHook(cfg, model))
+    for name, module in HOOK_MODULES.items():
+        if getattr(cfg, name).enabled:
+            if name not in _HOOKS:
+                importlib.import_module(module)  # registers the hook
+            hooks.append(_HOOKS[name](cfg, model))
     return hooks

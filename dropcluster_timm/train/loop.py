@@ -21,7 +21,7 @@ class TrainState:
         self.step_in_epoch = 0  # batches of ``epoch`` already done
         self.global_step = 0  # batches done in all
         self.num_updates = 0  # optimizer steps done
-        self.best_top1 = None  # of the published weights (EMA when EMA is on)
+        self.best_metric = None  # the run's eval metric (run_folder.best_metric_name) of the published weights
         self.best_epoch = None
         self.peak_drop_rate = 0.0  # what the run really did with DropCluster, for run.json and cards
         self.reclusterings = 0

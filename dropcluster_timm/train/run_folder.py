@@ -33,7 +33,7 @@ from .run_state import STATE_JSON, STATE_TENSORS, save_run_state
 __all__ = [
     'CHECKPOINT_DIR', 'RUN_FILE', 'META_FILE', 'write_text_atomic', 'write_json_atomic', 'list_checkpoints', 'find_checkpoint',
     'check_checkpoint_files', 'load_checkpoint', 'read_meta', 'run_identity', 'check_resume', 'check_output',
-    'RESULTS', 'RECORDS', 'run_results_in', 'clear_results', 'write_run_file',
+    'RESULTS', 'RECORDS', 'run_results_in', 'clear_results', 'write_run_file', 'best_metric_name', 'read_progress',
     'write_args_file',
     'save_checkpoint', 'MetricsLog', 'run_results',
 ]
@@ -277,7 +277,7 @@ def write_run_file(output: str, config: Dict[str, Any], data_splits: Dict[str, s
                    state: Optional[TrainState] = None, num_dropcluster_layers: int = 0,
                    resumed: Optional[Dict[str, Any]] = None) -> None:
     """Record the run in ``run.json`` (main process): its settings, the data it read and, as it goes,
-    what it really did (epochs done, best top-1, peak DropCluster rate, re-clusterings). ``resumed``
+    what it really did (epochs done, best value of the eval metric, peak DropCluster rate, re-clusterings). ``resumed``
     (checkpoint, position, settings changed from the command line) joins the list of the run's resumes."""
     os.makedirs(output, exist_ok=True)
     path = os.path.join(output, RUN_FILE)
@@ -291,13 +291,34 @@ def write_run_file(output: str, config: Dict[str, Any], data_splits: Dict[str, s
     if resumes:
         record['resumes'] = resumes
     if state is not None:
-        record['progress'] = {'epochs_done': state.epoch, 'best_top1': state.best_top1,
-                              'best_epoch': state.best_epoch}
+        record['progress'] = {'epochs_done': state.epoch, 'eval_metric': best_metric_name(config),
+                              'best_metric': state.best_metric, 'best_epoch': state.best_epoch}
         if num_dropcluster_layers:
             record['dropcluster'] = {'layers': num_dropcluster_layers, 'peak_rate': state.peak_drop_rate,
                                      'reclusterings': state.reclusterings,
                                      'soft_resets': state.soft_resets}
     write_json_atomic(path, record)
+
+
+def best_metric_name(config: Dict[str, Any]) -> str:
+    """The row key that picks ``best/`` for a run's config (``TrainConfig.to_dict()``): ``top1``,
+    ``eval_loss``, ..., prefixed ``ema_`` when the EMA weights are evaluated and published."""
+    optim = config.get('optim', {})
+    metric = optim.get('eval_metric', 'top1')
+    metric = 'eval_loss' if 'loss' in metric else metric
+    return ('ema_' if optim.get('model_ema') else '') + metric
+
+
+def read_progress(output: str) -> Dict[str, Any]:
+    """The ``progress`` of a run folder's ``run.json`` (empty before the first epoch ends); files
+    written before the best metric had its own name (``best_top1``, whatever the metric) are read
+    as ``best_metric`` with the ``eval_metric`` of their config."""
+    record = _read_json(os.path.join(output, RUN_FILE))
+    progress = dict(record.get('progress') or {})
+    if 'best_top1' in progress and 'best_metric' not in progress:
+        progress['best_metric'] = progress.pop('best_top1')
+        progress['eval_metric'] = best_metric_name(record.get('config') or {})
+    return progress
 
 
 def write_args_file(output: str, args_yaml: str) -> None:

@@ -93,6 +93,8 @@ def _decode(value: Any, expected: Any, path: str, tensors: Dict[str, torch.Tenso
 # Saved by earlier versions and no longer loaded: the LR scheduler's state is its settings, which a
 # resumed run takes from the command line.
 NOT_LOADED = ('lr_scheduler',)
+# Renamed since earlier versions: (object, old key) -> new key.
+RENAMED = {('state', 'best_top1'): 'best_metric'}
 
 
 def load_run_state(folder: str, objects: Dict[str, Any]) -> None:
@@ -104,6 +106,10 @@ def load_run_state(folder: str, objects: Dict[str, Any]) -> None:
         tensors = load_file(os.path.join(folder, STATE_TENSORS))
         if isinstance(data, dict):
             data = {k: v for k, v in data.items() if k not in NOT_LOADED}
+            for (name, key), new_key in RENAMED.items():
+                entry = data.get(name)
+                if isinstance(entry, dict) and key in entry and new_key not in entry:
+                    data[name] = {(new_key if k == key else k): v for k, v in entry.items()}
         if not isinstance(data, dict) or set(data) != set(objects):
             raise _Refused(f'expected the states of {sorted(objects)}, got '
                            f'{sorted(data) if isinstance(data, dict) else type(data).__name__}')

@@ -189,8 +189,8 @@ def _train(cfg: TrainConfig, on_step: Optional[Callable[[TrainState], None]], ru
                       f'{steps_per_epoch} batches per epoch on {accelerator.num_processes} process(es); '
                       f'train {data.splits["train"]} ({len(data.train)} images), '
                       f'validation {data.splits["validation"]} ({len(data.eval)} images); {schedule}')
-    metric = 'eval_loss' if 'loss' in o.eval_metric else o.eval_metric
-    best_key, lower_is_better = ('' if ema is None else 'ema_') + metric, metric == 'eval_loss'
+    best_key = rf.best_metric_name(cfg.to_dict())
+    lower_is_better = best_key.endswith('eval_loss')
     while state.epoch < o.epochs:
         epoch, start = state.epoch, time.time()
         train_loader.set_epoch(epoch)
@@ -220,10 +220,10 @@ def _train(cfg: TrainConfig, on_step: Optional[Callable[[TrainState], None]], ru
                                            accelerator.unwrap_model(model) if ema is None else ema.module))
         lr_scheduler.step(epoch + 1, row.get(best_key))
         row.update({'reclustered': reclustered, 'soft_reset': reset, 'epoch_time': time.time() - start})
-        is_best = evaluated and (state.best_top1 is None or (
-            row[best_key] < state.best_top1 if lower_is_better else row[best_key] > state.best_top1))
+        is_best = evaluated and (state.best_metric is None or (
+            row[best_key] < state.best_metric if lower_is_better else row[best_key] > state.best_metric))
         if is_best:
-            state.best_top1, state.best_epoch = row[best_key], epoch
+            state.best_metric, state.best_epoch = row[best_key], epoch
         # Learning rates are small: significant digits, not places (lr 0.0000 says nothing).
         accelerator.print(' '.join(f'{k} {v:.4g}' if k == 'lr' else f'{k} {v:.4f}' if isinstance(v, float)
                                    else f'{k} {v}' for k, v in row.items()))
@@ -250,7 +250,7 @@ def _train(cfg: TrainConfig, on_step: Optional[Callable[[TrainState], None]], ru
     # Save: the model folders are written every epoch; publish the best one. (The caller ends the
     # accelerator: trackers and process group stay up for whatever it does with the trained model.)
     if accelerator.is_main_process:
-        accelerator.print(f'best {best_key} {state.best_top1:.4g} at epoch {state.best_epoch}; outputs in {out.output}')
+        accelerator.print(f'best {best_key} {state.best_metric:.4g} at epoch {state.best_epoch}; outputs in {out.output}')
         if out.push_to_hub:
             try:
                 hub.push(os.path.join(out.output, 'best'), out.push_to_hub,

@@ -37,6 +37,10 @@ def test_extending_a_finished_run_trains_with_the_command_lines_schedules(one_ep
                                                                            tmp_path):
     out = _copy(one_epoch_run, tmp_path)
     before = load_file(str(out / 'last' / 'model.safetensors'))
+    state_file = out / 'checkpoints' / 'epoch_0000' / 'run_state.json'  # as written before best_top1 was renamed
+    state = json.loads(state_file.read_text())
+    state['state']['best_top1'] = state['state'].pop('best_metric')
+    state_file.write_text(json.dumps(state))
     proc = run_in_process(_args(image_folder, out, 3, '--resume', str(out), '--drop-cluster', '0.3'))
     assert proc.returncode == 0, proc.stderr
     assert 'resume: optim.epochs 1 -> 3 (from the command line)' in proc.stdout
@@ -53,6 +57,7 @@ def test_extending_a_finished_run_trains_with_the_command_lines_schedules(one_ep
     assert record['config']['optim']['epochs'] == 3 and record['config']['dropcluster']['rate'] == 0.3
     assert record['resumes'][-1]['changed'] == {'optim.epochs': [1, 3], 'dropcluster.rate': [0.2, 0.3]}
     assert record['progress']['epochs_done'] == 3 and record['dropcluster']['peak_rate'] == pytest.approx(0.3)
+    assert record['progress']['eval_metric'] == 'top1' and record['progress']['best_metric'] == max(r['top1'] for r in rows)
 
 
 def test_a_finished_run_resumed_with_the_same_epochs_trains_nothing_and_changes_no_file(one_epoch_run, image_folder,

@@ -64,9 +64,17 @@ def test_metrics_log_keeps_the_rows_before_the_resume_point(tmp_path):
 
 def test_run_file_records_config_data_and_progress(tmp_path):
     state = TrainState()
-    state.epoch, state.best_top1, state.best_epoch, state.peak_drop_rate, state.reclusterings = 3, 50.0, 2, 0.1, 2
+    state.epoch, state.best_metric, state.best_epoch, state.peak_drop_rate, state.reclusterings = 3, 50.0, 2, 0.1, 2
     rf.write_run_file(str(tmp_path), {'optim': {'lr': 0.1}}, {'train': 'a', 'validation': 'b'}, state, 4)
     record = json.load(open(tmp_path / rf.RUN_FILE))
     assert record == {'config': {'optim': {'lr': 0.1}}, 'data': {'train': 'a', 'validation': 'b'},
-                      'progress': {'epochs_done': 3, 'best_top1': 50.0, 'best_epoch': 2},
+                      'progress': {'epochs_done': 3, 'eval_metric': 'top1', 'best_metric': 50.0, 'best_epoch': 2},
                       'dropcluster': {'layers': 4, 'peak_rate': 0.1, 'reclusterings': 2, 'soft_resets': 0}}
+
+
+@pytest.mark.parametrize('optim, metric', [({}, 'top1'), ({'eval_metric': 'loss', 'model_ema': True}, 'ema_eval_loss')])
+def test_run_files_from_before_the_best_metric_had_its_name_are_read(tmp_path, optim, metric):
+    rf.write_json_atomic(str(tmp_path / rf.RUN_FILE), {'config': {'optim': optim}, 'data': {},
+                                                       'progress': {'epochs_done': 3, 'best_top1': 0.7, 'best_epoch': 1}})
+    assert rf.read_progress(str(tmp_path)) == {'epochs_done': 3, 'eval_metric': metric, 'best_metric': 0.7,
+                                               'best_epoch': 1}
