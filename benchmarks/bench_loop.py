@@ -19,7 +19,7 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
 import dropcluster_timm  # noqa: F401  registers the models
-from dropcluster_timm.evaluation.data import DigitsDataset
+from dropcluster_timm.data import DigitsDataset
 from dropcluster_timm.train import (
     DropClusterConfig, DropClusterRecipe, OutputConfig, TrainConfig, TrainState, train_one_epoch)
 from timm import create_model

@@ -31,15 +31,16 @@ from typing import Any, Dict, List, Optional, Tuple
 from .evaluation.corruptions import CORRUPTIONS, SEVERITIES
 from .errors import TrainingError, check_writable_file, one_line
 
-__all__ = ['main']
+__all__ = ['main', 'build_parser']
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> Tuple[argparse.ArgumentParser, Dict[str, argparse.ArgumentParser]]:
+    """The command line's parser and its subcommands' parsers by name."""
     from .train.args import ShortErrorParser, add_train_arguments  # the train options: the only place that defines them
     parser = ShortErrorParser(prog='dropcluster-timm', description=__doc__.split('\n\n')[0].strip())
     sub = parser.add_subparsers(dest='command', required=True)  # the subcommands' parsers are of the same class
 
-    add_train_arguments(sub.add_parser(
+    train = add_train_arguments(sub.add_parser(
         'train', help='train a model with Accelerate (run under `accelerate launch` for several processes)',
         formatter_class=argparse.RawDescriptionHelpFormatter))
 
@@ -81,70 +82,68 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument('--table', action='append', default=[], metavar='MODEL=FILE',
                    help='a results table (JSON: title, description, columns, rows, notes) for the card of '
                         'MODEL; repeatable, also per model (sections in the order given)')
-    return parser
+    return parser, {'train': train, 'evaluate': e, 'push': p, 'export-plain': x, 'cards': c}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run ``dropcluster-timm ARGV``; returns the exit status (``INPUT_ERRORS`` 2, ``RUN_ERRORS`` 1)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = _parser()
+    parser, commands = build_parser()
     if argv[:1] == ['train']:  # -c config.yaml supplies defaults first, as timm's train.py
         from .train.args import parse_with_config_file
-        train_parser = next(a for a in parser._subparsers._group_actions).choices['train']
         try:
-            args = parse_with_config_file(train_parser, argv[1:])
+            args = parse_with_config_file(commands['train'], argv[1:])
         except TrainingError as e:
             print(f'error: {e}', file=sys.stderr)
             return 2
         args.command = 'train'
     else:
         args = parser.parse_args(argv)
-    if args.command in ('train', 'evaluate'):
-        try:
-            return _train(args) if args.command == 'train' else _evaluate(args)
-        except TrainingError as e:
-            print(f'error: {e}', file=sys.stderr)
-            return 2
-        except KeyboardInterrupt:
-            where = f'; resume with --resume {_output_of(args)}' if args.command == 'train' else ''
-            print(f'interrupted{where}', file=sys.stderr)
-            return 130
-    if args.command == 'push':
-        from .hub import export_plain, push
-        try:
-            with tempfile.TemporaryDirectory() as tmp:
-                folder = export_plain(args.output_dir, Path(tmp) / 'plain', repo_id=args.repo_id) \
-                    if args.push_plain else args.output_dir
-                info = push(folder, args.repo_id, private=args.private, revision=args.revision,
-                            commit_message=args.commit_message)
-        except (RuntimeError, ValueError, FileNotFoundError) as e:
-            print(f'dropcluster-timm push: error: {e}', file=sys.stderr)
-            return 1
-        print(f'pushed {args.output_dir}{" (plain)" if args.push_plain else ""} to '
-              f'{getattr(info, "commit_url", None) or args.repo_id}')
-        return 0
-    if args.command == 'export-plain':
-        from .hub import export_plain
-        try:
-            print(export_plain(args.folder, args.out, repo_id=args.repo_id, overwrite=args.overwrite))
-        except (ValueError, FileNotFoundError, RuntimeError) as e:  # RuntimeError: weights that do not load
-            print(f'dropcluster-timm export-plain: error: {one_line(e)}', file=sys.stderr)
-            return 2
-        return 0
+    try:
+        return COMMANDS[args.command](args)
+    except INPUT_ERRORS as e:
+        print(f'error: {one_line(e)}', file=sys.stderr)
+        return 2
+    except RUN_ERRORS as e:
+        print(f'error: {one_line(e)}', file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        where = f'; resume with --resume {_output_of(args)}' if args.command == 'train' else ''
+        print(f'interrupted{where}', file=sys.stderr)
+        return 130
 
+
+def _push(args: argparse.Namespace) -> int:
+    from .hub import check_push, export_plain, push
+    from .hub.save import check_model_folder
+    check_model_folder(Path(args.output_dir))  # the folder, then the credentials: input errors before any work
+    check_push(args.repo_id, '--repo-id')
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = export_plain(args.output_dir, Path(tmp) / 'plain', repo_id=args.repo_id) \
+            if args.push_plain else args.output_dir
+        info = push(folder, args.repo_id, private=args.private, revision=args.revision,
+                    commit_message=args.commit_message)
+    print(f'pushed {args.output_dir}{" (plain)" if args.push_plain else ""} to '
+          f'{getattr(info, "commit_url", None) or args.repo_id}')
+    return 0
+
+
+def _export_plain(args: argparse.Namespace) -> int:
+    from .hub import export_plain
+    print(export_plain(args.folder, args.out, repo_id=args.repo_id, overwrite=args.overwrite))
+    return 0
+
+
+def _cards(args: argparse.Namespace) -> int:
     from .hub.model_card import write_model_cards
     from .hub.run_results import load_metrics, load_results_table
     metrics: Dict[str, Dict[str, Any]] = {}
     tables: Dict[str, List[Dict[str, Any]]] = {}
-    try:
-        for name, path in _model_files('--metrics', args.metrics):
-            metrics[name] = load_metrics(path)
-        for name, path in _model_files('--table', args.table):
-            tables.setdefault(name, []).append(load_results_table(path))
-        paths = write_model_cards(args.out_dir, metrics=metrics, tables=tables)
-    except (OSError, ValueError) as e:
-        print(f'dropcluster-timm cards: error: {e}', file=sys.stderr)
-        return 2
-    for path in paths:
+    for name, path in _model_files('--metrics', args.metrics):
+        metrics[name] = load_metrics(path)
+    for name, path in _model_files('--table', args.table):
+        tables.setdefault(name, []).append(load_results_table(path))
+    for path in write_model_cards(args.out_dir, metrics=metrics, tables=tables):
         print(path)
     return 0
 
@@ -194,6 +193,14 @@ def _model_files(option: str, items: List[str]) -> List[Tuple[str, str]]:
             raise ValueError(f'{option} expects MODEL=FILE, got {item!r}')
         pairs.append((name, path))
     return pairs
+
+
+COMMANDS = {'train': _train, 'evaluate': _evaluate, 'push': _push, 'export-plain': _export_plain, 'cards': _cards}
+# One error policy for every subcommand, always one line: input and usage errors exit 2 (as argparse
+# does), a failure while working (the network, the disk, a computation) exits 1, Ctrl-C 130.
+INPUT_ERRORS = (TrainingError, ValueError, LookupError, FileNotFoundError, FileExistsError, NotADirectoryError,
+                IsADirectoryError)
+RUN_ERRORS = (RuntimeError, OSError)
 
 
 if __name__ == '__main__':

@@ -9,7 +9,7 @@ from typing import Any, Dict
 
 import timm
 
-__all__ = ['TESTED_TIMM', 'update_model_args', 'adapt_model_from_string', 'readme_body']
+__all__ = ['TESTED_TIMM', 'update_model_args', 'adapt_model_from_string', 'readme_body', 'recorded_model_args']
 
 TESTED_TIMM = ('1.0.31',)
 
@@ -34,3 +34,9 @@ def readme_body(card: Dict[str, Any], model_name: str) -> str:
         raise RuntimeError(f'timm {timm.__version__} wrote a model card without the expected "---" YAML '
                            f'header; dropcluster-timm is tested with timm {", ".join(TESTED_TIMM)}')
     return parts[2]
+
+
+def recorded_model_args(model) -> Dict[str, Any]:
+    """The arguments timm's factory recorded on ``model`` (``_model_args``), drop rates included;
+    ``timm.models.get_model_args`` leaves those out."""
+    return dict(getattr(model, '_model_args', None) or {})

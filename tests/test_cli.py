@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import timm
 import torch
 
 from dropcluster_timm.cli import main as cli_main
@@ -52,7 +53,7 @@ def test_cli_cards(tmp_path, capsys):
     for item, error in ((f'resnet34_dropcluster={bad}', 'row 0 has 2 cells'), (str(table), 'expects MODEL=FILE'),
                         (f'resnet34_dropclustr={table}', 'without a card here: resnet34_dropclustr')):
         assert cli_main(['cards', '--out-dir', str(tmp_path / 'other'), '--table', item]) == 2
-        assert 'dropcluster-timm cards: error: ' in (err := capsys.readouterr().err) and error in err, err
+        assert (err := capsys.readouterr().err).startswith('error: ') and error in err, err
     assert not (tmp_path / 'other').exists()
     with pytest.raises(SystemExit):
         cli_main(['cards', '--study', 'x.json'])  # replaced by --table
@@ -88,9 +89,8 @@ def test_an_argument_error_is_one_line(capsys):
 
 
 def test_every_flag_of_every_subcommand_has_help_text():
-    from dropcluster_timm.cli import _parser
-    parser = _parser()
-    subcommands = parser._subparsers._group_actions[0].choices
+    from dropcluster_timm.cli import build_parser
+    _, subcommands = build_parser()
     assert set(subcommands) == {'train', 'evaluate', 'push', 'export-plain', 'cards'}
     for name, sub in subcommands.items():
         missing = [a.option_strings or a.dest for a in sub._actions if not a.help]
@@ -178,3 +178,31 @@ def test_cli_evaluate_json_with_overwrite(trained, tmp_path, capsys):
     assert cli_main(['evaluate', str(src), '--dataset', 'digits', '--img-size', '32', '--json', str(tmp_path / 'r.json'),
                      '--overwrite']) == 0
     assert 'top1' in json.loads((tmp_path / 'r.json').read_text())
+
+
+@pytest.mark.parametrize('argv, code, words', [
+    (['train', '--no-such-flag'], 2, ['unrecognized arguments: --no-such-flag']),  # usage (argparse)
+    (['train', '--data-dir', '{tmp}/missing', '--output', '{tmp}/run'], 2, ['{tmp}/missing']),
+    (['evaluate', '{tmp}/missing'], 2, ['is not a model folder']),
+    (['push', '{tmp}/missing', '--repo-id', 'someorg/name'], 2, ['no such folder']),
+    (['push', '{model}', '--repo-id', 'no-org'], 2, ['--repo-id', 'org/name']),
+    (['push', '{model}', '--repo-id', 'someorg/name'], 1, ['Pushing to the Hugging Face Hub repo']),  # the Hub fails
+    (['export-plain', '{tmp}/missing', '{tmp}/plain'], 2, ['no such folder']),
+    (['export-plain', '{model}', '{model}'], 2, ['overwrite the model it reads']),
+    (['cards', '--metrics', 'nofile'], 2, ['expects MODEL=FILE']),
+    (['cards', '--out-dir', '{model}/config.json'], 2, ['config.json']),
+])
+def test_one_error_policy_for_every_subcommand(argv, code, words, tmp_path, monkeypatch, capsys):
+    """Input and usage errors exit 2, a failure while working exits 1; one line either way."""
+    model = save_pretrained(timm.create_model('resnet18_dropcluster', num_classes=2, img_size=32), tmp_path / 'model')
+    monkeypatch.setenv('HF_TOKEN', 'hf_' + 'x' * 34)
+    monkeypatch.setattr('huggingface_hub.constants.ENDPOINT', 'http://127.0.0.1:9')  # the Hub refuses connections
+    fill = lambda text: text.format(tmp=tmp_path, model=model)  # noqa: E731
+    capsys.readouterr()
+    try:
+        status = cli_main([fill(a) for a in argv])
+    except SystemExit as e:  # argparse's usage errors
+        status = e.code
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.strip()]
+    assert status == code and len(err) == 1 and 'error: ' in err[0], err
+    assert all(fill(w) in err[0] for w in words), err

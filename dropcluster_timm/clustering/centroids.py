@@ -5,7 +5,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .grid import _CHUNK_ELEMENTS, _gen_for, connected_components
+from .grid import CHUNK_ELEMENTS, generator_for, connected_components
 from .rena import rena_labels
 
 
@@ -95,7 +95,7 @@ def _update_medoids(pts: Tensor, assign: Tensor, medoids: Tensor, candidates: in
     srt_gid = gid[order]
     slots = torch.arange(m, device=device)
     cost = torch.zeros(G * k * m, device=device)                  # (cluster, candidate slot)
-    step = max(1, _CHUNK_ELEMENTS // max(m * Dp, 1))
+    step = max(1, CHUNK_ELEMENTS // max(m * Dp, 1))
     for r0 in range(0, G * N, step):
         c = srt_gid[r0:r0 + step]
         cand = start[c][:, None] + torch.minimum(slots, cnt[c][:, None] - 1)   # sorted rows of candidates
@@ -177,14 +177,14 @@ def _kmeanspp_seeds(pts: Tensor, k: int, generator: Optional[torch.Generator]) -
     G, N, _ = pts.shape
     device = pts.device
     rows = torch.arange(G, device=device)
-    first = torch.randint(N, (G,), generator=_gen_for(generator, device), device=device)
+    first = torch.randint(N, (G,), generator=generator_for(generator, device), device=device)
     picks = [first]
     # |x - c|^2 = |x|^2 - 2 x.c + |c|^2: a (G, N) matrix-vector product a step instead of a (G, N, D)
     # difference, which made the seeding most of the k-means time.
     sq = pts.square().sum(-1)
     mind = (sq - 2 * torch.bmm(pts, pts[rows, first][:, :, None]).squeeze(2) + sq[rows, first][:, None]).clamp_min(0)
     for _ in range(1, k):
-        pick = torch.multinomial(mind + 1e-12, 1, generator=_gen_for(generator, device)).squeeze(1)
+        pick = torch.multinomial(mind + 1e-12, 1, generator=generator_for(generator, device)).squeeze(1)
         picks.append(pick)
         d = sq - 2 * torch.bmm(pts, pts[rows, pick][:, :, None]).squeeze(2) + sq[rows, pick][:, None]
         mind = torch.minimum(mind, d.clamp_min(0))
@@ -207,7 +207,7 @@ def random_labels(
 ) -> Tensor:
     """Random connected partitions: agglomeration of random pixel features."""
     n = math.prod(spatial)
-    feats = torch.rand(num_maps, n, 4, generator=_gen_for(generator, device), device=device)
+    feats = torch.rand(num_maps, n, 4, generator=generator_for(generator, device), device=device)
     return rena_labels(feats, spatial, num_clusters, linkage='centroid')
 
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .engine import cluster_features
-from .grid import _gen_for
+from .grid import generator_for
 from .rena import rena_labels
 
 __all__ = ['CLUSTER_COUNTS', 'candidate_counts', 'gap_statistic_labels', 'smooth_references', 'spatial_hopkins', 'structured_maps']
@@ -155,7 +155,7 @@ def smooth_references(
     G, N, D = feats.shape
     device = feats.device
     spatial = list(spatial)
-    gen = _gen_for(generator, device)
+    gen = generator_for(generator, device)
     p, q, r = _neighbour_pairs(spatial, 512, generator, device)
     target = _pair_ratio(feats.float(), p, q, r)  # (G,)
 
@@ -190,7 +190,7 @@ def _pair_ratio(feats: Tensor, p: Tensor, q: Tensor, r: Tensor) -> Tensor:
 def _neighbour_pairs(spatial: Sequence[int], num_samples: int, generator, device) -> Tuple[Tensor, Tensor, Tensor]:
     """Random pixels, one random grid neighbour of each, and another random pixel of each."""
     n = math.prod(spatial)
-    gen = _gen_for(generator, device)
+    gen = generator_for(generator, device)
     p = torch.randint(n, (num_samples,), generator=gen, device=device)
     axis = torch.randint(len(spatial), (num_samples,), generator=gen, device=device)
     step = torch.randint(2, (num_samples,), generator=gen, device=device) * 2 - 1
@@ -250,7 +250,7 @@ def structured_maps(
     num_perms = max(1, math.ceil(1.0 / alpha) - 1)
     null_max = torch.full_like(observed, -1.0)
     for _ in range(num_perms):
-        perm = torch.randperm(N, generator=_gen_for(generator, device), device=device)
+        perm = torch.randperm(N, generator=generator_for(generator, device), device=device)
         # Permuting the pixels and then taking the same pairs = taking the pairs through perm.
         null_max = torch.maximum(null_max, _pair_ratio(feats, perm[p], perm[q], perm[r]))
     return observed > null_max

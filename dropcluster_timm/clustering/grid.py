@@ -7,7 +7,7 @@ from torch import Tensor
 
 
 # Edge costs are computed in chunks of this many (edge x feature) elements to bound memory.
-_CHUNK_ELEMENTS = 1 << 24
+CHUNK_ELEMENTS = 1 << 24
 
 
 def grid_cluster_map(spatial: List[int], num_clusters: int, device: Optional[torch.device] = None) -> Tensor:
@@ -81,7 +81,7 @@ def connected_components(labels: Tensor, spatial: Sequence[int]) -> Tensor:
     return local.view(-1)[comp].view(G, N)
 
 
-def _gen_for(generator: Optional[torch.Generator], device) -> Optional[torch.Generator]:
+def generator_for(generator: Optional[torch.Generator], device) -> Optional[torch.Generator]:
     # torch samplers need a generator on the tensor's device; fall back to the global RNG otherwise.
     if generator is None:
         return None

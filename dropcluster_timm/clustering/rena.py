@@ -4,7 +4,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .grid import _CHUNK_ELEMENTS, grid_edges
+from .grid import CHUNK_ELEMENTS, grid_edges
 
 
 def rena_labels(
@@ -125,12 +125,12 @@ def rena_labels(
 
 
 # CPU chunks of this many (edge x feature) elements stay in cache and spare the page faults of
-# fresh large buffers: several times faster than one chunk of `_CHUNK_ELEMENTS`.
+# fresh large buffers: several times faster than one chunk of `CHUNK_ELEMENTS`.
 _CPU_CHUNK_ELEMENTS = 1 << 19
 
 
 def _chunk_rows(device: torch.device, D: int) -> int:
-    return max(1, (_CPU_CHUNK_ELEMENTS if device.type == 'cpu' else _CHUNK_ELEMENTS) // max(D, 1))
+    return max(1, (_CPU_CHUNK_ELEMENTS if device.type == 'cpu' else CHUNK_ELEMENTS) // max(D, 1))
 
 
 def _grid_edge_sqdist(feats: Tensor, spatial: Sequence[int]) -> List[Tuple[Tensor, Tensor, int]]:

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .layers import EDropout2d, edropout_layers
 from ..models.names import SLIM_SUFFIX
-from ..timm_compat import adapt_model_from_string, update_model_args
+from ..timm_compat import adapt_model_from_string, recorded_model_args, update_model_args
 
 __all__ = ['SLIM_SUFFIX', 'block_parts', 'prunable_blocks', 'set_block_widths', 'edropout_keep', 'magnitude_keep',
            'prune_channels', 'slim_architecture']
@@ -155,7 +155,7 @@ def prune_channels(model: nn.Module, keep: Optional[Dict[str, Tensor]] = None) -
         if mask.numel() != block_parts(blocks[name])[0].out_channels or not mask.any():
             raise ValueError(f'keep[{name!r}] must be a non-empty state over the block\'s '
                              f'{block_parts(blocks[name])[0].out_channels} channels')
-    widths = dict(getattr(plain, '_model_args', {}).get('block_widths') or {})
+    widths = dict(recorded_model_args(plain).get('block_widths') or {})
     widths.update({name: int(mask.sum()) for name, mask in keep.items()})
     slim = set_block_widths(plain, {name: int(mask.sum()) for name, mask in keep.items()})
     names = {id(m): n for n, m in plain.named_modules()}

@@ -1,1 +1,1 @@
-""" Data sets and transforms, evaluation of saved models, and accuracy under common corruptions."""
+""" Evaluation of saved models, and accuracy under common corruptions."""

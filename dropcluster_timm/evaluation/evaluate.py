@@ -19,7 +19,7 @@ from timm.data import create_transform, resolve_data_config
 from timm.utils import accuracy
 
 from .corruptions import SEVERITIES, check_corruptions, corruption_accuracy
-from .data import EMBEDDED_DATASET, class_names, make_dataset, num_classes_of
+from ..data import EMBEDDED_DATASET, class_names, make_dataset, num_classes_of
 from ..errors import TrainingError, first_line
 from ..models.names import register_architecture
 

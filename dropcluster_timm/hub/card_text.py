@@ -20,7 +20,7 @@ PAPERS = {
 
 
 # bibtex by paper; plain timm models cite timm (and DropBlock when trained with it) only
-_CITATIONS = {
+CITATIONS_BY_PAPER = {
     'dropcluster': """@article{chen2020dropcluster,
   title={DropCluster: A structured dropout for convolutional networks},
   author={Chen, Liyan and Gautier, Philip and Aydore, Sergul},
@@ -52,7 +52,7 @@ _CITATIONS = {
 }
 
 
-CITATIONS = list(_CITATIONS.values())
+CITATIONS = list(CITATIONS_BY_PAPER.values())
 
 
 NO_RESULTS = ('No DropCluster-trained weights are published yet, so there are no results for this model. '
@@ -81,7 +81,7 @@ def training_notes(model_name: str, metrics: RunResults, dropcluster: bool) -> s
     elif metrics.epochs:
         text += f' for {metrics.epochs} epochs'
     if metrics.img_size:
-        text += f' at {_size_text(metrics.img_size)} px'
+        text += f' at {size_text(metrics.img_size)} px'
     text += '.'
     peak, count = metrics.peak_drop_rate, metrics.reclusterings
     if not dropcluster:
@@ -110,7 +110,7 @@ def training_notes(model_name: str, metrics: RunResults, dropcluster: bool) -> s
     return text
 
 
-def _size_text(size: Union[int, Sequence[int]]) -> str:
+def size_text(size: Union[int, Sequence[int]]) -> str:
     h, w = (size, size) if isinstance(size, int) else size[-2:]
     return f'{h} x {w}'
 
@@ -132,7 +132,7 @@ dropcluster_timm.set_drop_prob(model, 0.1)  # or follow a schedule
 """
 
 
-def _usage(model_id: str, dropcluster: bool, slim: bool = False) -> str:
+def usage_text(model_id: str, dropcluster: bool, slim: bool = False) -> str:
     """The Model Usage section. ``model_id``: a registered name, ``hf-hub:org/name`` for pushed
     weights or ``LOCAL_MODEL_ID`` for weights not pushed yet; ``dropcluster``: the architecture is a
     DropCluster model (needs this package); ``slim``: a channel-pruned ``*_slim`` ResNet (timm's own
@@ -235,7 +235,7 @@ output = model.forward_head(output, pre_logits=True)  # a (1, num_features) tens
 """ + ('\n' + _TRAINING_USAGE.format(model_id=model_id) if dropcluster else '')
 
 
-def _results(model_name: str, metrics: Optional[RunResults], dropcluster: bool) -> str:
+def results_text(model_name: str, metrics: Optional[RunResults], dropcluster: bool) -> str:
     if not metrics:
         return (NO_RESULTS if dropcluster else NO_RUN_RESULTS) + '\n'
     size = metrics.img_size

@@ -32,7 +32,8 @@ from ..layers.options import LAYER_OPTIONS
 from ..models.variants import describe_placement
 from ..timm_compat import readme_body
 from .card_text import (
-    CITATIONS, LOCAL_MODEL_ID, NO_RUN_RESULTS, PAPERS, _CITATIONS, _results, _size_text, _usage, training_notes)
+    CITATIONS, CITATIONS_BY_PAPER, LOCAL_MODEL_ID, NO_RUN_RESULTS, PAPERS, results_text, size_text, usage_text,
+    training_notes)
 
 __all__ = ['CARD_MODELS', 'model_stats', 'format_stat', 'RunResults', 'load_metrics', 'training_notes',
            'is_dropcluster_architecture', 'check_results_table', 'load_results_table', 'build_model_card',
@@ -131,7 +132,7 @@ def build_model_card(
             'Params (M)': format_stat(stats['params_m']),
             'GMACs': format_stat(stats['gmacs']),
             'Activations (M)': format_stat(stats['activations_m']),
-            'Image size': _size_text(stats['img_size']),
+            'Image size': size_text(stats['img_size']),
         },
     }
     if dropcluster:
@@ -153,7 +154,7 @@ def build_model_card(
     else:
         drop_block = bool((metrics.drop_block_rate if metrics else None))
         details['Papers'] = [f'{t}: {u}' for t, u in PAPERS.items() if drop_block and t.startswith('DropBlock')]
-        citations = [_CITATIONS['timm']] + ([_CITATIONS['dropblock']] if drop_block else [])
+        citations = [CITATIONS_BY_PAPER['timm']] + ([CITATIONS_BY_PAPER['dropblock']] if drop_block else [])
         if not details['Papers']:
             del details['Papers']
     if metrics and metrics.pruned_from:
@@ -194,8 +195,8 @@ def build_model_card(
         'license': license,
         'description': description,
         'details': details,
-        'usage': _usage(model_id, dropcluster, slim=arch.endswith(SLIM_SUFFIX)),
-        'comparison': '\n'.join([_results(model_name, metrics, dropcluster)]
+        'usage': usage_text(model_id, dropcluster, slim=arch.endswith(SLIM_SUFFIX)),
+        'comparison': '\n'.join([results_text(model_name, metrics, dropcluster)]
                                  + [format_results_table(t) for t in tables]),
         'citation': citations,
         'card_data': _card_data(model_name, metrics, dropcluster, license),

@@ -9,10 +9,22 @@ from typing import Any, Dict, Optional, Union
 import torch.nn as nn
 from huggingface_hub import HfApi, get_token
 
+from ..errors import TrainingError
 from .model_card import CARD_MARKER
-from .save import UPLOAD_FILES, _check_folder, _check_repo_id, _folder_card, save_pretrained
+from .save import UPLOAD_FILES, check_model_folder, check_repo_id, folder_card, save_pretrained
 
-__all__ = ['push', 'resolve_push_token']
+__all__ = ['push', 'resolve_push_token', 'check_push']
+
+
+def check_push(repo_id: str, flag: str = '--push-to-hub') -> None:
+    """``TrainingError`` (one line, naming ``flag``) unless pushing to ``repo_id`` can work: a valid
+    id and credentials. Checked before any work."""
+    try:
+        resolve_push_token(repo_id)
+    except ValueError as e:
+        raise TrainingError(f'{flag}: {e}') from e
+    except RuntimeError as e:
+        raise TrainingError(f'{flag} needs Hugging Face credentials: {e}') from e
 
 
 def resolve_push_token(repo_id: str, token: Optional[str] = None) -> str:
@@ -20,7 +32,7 @@ def resolve_push_token(repo_id: str, token: Optional[str] = None) -> str:
 
     Raises ``ValueError`` for a malformed repo id and ``RuntimeError`` without credentials.
     """
-    _check_repo_id(repo_id)
+    check_repo_id(repo_id)
     token = token or get_token()
     if not token:
         # worded for the Python API and the `dropcluster-timm push` command alike (the CLI takes no token)
@@ -40,7 +52,7 @@ def _stage_card(folder: Path, repo_id: str, staging: Path) -> Path:
     for name in UPLOAD_FILES:
         if name != 'README.md' and (folder / name).is_file():
             (staging / name).symlink_to((folder / name).resolve())
-    (staging / 'README.md').write_text(_folder_card(folder, repo_id), encoding='utf-8')
+    (staging / 'README.md').write_text(folder_card(folder, repo_id), encoding='utf-8')
     return staging
 
 
@@ -71,9 +83,9 @@ def push(
     Returns:
         the ``CommitInfo`` of the upload.
     """
-    _check_repo_id(repo_id)
+    check_repo_id(repo_id)
     if not isinstance(model_or_folder, nn.Module):
-        _check_folder(Path(model_or_folder))  # a missing or broken folder is reported before credentials
+        check_model_folder(Path(model_or_folder))  # a missing or broken folder is reported before credentials
     token = resolve_push_token(repo_id, token)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -81,7 +93,7 @@ def push(
             folder = save_pretrained(model_or_folder, Path(tmp) / 'model', metrics=metrics, repo_id=repo_id)
         else:
             folder = _stage_card(Path(model_or_folder), repo_id, Path(tmp) / 'model')
-        _check_folder(folder)
+        check_model_folder(folder)
 
         api = HfApi(token=token, library_name='dropcluster-timm')
         try:

@@ -27,11 +27,12 @@ from timm.models import get_model_args, save_for_hf
 from .model_card import CLUSTER_MAPS_IMAGE, is_dropcluster_architecture, render_model_card, training_notes
 from .run_results import RunResults, load_metrics
 from ..models import dropcluster_model_args
-from ..errors import first_line
+from ..errors import one_line, first_line
 from ..models.variants import plain_architecture, plain_state_dict
 from .pictures import plot_cluster_maps
 
-__all__ = ['save_pretrained', 'copy_model_folder', 'export_plain', 'UPLOAD_FILES']
+__all__ = ['save_pretrained', 'copy_model_folder', 'export_plain', 'UPLOAD_FILES', 'check_model_folder', 'check_repo_id',
+           'folder_card']
 
 # Everything push uploads; pickle-based weight files are never among them.
 UPLOAD_FILES = ('config.json', 'model.safetensors', 'README.md', 'metrics.json', CLUSTER_MAPS_IMAGE)
@@ -80,7 +81,7 @@ def save_pretrained(
     else:
         results = RunResults.from_dict(metrics) if metrics else None  # checked before anything is written
     if repo_id is not None:
-        _check_repo_id(repo_id)
+        check_repo_id(repo_id)
     # the current drop rate, which set_drop_prob may have changed; timm records the other arguments
     model_args = dropcluster_model_args(model)
     weights_cfg = _weights_cfg(model, results) if results else model.pretrained_cfg
@@ -281,13 +282,16 @@ def export_plain(
         _check_destination(Path(save_directory), overwrite)
     else:
         folder = Path(model_or_folder)
-        _check_folder(folder)
+        check_model_folder(folder)
         out = Path(save_directory).resolve()
         if out == folder.resolve() or out in folder.resolve().parents:
             raise ValueError(f'the output {save_directory} is or contains the source folder {folder}: '
                              'the export would overwrite the model it reads; give another folder')
         _check_destination(Path(save_directory), overwrite)
-        model = timm.create_model(f'local-dir:{folder}', pretrained=True)
+        try:
+            model = timm.create_model(f'local-dir:{folder}', pretrained=True)
+        except RuntimeError as e:  # weights that do not load (torch's state-dict error): bad input
+            raise ValueError(one_line(e)) from e
         if (folder / 'metrics.json').is_file():
             metrics = load_metrics(folder / 'metrics.json')
     arch = _architecture(model)
@@ -306,7 +310,7 @@ def _check_destination(out: Path, overwrite: bool) -> None:
         raise ValueError(f'{out} exists ({what}); give another folder, or replace it with --overwrite')
 
 
-def _folder_card(folder: Path, repo_id: Optional[str]) -> str:
+def folder_card(folder: Path, repo_id: Optional[str]) -> str:
     """The card of a saved folder, from what it holds (config.json, the run's metrics file,
     cluster_maps.png): push renders it for the repo it uploads to."""
     config = json.loads((folder / 'config.json').read_text())
@@ -322,7 +326,7 @@ def _folder_card(folder: Path, repo_id: Optional[str]) -> str:
     )
 
 
-def _check_folder(folder: Path) -> Dict[str, Any]:
+def check_model_folder(folder: Path) -> Dict[str, Any]:
     """Validate a saved folder; returns its config."""
     if not folder.is_dir():
         raise FileNotFoundError(f'{folder}: no such folder (expected one written by dropcluster_timm.hub.save_pretrained)')
@@ -349,7 +353,7 @@ def _check_folder(folder: Path) -> Dict[str, Any]:
     return config
 
 
-def _check_repo_id(repo_id: str) -> None:
+def check_repo_id(repo_id: str) -> None:
     """Raise ``ValueError`` unless ``repo_id`` is a valid ``org/name`` (huggingface_hub's own rules;
     push needs the owner spelled out)."""
     if not isinstance(repo_id, str) or repo_id.count('/') != 1 or not all(repo_id.split('/')):

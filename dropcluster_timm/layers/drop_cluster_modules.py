@@ -11,7 +11,7 @@ from timm.layers import register_notrace_module
 from ..clustering.cluster_count import CLUSTER_COUNTS, gap_statistic_labels, structured_maps
 from ..clustering.engine import CLUSTER_METHODS, activation_features, cluster_features, grid_cluster_map, one_cpu_thread
 from .distributed import broadcast_cluster_map, distributed
-from .drop_cluster import DROP_MODES, LABEL_DTYPE, _cluster_values_error, drop_cluster
+from .drop_cluster import DROP_MODES, LABEL_DTYPE, cluster_values_error, drop_cluster
 from .map_copies import FollowsOriginalMaps
 from .options import option_defaults
 
@@ -395,7 +395,7 @@ class DropClusterNd(FollowsOriginalMaps, nn.Module):
                                   f'{incoming.shape[0]} maps of cluster_map {tuple(incoming.shape)}, '
                                   f'expected one count per map')
                 return
-            error = _cluster_values_error(incoming, counts)
+            error = cluster_values_error(incoming, counts)
             if error is not None:  # a file from outside: the values must be what set_cluster_map makes
                 error_msgs.append(f'{prefix}{error}')
                 return

@@ -22,6 +22,8 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from .cluster_mask import cluster_keep_mask
+
 try:
     import triton
     import triton.language as tl
@@ -70,20 +72,10 @@ def _check_args(x: Tensor, idx: Tensor, keep: Tensor) -> int:
     return n
 
 
-def _mask(x: Tensor, idx: Tensor, keep: Tensor) -> Tensor:
-    """The ``(draws, G, *spatial)`` mask of ``drop_cluster``."""
-    draws = keep.shape[0]
-    G = keep.shape[1]
-    spatial: List[int] = list(x.shape[2:])
-    # Cast the (draws, G, K) table, not the gathered mask: the same values either way, less work.
-    table = keep.to(x.dtype)
-    return table.gather(2, idx.long().unsqueeze(0).expand(draws, G, idx.shape[1])).view([draws, G] + spatial)
-
-
 def apply_cluster_keep_reference(x: Tensor, idx: Tensor, keep: Tensor) -> Tensor:
     """``x * keep.to(x.dtype)[d, g, idx[m, s]]`` in plain torch (the floor the fused op matches)."""
     _check_args(x, idx, keep)
-    return x * _mask(x, idx, keep)
+    return x * cluster_keep_mask(x, idx, keep)
 
 
 def apply_cluster_keep(x: Tensor, idx: Tensor, keep: Tensor) -> Tensor:
@@ -104,8 +96,7 @@ def apply_cluster_keep(x: Tensor, idx: Tensor, keep: Tensor) -> Tensor:
     if torch.jit.is_scripting():
         # A scripted module must not depend on this Python module being imported where it is loaded.
         return apply_cluster_keep_reference(x, idx, keep)
-    _check_args(x, idx, keep)
-    return torch.ops.dropcluster.apply_cluster_keep(x, idx, keep)
+    return torch.ops.dropcluster.apply_cluster_keep(x, idx, keep)  # each implementation checks the arguments once
 
 
 @torch.library.custom_op('dropcluster::apply_cluster_keep', mutates_args=())
@@ -113,7 +104,7 @@ def _apply_cluster_keep_op(x: Tensor, idx: Tensor, keep: Tensor) -> Tensor:
     """The reference, used on every device without a registered kernel (the CPU among them)."""
     _check_args(x, idx, keep)
     # Into empty_like(x), the layout the fake and CUDA implementations promise.
-    return torch.mul(x, _mask(x, idx, keep), out=torch.empty_like(x))
+    return torch.mul(x, cluster_keep_mask(x, idx, keep), out=torch.empty_like(x))
 
 
 @_apply_cluster_keep_op.register_fake
@@ -203,7 +194,7 @@ def _launch(x: Tensor, idx: Tensor, keep: Tensor, out: Tensor, channels_last: bo
         )
 
 
-def _apply_fused(x: Tensor, idx: Tensor, keep: Tensor) -> Tensor:
+def _apply_cuda(x: Tensor, idx: Tensor, keep: Tensor) -> Tensor:
     """The CUDA implementation: the Triton kernel where it applies, the reference otherwise."""
     _check_args(x, idx, keep)
     out = torch.empty_like(x)
@@ -213,7 +204,7 @@ def _apply_fused(x: Tensor, idx: Tensor, keep: Tensor) -> Tensor:
     if triton is None or x.dtype not in _KERNEL_DTYPES or layout is None:
         # float64, no Triton, or a dense layout the kernel does not decode (C neither right after B
         # nor innermost): the torch floor, still into out.
-        return torch.mul(x, _mask(x, idx, keep), out=out)
+        return torch.mul(x, cluster_keep_mask(x, idx, keep), out=out)
     if _channels_last(x) != layout:
         # Non-dense x (a slice, an expanded gradient): one copy into out's layout, then the kernel.
         x = x.contiguous() if not layout else x.movedim(1, -1).contiguous().movedim(-1, 1)
@@ -221,4 +212,4 @@ def _apply_fused(x: Tensor, idx: Tensor, keep: Tensor) -> Tensor:
     return out
 
 
-_apply_cluster_keep_op.register_kernel('cuda')(_apply_fused)
+_apply_cluster_keep_op.register_kernel('cuda')(_apply_cuda)

@@ -30,7 +30,7 @@ from .convert import convert_drop_blocks
 from ..layers.drop_cluster_modules import LAYER_BUFFERS
 from ..layers.model_helpers import dropcluster_layers, nonfinite_tensor
 from ..layers.options import LAYER_OPTIONS
-from ..timm_compat import update_model_args
+from ..timm_compat import recorded_model_args, update_model_args
 
 __all__ = ['ModelFamily', 'FAMILIES', 'plain_state_dict', 'describe_placement', 'DROPCLUSTER_ARGS', 'ARCHITECTURES_FILE', 'load_architectures', 'register_family',
            'dropcluster_model_args', 'plain_architecture', 'scan_dropblock_slots', 'input_cfg']
@@ -236,7 +236,7 @@ def dropcluster_model_args(model: nn.Module) -> Dict[str, Any]:
     if len(rates) > 1:
         raise ValueError(f'DropCluster layers have different drop rates {rates}; config.json records one '
                          'drop_cluster_rate, set a common rate with dropcluster_timm.set_drop_prob first')
-    args = dict(getattr(model, '_model_args', {}))
+    args = recorded_model_args(model)
     dc_args = {k: v for k, v in args.items() if k.startswith('dc_')}
     dc_args['drop_cluster_rate'] = rates[0]
     return dc_args

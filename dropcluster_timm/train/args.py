@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import yaml
 from timm.utils import ParseKwargs
 
-from ..evaluation.data import EMBEDDED_DATASET
+from ..data import EMBEDDED_DATASET
 from ..errors import TrainingError
 from ..layers.options import LAYER_OPTIONS
 from ..layers.schedules import SCHEDULE_SHAPES

@@ -20,7 +20,7 @@ from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.utils import ModelEmaV3
 
-from ..evaluation.data import DataBundle, cluster_batch
+from ..data import DataBundle, cluster_batch
 from ..errors import TrainingError, first_line
 from ..layers.model_helpers import copy_cluster_state, disable_own_schedule, update_clusters
 from ..layers.options import layer_option

@@ -8,7 +8,7 @@ the command line. ``TrainConfig.check`` gives one-line errors for settings that 
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
-from ..evaluation.data import EMBEDDED_DATASET
+from ..data import EMBEDDED_DATASET
 from ..errors import TrainingError
 from ..layers.options import LAYER_OPTIONS
 

@@ -22,7 +22,7 @@ import torch.nn as nn
 from accelerate.utils import broadcast_object_list, gather_object, load as accelerate_load
 from safetensors import safe_open
 
-from ..evaluation.data import DataBundle, dataset_description, split_name
+from ..data import DataBundle, dataset_description, split_name
 from ..errors import TrainingError, first_line
 from ..hub.run_results import RunResults
 from ..layers.model_helpers import dropcluster_layers, nonfinite_tensor

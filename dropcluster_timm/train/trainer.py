@@ -2,7 +2,7 @@
 
 Build, loop, save, on one or many processes (``accelerate launch``) or the CPU. The pieces live
 beside it: ``builders`` (model, loss, schedule), ``loop`` (one epoch), ``run_folder`` (checkpoints,
-resume, run.json, metrics); data and evaluation in ``dropcluster_timm.evaluation.data`` / ``.evaluate``, model
+resume, run.json, metrics); data and evaluation in ``dropcluster_timm.data`` / ``.evaluate``, model
 folders and the Hub in ``dropcluster_timm.hub``.
 """
 import contextlib
@@ -18,7 +18,7 @@ from timm.layers import DropBlock2d, convert_sync_batchnorm
 from timm.utils import distribute_bn
 
 from .. import hub
-from ..evaluation.data import build_data, class_names, set_transforms
+from ..data import build_data, class_names, set_transforms
 from ..errors import TrainingError, first_line
 from ..evaluation.evaluate import evaluate
 from ..layers.model_helpers import ddp_ignore_cluster_buffers, dropcluster_layers, init_cluster_maps, set_drop_prob
@@ -36,16 +36,6 @@ from .resume import (
 from .run_state import load_run_state
 
 __all__ = ['train']
-
-
-def _check_push(repo_id: str) -> None:
-    """Fail before training, with a one-line reason, when pushing cannot work."""
-    try:
-        hub.resolve_push_token(repo_id)
-    except ValueError as e:
-        raise TrainingError(f'--push-to-hub: {e}') from e
-    except RuntimeError as e:
-        raise TrainingError(f'--push-to-hub needs Hugging Face credentials: {e}') from e
 
 
 def train(cfg: TrainConfig, on_step: Optional[Callable[[TrainState], None]] = None) -> SimpleNamespace:
@@ -73,7 +63,7 @@ def _train(cfg: TrainConfig, on_step: Optional[Callable[[TrainState], None]], ru
         check_position(checkpoint, read_position(checkpoint, meta), o.epochs)  # NothingToTrain for a finished run
     rf.check_output(out.output, checkpoint, bool(out.resume), out.overwrite)  # refuses a folder holding results
     if out.push_to_hub:
-        _check_push(out.push_to_hub)
+        hub.check_push(out.push_to_hub)
     accelerator = build_accelerator(cfg)
     if accelerator.is_main_process:
         run.enter_context(rf.lock_output(out.output))
@@ -255,8 +245,8 @@ def _train(cfg: TrainConfig, on_step: Optional[Callable[[TrainState], None]], ru
             try:
                 hub.push(os.path.join(out.output, 'best'), out.push_to_hub,
                          commit_message='Add DropCluster model trained with train_timm.py')
-            except Exception as e:
-                raise TrainingError(f'push to {out.push_to_hub} failed: {first_line(e)}') from e
+            except Exception as e:  # a failure while working (exit 1), not an input error
+                raise RuntimeError(f'push to {out.push_to_hub} failed: {first_line(e)}') from e
     accelerator.wait_for_everyone()
     return SimpleNamespace(accelerator=accelerator, model=model, ema=ema, schedule=schedule, state=state,
                            metrics=metrics.rows, hooks=hooks)

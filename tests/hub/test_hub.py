@@ -143,7 +143,7 @@ def test_push_errors(trained, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr('huggingface_hub.constants.HF_STORED_TOKENS_PATH', str(tmp_path / 'no_tokens'))
     with pytest.raises(RuntimeError, match='No Hugging Face token'):
         push(out, 'someorg/r18-dc')
-    assert cli_main(['push', str(out), '--repo-id', 'someorg/r18-dc']) == 1
+    assert cli_main(['push', str(out), '--repo-id', 'someorg/r18-dc']) == 2
     assert 'No Hugging Face token' in capsys.readouterr().err
 
     # no network: the Hub endpoint refuses connections
@@ -353,13 +353,13 @@ def test_push_reports_the_folder_before_the_token(tmp_path, monkeypatch, capsys)
     monkeypatch.setattr('huggingface_hub.constants.HF_STORED_TOKENS_PATH', str(tmp_path / 'no_tokens'))
     with pytest.raises(FileNotFoundError, match='no such folder'):
         push(tmp_path / 'missing', 'someorg/r18-dc')
-    assert cli_main(['push', str(tmp_path / 'missing'), '--repo-id', 'someorg/r18-dc']) == 1
+    assert cli_main(['push', str(tmp_path / 'missing'), '--repo-id', 'someorg/r18-dc']) == 2  # input errors
     err = capsys.readouterr().err
     assert 'no such folder' in err and 'token' not in err.lower()
 
     model = timm.create_model('resnet18_dropcluster', num_classes=2, img_size=32)
     out = save_pretrained(model, tmp_path / 'out')
-    assert cli_main(['push', str(out), '--repo-id', 'someorg/r18-dc']) == 1
+    assert cli_main(['push', str(out), '--repo-id', 'someorg/r18-dc']) == 2
     err = capsys.readouterr().err
     assert 'No Hugging Face token' in err and 'HF_TOKEN' in err and 'hf auth login' in err and 'token=' not in err
 
@@ -473,11 +473,11 @@ def test_a_crash_while_moving_files_leaves_a_folder_that_loads(trained, tmp_path
 def test_the_card_of_a_save_is_the_card_push_renders_from_the_folder(trained, tmp_path):
     """save_pretrained renders the card from memory, push from the written files: the two agree, and
     the model's own pretrained_cfg is left as it was."""
-    from dropcluster_timm.hub.save import _folder_card
+    from dropcluster_timm.hub.save import folder_card
     own = dict(trained.pretrained_cfg)
     for name, metrics in (('a', RUN), ('b', None)):
         out = save_pretrained(trained, tmp_path / name, metrics=metrics, repo_id='someorg/r18-dc')
-        assert (out / 'README.md').read_text() == _folder_card(out, 'someorg/r18-dc')
+        assert (out / 'README.md').read_text() == folder_card(out, 'someorg/r18-dc')
     assert trained.pretrained_cfg == own
     notes = json.loads((tmp_path / 'a' / 'config.json').read_text())['pretrained_cfg']['notes']
     assert 'imagenette2' in notes[0] and 'tag' not in json.loads((tmp_path / 'a' / 'config.json').read_text())['pretrained_cfg']

@@ -213,7 +213,7 @@ def test_imports_and_falls_back_without_triton():
         x = torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)
         idx = torch.randint(0, 4, (3, 20))
         keep = torch.rand(2, 3, 4)
-        out = fd._apply_fused(x, idx, keep)  # the CUDA implementation, run on CPU tensors
+        out = fd._apply_cuda(x, idx, keep)  # the CUDA implementation, run on CPU tensors
         assert torch.equal(out, x * keep.gather(2, idx.unsqueeze(0).expand(2, 3, 20)).view(2, 3, 4, 5))
         assert out.stride() == x.stride()
         print('OK')
@@ -279,7 +279,7 @@ INTERPRETER_SCRIPT = '''
     for t in [x[..., ::2], channels_last(x)[..., ::2], torch.ones(1, 1, 1, 1).expand(2, 3, 4, 6),
               x.permute(1, 0, 2, 3).contiguous().permute(1, 0, 2, 3), x.double(), x[:, :, :0]]:
         i = idx.view(3, 4, 6)[:, :t.shape[2], :t.shape[3]].reshape(3, t.shape[2] * t.shape[3])
-        out = fd._apply_fused(t, i, keep)
+        out = fd._apply_cuda(t, i, keep)
         assert torch.equal(out, fd.apply_cluster_keep_reference(t, i, keep))
         assert out.stride() == torch.empty_like(t).stride()
         count += 1

@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from dropcluster_timm.evaluation.data import build_data
+from dropcluster_timm.data import build_data
 from dropcluster_timm.errors import TrainingError
 from run_helpers import make_image_folder, relayout
 
@@ -75,7 +75,7 @@ def test_a_folder_link_back_up_the_tree_is_refused_in_one_line_not_walked_foreve
 def test_sixteen_bit_images_are_scaled_to_eight_bits_not_clipped(tmp_path):
     import numpy as np
     from PIL import Image
-    from dropcluster_timm.evaluation.data import make_dataset
+    from dropcluster_timm.data import make_dataset
     root = make_image_folder(tmp_path / 'data')
     levels = {'deep16.png': (np.full((16, 16), 40000, dtype=np.uint16), 156),  # 40000 / 65535 of white
               'dark16.png': (np.full((16, 16), 300, dtype=np.uint16), 1)}

@@ -1,4 +1,5 @@
-""" Data sets and transforms: the embedded digits, ImageFolder splits found by name, timm's data sets.
+""" Data sets and transforms: ImageFolder splits found by name, timm's data sets, the embedded digits
+(``digits``).
 
 Errors a user can fix (a missing folder, no held-out split, overlapping splits, class counts that
 differ) raise ``TrainingError`` with a one-line reason.
@@ -19,56 +20,13 @@ from accelerate import PartialState
 from timm.data import create_dataset, create_transform, resolve_data_config
 
 from ..errors import TrainingError, first_line
+from .digits import EMBEDDED_DATASET, DigitsDataset
 
 __all__ = [
     'EMBEDDED_DATASET', 'TRAIN_SPLITS', 'EVAL_SPLITS', 'DigitsDataset', 'DataBundle', 'num_classes_of', 'class_names',
     'is_folder_dataset', 'find_split_folder', 'make_dataset', 'build_data', 'set_transforms',
     'dataset_description', 'split_name', 'cluster_batch', 'check_no_link_loop', 'EightBitReader',
 ]
-
-EMBEDDED_DATASET = 'digits'
-
-
-class DigitsDataset(Dataset):
-    """scikit-learn's 8x8 handwritten digits (1797 images, 10 classes) as RGB PIL images.
-
-    Ships inside scikit-learn, so it works offline. A fixed stratified split: 20% validation.
-    """
-
-    def __init__(self, split: str = 'train', transform=None):
-        try:
-            from sklearn.datasets import load_digits
-        except ImportError as e:  # pragma: no cover
-            raise TrainingError('the embedded digits data set needs scikit-learn: pip install scikit-learn') from e
-        digits = load_digits()
-        images = (digits.images * (255.0 / 16.0)).round().clip(0, 255).astype(np.uint8)
-        targets = digits.target.astype(np.int64)
-        rng = np.random.RandomState(0)
-        val = np.zeros(len(targets), dtype=bool)
-        for c in range(10):
-            idx = np.flatnonzero(targets == c)
-            val[rng.permutation(idx)[:len(idx) // 5]] = True
-        if split in ('train', 'training'):
-            keep = ~val
-        elif split in ('validation', 'val', 'test', 'eval'):
-            keep = val
-        else:
-            raise TrainingError(f'unknown split {split!r} for the digits data set (train or validation)')
-        self.images = [Image.fromarray(im).convert('RGB') for im in images[keep]]
-        self.targets = targets[keep].tolist()
-        self.transform = transform
-        self.classes = [str(c) for c in range(10)]
-        self.source = f'{EMBEDDED_DATASET}:{"train" if split in ("train", "training") else "validation"}'
-
-    def __len__(self):
-        return len(self.targets)
-
-    def __getitem__(self, index):
-        img = self.images[index]
-        if self.transform is not None:
-            img = self.transform(img)
-        return img, self.targets[index]
-
 
 def num_classes_of(ds: Dataset) -> Optional[int]:
     """The class count a data set declares (``classes`` or its reader's ``class_to_idx``), if any."""
