@@ -94,23 +94,24 @@ def main(argv: Optional[List[str]] = None) -> int:
         try:
             args = parse_with_config_file(commands['train'], argv[1:])
         except TrainingError as e:
-            print(f'error: {e}', file=sys.stderr)
-            return 2
+            return _error(e)
         args.command = 'train'
     else:
         args = parser.parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except INPUT_ERRORS as e:
-        print(f'error: {one_line(e)}', file=sys.stderr)
-        return 2
-    except RUN_ERRORS as e:
-        print(f'error: {one_line(e)}', file=sys.stderr)
-        return 1
+    except INPUT_ERRORS + RUN_ERRORS as e:
+        return _error(e)
     except KeyboardInterrupt:
         where = f'; resume with --resume {_output_of(args)}' if args.command == 'train' else ''
         print(f'interrupted{where}', file=sys.stderr)
         return 130
+
+
+def _error(e: BaseException) -> int:
+    """Print ``e`` on one line; its exit status under the error policy (``INPUT_ERRORS``, ``RUN_ERRORS``)."""
+    print(f'error: {one_line(e)}', file=sys.stderr)
+    return 2 if isinstance(e, INPUT_ERRORS) else 1
 
 
 def _push(args: argparse.Namespace) -> int:

@@ -1,6 +1,6 @@
 """ The text of the model cards: papers and citations, usage snippets, training notes and the results
 section."""
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 from .run_results import RunResults
 

@@ -17,7 +17,7 @@ Results are bit-identical to the torch expression for float32, bfloat16 and floa
 values of x's dtype in float32 and round once (for the half types the float32 product is exact).
 """
 from contextlib import nullcontext
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
