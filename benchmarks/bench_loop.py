@@ -34,7 +34,7 @@ class _NoSchedule:
 
 
 def _epoch_time(accelerator, model, optimizer, loader, steps, log_interval):
-    recipe = DropClusterRecipe(DropClusterConfig(rate=0.1, start_epoch=0, warmup_epochs=0), steps)
+    recipe = DropClusterRecipe(DropClusterConfig(rate=0.1, start_epoch=0, warmup_epochs=0, update_freq=1), steps)
     cfg = TrainConfig(output=OutputConfig(progress=log_interval > 0, log_interval=log_interval,
                                           train_batches_per_epoch=steps))
     out = io.StringIO()

@@ -150,16 +150,17 @@ def recluster(accelerator, model: nn.Module, ema, dataset: Dataset, batch_size: 
         copy_cluster_state(unwrapped, ema.module)
 
 
-def use_cpu_cores(accelerator) -> int:
-    """On the CPU, give each local process its share of the cores (``accelerate launch`` starts
-    processes with one thread each); an affinity mask (``taskset``) limits the share. Returns the
-    thread count."""
-    if accelerator.device.type == 'cpu':
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
-        local = int(os.environ.get('LOCAL_WORLD_SIZE', accelerator.num_processes))
-        share = max(1, cores // max(1, local))
-        if torch.get_num_threads() < share:
-            torch.set_num_threads(share)
+def use_cpu_cores(accelerator, threads: Optional[int] = None) -> int:
+    """On the CPU, set the threads of this process: ``threads``, or by default its local share of the
+    cores (``accelerate launch`` starts processes with one thread each; an affinity mask such as
+    ``taskset`` limits the share), never fewer than it has; ``threads=0`` leaves PyTorch's setting.
+    Returns the thread count. ``train`` restores the caller's count when it returns."""
+    if accelerator.device.type == 'cpu' and threads != 0:
+        if threads is None:
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+            local = int(os.environ.get('LOCAL_WORLD_SIZE', accelerator.num_processes))
+            threads = max(torch.get_num_threads(), max(1, cores // max(1, local)))
+        torch.set_num_threads(threads)
     return torch.get_num_threads()
 
 

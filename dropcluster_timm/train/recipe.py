@@ -1,7 +1,7 @@
 """ The DropCluster recipe of a run: the drop-rate ramp stepped every batch, periodic re-clustering
 and BRB soft resets, in one place, so that ``train_timm.py`` and the studies train the same thing.
 
-    recipe = DropClusterRecipe(cfg.dropcluster, steps_per_epoch, seed=cfg.optim.seed)
+    recipe = DropClusterRecipe(cfg.resolved().dropcluster, steps_per_epoch, seed=cfg.optim.seed)
     for epoch in range(epochs):
         recipe.begin_epoch(epoch, model, optimizer, recluster=lambda seed: update_clusters(model, images(seed)))
         for i, batch in enumerate(loader):
@@ -18,16 +18,23 @@ from typing import Callable, Dict, List, Optional
 
 import torch.nn as nn
 
+from ..errors import TrainingError
 from ..layers.model_helpers import set_drop_prob
 from ..layers.schedules import DropClusterSchedule
+from .sections import DropClusterConfig
 from .soft_reset import soft_reset
-from .config import DropClusterConfig
 
 __all__ = ['DropClusterRecipe', 'make_schedule', 'schedule_warnings']
 
 
 def make_schedule(cfg: DropClusterConfig, steps_per_epoch: int, target: Optional[float] = None) -> DropClusterSchedule:
-    """The drop-rate ramp; ``target`` replaces ``--drop-cluster`` (a DropBlock baseline's rate)."""
+    """The drop-rate ramp; ``target`` replaces ``--drop-cluster`` (a DropBlock baseline's rate).
+    ``cfg`` gives its start, warm-up and re-clustering interval (``cfg.resolved(epochs)`` fills in the
+    unset ones as ``train`` does)."""
+    unset = [name for name in ('start_epoch', 'warmup_epochs', 'update_freq') if getattr(cfg, name) is None]
+    if unset:
+        raise TrainingError(f'DropClusterConfig.{unset[0]} is None (a share of the epochs): give it, or use '
+                            'cfg.resolved(epochs)')
     return DropClusterSchedule(
         target=cfg.rate if target is None else target,
         start_epoch=cfg.start_epoch,

@@ -3,7 +3,7 @@ metrics files, and the results a published model's card shows.
 
     OUTPUT/checkpoints/epoch_0003/   accelerator.save_state + meta.json (the completion marker)
     OUTPUT/run.json                  settings, data read, progress, what DropCluster did
-    OUTPUT/args.yaml                 the command line's arguments (as timm's train.py)
+    OUTPUT/args.yaml                 the run's settings as train arguments (as timm's train.py)
     OUTPUT/metrics.json, metrics.csv one row per epoch; summary.csv as timm's train.py writes it
 """
 import csv
@@ -19,6 +19,7 @@ import zipfile
 from typing import Any, Dict, List, Optional
 
 import torch.nn as nn
+import yaml
 from accelerate.utils import broadcast_object_list, gather_object, load as accelerate_load
 from safetensors import safe_open
 
@@ -321,10 +322,10 @@ def read_progress(output: str) -> Dict[str, Any]:
     return progress
 
 
-def write_args_file(output: str, args_yaml: str) -> None:
-    """``args.yaml``: the command line's arguments, as timm's train.py writes them (main process)."""
-    if args_yaml:
-        write_text_atomic(os.path.join(output, 'args.yaml'), args_yaml)
+def write_args_file(output: str, args: Dict[str, Any]) -> None:
+    """``args.yaml``: the run's settings as ``train`` arguments, as timm's train.py writes them (main
+    process); ``-c args.yaml`` runs the same settings again."""
+    write_text_atomic(os.path.join(output, 'args.yaml'), yaml.safe_dump(args, default_flow_style=False))
 
 
 def save_checkpoint(accelerator, output: str, name: str, meta: Dict[str, Any], run_objects: Dict[str, Any],

@@ -51,6 +51,7 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[TrainState], None]] = No
 
 
 def _train(cfg: TrainConfig, on_step: Optional[Callable[[TrainState], None]], run: contextlib.ExitStack) -> SimpleNamespace:
+    cfg = cfg.resolved()  # the caller's config stays as it was; the run records this one
     d, o, out = cfg.data, cfg.optim, cfg.output
     cfg.check()  # one-line errors before any setup
     checkpoint = rf.find_checkpoint(out.resume) if out.resume else None
@@ -70,7 +71,8 @@ def _train(cfg: TrainConfig, on_step: Optional[Callable[[TrainState], None]], ru
         rf.check_output(out.output, checkpoint, bool(out.resume), out.overwrite)  # again, now that no other run
         # can start writing here
     rf.check_shared_output(accelerator, out.output)
-    use_cpu_cores(accelerator)
+    run.callback(torch.set_num_threads, torch.get_num_threads())  # the caller's thread count, back at the end
+    use_cpu_cores(accelerator, out.cpu_threads)
     set_seed(o.seed)
     global_batch = o.batch_size * accelerator.num_processes * o.grad_accum_steps
     if checkpoint:
@@ -163,7 +165,7 @@ def _train(cfg: TrainConfig, on_step: Optional[Callable[[TrainState], None]], ru
         rf.write_run_file(out.output, cfg.to_dict(), data.splits, state if checkpoint else None, num_dropcluster,
                           resumed=dict(checkpoint=checkpoint, epoch=state.epoch, step=state.global_step,
                                        changed=changes) if checkpoint else None)  # all checks passed
-        rf.write_args_file(out.output, out.args_yaml)
+        rf.write_args_file(out.output, cfg.to_args())
     if out.log_with:
         accelerator.init_trackers(out.wandb_project or 'train_timm', config=_flat(cfg.to_dict()),
                                   init_kwargs={'wandb': {'tags': out.wandb_tags}} if out.log_with == 'wandb' else {})

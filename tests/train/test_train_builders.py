@@ -94,7 +94,7 @@ def test_reference_options_reach_the_layers_and_the_schedule():
     assert model.pretrained_cfg['architecture'] == 'resnet18_dropcluster'
     args = model._model_args if hasattr(model, '_model_args') else {}
     assert args.get('dc_cluster_count') == 'gap' and args.get('dc_drop_mode') == 'size'
-    schedule = make_schedule(cfg.dropcluster, steps_per_epoch=10)
+    schedule = make_schedule(cfg.resolved().dropcluster, steps_per_epoch=10)
     assert schedule.shape == 'multistep' and schedule.milestones == [2.0, 4.0]
     assert [schedule.rate_at(e) for e in (3, 4)] == [0.2 * 0.25, 0.2]
     default = build_model(parse_train_args([]).model, 4, (32, 32))

@@ -24,7 +24,7 @@ def _setup(seed=0, drop_block=False):
     accelerator = Accelerator(cpu=True)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     model, optimizer, loader = accelerator.prepare(model, optimizer, DataLoader(data, batch_size=4))
-    recipe = DropClusterRecipe(DropClusterConfig(rate=0.2, start_epoch=0, warmup_epochs=1), len(loader),
+    recipe = DropClusterRecipe(DropClusterConfig(rate=0.2, start_epoch=0, warmup_epochs=1, update_freq=1), len(loader),
                                drop_block=drop_block)
     return accelerator, model, optimizer, loader, recipe
 

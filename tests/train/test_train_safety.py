@@ -32,6 +32,24 @@ def test_channels_last_run_saves_contiguous_weights_that_reload_equal(image_fold
     assert (out / 'checkpoints' / 'epoch_0000').is_dir()
 
 
+def test_the_run_leaves_the_callers_thread_count_and_can_leave_it_alone_throughout(image_folder, tmp_path):
+    """On the CPU a run takes its share of the cores (here, a single process: all of them) and gives
+    the caller's count back when it returns; --cpu-threads 0 never touches it."""
+    before = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0))
+    try:
+        torch.set_num_threads(1)
+        for extra, during in (([], cores), (['--cpu-threads', '0'], 1), (['--cpu-threads', '2'], 2)):
+            seen = []
+            args = with_epochs(TINY, 1) + ['--data-dir', image_folder, '--output', str(tmp_path / f'run{len(extra)}{during}'),
+                                           '--train-batches-per-epoch', '1', '--device', 'cpu'] + extra
+            train(parse_train_args(args), on_step=lambda state: seen.append(torch.get_num_threads())
+                  ).accelerator.end_training()
+            assert seen == [during] and torch.get_num_threads() == 1, (extra, seen)
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize('variable, name', [('ACCELERATE_USE_FSDP', 'FSDP'), ('ACCELERATE_USE_DEEPSPEED', 'DeepSpeed')])
 def test_sharded_launch_modes_are_refused_at_start(variable, name, monkeypatch, tmp_path):
     """`accelerate launch --use_fsdp / --use_deepspeed` set these variables for every process."""
