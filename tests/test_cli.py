@@ -80,12 +80,13 @@ def test_cli_export_plain_and_push_plain(trained, fake_hub, monkeypatch, capsys,
     assert (out / 'config.json').read_text() == before
 
 
-def test_an_argument_error_is_one_line(capsys):
+@pytest.mark.parametrize('flag', ['--cluster-method', '--clip-mode'])  # a layer option, a training option
+def test_an_argument_error_is_one_line(capsys, flag):
     with pytest.raises(SystemExit) as exit_info:
-        cli_main(['train', '--cluster-method', 'nope'])
+        cli_main(['train', flag, 'nope'])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count('\n') == 1
-    assert "argument --cluster-method: invalid choice: 'nope'" in err and '--help' in err
+    assert f"argument {flag}: invalid choice: 'nope'" in err and '--help' in err
 
 
 def test_every_flag_of_every_subcommand_has_help_text():

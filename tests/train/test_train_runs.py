@@ -320,7 +320,6 @@ def test_timm_recipe_command_line_runs_unchanged(recipe, tmp_path):
     (['--aug-splits', '3'], ['--aug-splits', 'AugMix']),
     (['--kd-model-name', 'resnet50'], ['--kd-model-name', 'distillation']),
     (['--device', 'npu'], ['--device npu', 'Accelerate']),
-    (['--clip-mode', 'max'], ['--clip-mode', "'norm'"]),
 ])
 def test_unsupported_timm_flags_fail_with_the_reason(flags, words, tmp_path):
     proc = run_in_process(flags + SCALED + ['--output', str(tmp_path / 'o')])
