@@ -102,6 +102,6 @@ filterwarnings =
 PY
 
 cd "$work/tests"
-python -m pytest -c pytest.ini -p no:cacheprovider -rA -q \
+python -m pytest -c pytest.ini -p no:cacheprovider -rA -q -n 2 \
     -k 'dropcluster and not test_model_load_pretrained and not test_model_features_pretrained and not test_model_inference' \
     test_models.py test_dropcluster_module_filtered.py "$@"

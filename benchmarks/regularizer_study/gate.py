@@ -5,12 +5,15 @@ For each candidate of ``protocols.V4_CANDIDATES``, cheapest first, run ``none`` 
 to 6 paired seeds. A candidate passes when Cutout - none is at least +1.0 point of test top-1 with the
 paired 95% CI above 0 at 6 seeds; its pilot stops early when after 4 seeds the CI's upper bound is
 below +1.0. The gate ends at the first candidate that passes (every one before it was cheaper and
-failed), or when every candidate is decided. ``gate.md`` is rewritten after every row.
+failed), or when every candidate is decided. ``gate.md`` and ``gate.json`` (the figures the README
+and the benchmarks guide quote, through ``gate_statement``) are rewritten after every row.
 
     python -m benchmarks.regularizer_study.gate --results benchmarks/results/study_v4 --workers 2
     python -m benchmarks.regularizer_study.gate --results benchmarks/results/study_v4 --report-only
 """
 import argparse
+import json
+import math
 import os
 import sys
 import time
@@ -21,7 +24,8 @@ from .protocols import V4_CANDIDATES
 from .rows import read_rows
 from .stats import mean_std, paired_difference
 
-__all__ = ['GATE_ARMS', 'GAIN', 'SEEDS', 'PILOT_SEEDS', 'decide', 'gate_status', 'render_gate', 'main']
+__all__ = ['GATE_ARMS', 'GAIN', 'SEEDS', 'PILOT_SEEDS', 'decide', 'gate_status', 'gate_summary', 'gate_statement',
+           'render_gate', 'write_gate', 'main']
 
 GATE_ARMS = ('none', 'cutout')
 GAIN = 1.0  # points of test top-1 that Cutout must add
@@ -82,6 +86,50 @@ def _describe(cfg: Dict[str, Any]) -> str:
             f"{cfg['epochs']} epochs, Cutout {cfg['cutout_size']} px")
 
 
+def gate_summary(status: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """The gate's figures as plain JSON (None where undefined): one entry per candidate and the outcome,
+    'pass', 'none passed' or 'running'."""
+    num = lambda x: None if x != x else x  # noqa: E731
+    candidates = [dict(config=e['config'], regime=_describe(e['cfg']), decision=e['decision'], seeds=e['diff']['n'],
+                       mean=num(e['diff']['mean']), ci_low=num(e['diff']['ci_low']), ci_high=num(e['diff']['ci_high']),
+                       none_top1=num(e['none_top1']), cutout_top1=num(e['cutout_top1']),
+                       none_train_top1=num(e['none_train_top1']), cutout_train_top1=num(e['cutout_train_top1']),
+                       minutes=num(e['minutes']), cpu_capabilities=e['capabilities'])
+                  for e in status]
+    decisions = [c['decision'] for c in candidates]
+    outcome = 'pass' if 'pass' in decisions else 'running' if 'running' in decisions else 'none passed'
+    return dict(gain=GAIN, seeds=SEEDS, pilot_seeds=PILOT_SEEDS, outcome=outcome, candidates=candidates)
+
+
+_DONE = {'stopped': 'stopped after the pilot', 'fail': 'failed', 'pass': 'passed', 'running': 'running',
+         'not run': 'not run'}
+
+
+def gate_statement(summary: Dict[str, Any]) -> str:
+    """The gate's state in a paragraph, quoted word for word by the README and the benchmarks guide."""
+    def one(c: Dict[str, Any]) -> str:
+        if not c['seeds']:
+            return f"`{c['config']}` {'not run' if c['decision'] == 'not run' else 'no seed finished yet'}"
+        ci = '' if c['ci_low'] is None else f", 95% CI {c['ci_low']:+.2f} to {c['ci_high']:+.2f}"
+        return f"`{c['config']}` {_DONE[c['decision']]} ({c['seeds']} seeds: {c['mean']:+.2f}{ci})"
+
+    run = [c for c in summary['candidates'] if c['seeds']]
+    fitted = min((min(c['none_train_top1'], c['cutout_train_top1']) for c in run), default=math.nan)
+    caps = sorted({cap for c in run for cap in c['cpu_capabilities']})
+    text = (f"Cutout - none in test top-1 points per candidate ({', '.join(caps) or 'no CPU yet'}): "
+            + '; '.join(one(c) for c in summary['candidates']) + '.')
+    if run:
+        text += (f' Both arms fit their training images in every candidate run so far (the lowest mean train '
+                 f'top-1 of an arm: {fitted:.1f}%).')
+    passed = [c['config'] for c in summary['candidates'] if c['decision'] == 'pass']
+    if passed:
+        return text + f' The gate passed at `{passed[0]}`: the five-arm study runs there.'
+    if summary['outcome'] == 'running':
+        return text + ' The gate is still running.'
+    return text + (' No candidate passed: no CPU-affordable regime where Cutout helps was found, so the v3 study '
+                   'stays the answer and the GPU protocol is the next evidence.')
+
+
 def render_gate(status: List[Dict[str, Any]]) -> str:
     f = lambda x, s=False: '-' if x != x else (f'{x:+.2f}' if s else f'{x:.2f}')  # noqa: E731
     lines = ['# Study v4: the gate on the positive control', '',
@@ -98,24 +146,22 @@ def render_gate(status: List[Dict[str, Any]]) -> str:
                      f"| {d['n']} | {f(e['none_train_top1'])} / {f(e['cutout_train_top1'])} | {f(e['none_top1'])} "
                      f"| {f(d['mean'], True)} [{f(d['ci_low'])}, {f(d['ci_high'])}] | {', '.join(e['capabilities']) or '-'} "
                      f"| {e['decision']} |")
-    passed = [e for e in status if e['decision'] == 'pass']
-    undecided = [e for e in status if e['decision'] == 'running']
-    lines.append('')
-    if passed:
-        lines.append(f"The gate passed at `{passed[0]['config']}`: the five-arm study runs there.")
-    elif undecided:
-        lines.append('The gate is still running: ' + ', '.join(f"`{e['config']}`" for e in undecided) + ' undecided.')
-    else:
-        lines.append('No candidate passed: no CPU-affordable regime where Cutout helps was found, so the v3 '
-                     'study stays the answer and the GPU protocol is the next evidence.')
+    lines += ['', gate_statement(gate_summary(status))]
     return '\n'.join(lines) + '\n'
 
 
-def write_gate(results: Path) -> str:
-    text = render_gate(gate_status(read_rows(results)))
-    tmp = results / f'.gate.md.{os.getpid()}.tmp'
+def _replace(path: Path, text: str) -> None:
+    tmp = path.parent / f'.{path.name}.{os.getpid()}.tmp'
     tmp.write_text(text)
-    os.replace(tmp, results / 'gate.md')
+    os.replace(tmp, path)  # readers see the old file or the new one, never half of it
+
+
+def write_gate(results: Path) -> str:
+    """Rewrite ``gate.md`` and ``gate.json`` in ``results`` from its rows; returns gate.md's text."""
+    status = gate_status(read_rows(results))
+    text = render_gate(status)
+    _replace(results / 'gate.json', json.dumps(gate_summary(status), indent=1) + '\n')
+    _replace(results / 'gate.md', text)
     return text
 
 

@@ -122,3 +122,30 @@ def test_driver_runs_only_the_chosen_arms_with_two_workers(cifar_cache, tmp_path
     assert all(r['cpu_model'] and r['threads'] == 1 for r in rows)
     one = R.run_one('cutout', 1, P.TINY, 'cpu', load_cifar10(str(CIFAR), str(cifar_cache)), commit='x')
     assert one['top1'] == next(r['top1'] for r in rows if (r['arm'], r['seed']) == ('cutout', 1))
+
+
+def test_gate_says_when_no_candidate_passed(tmp_path):
+    rows = [r for i, c in enumerate(P.V4_CANDIDATES) for r in _rows(c['name'], [0.1, -0.2, 0.3, 0.0], 60.0 + i)]
+    for row in rows:
+        append_row(tmp_path, row)
+    G.write_gate(tmp_path)
+    summary = json.loads((tmp_path / 'gate.json').read_text())
+    assert summary['outcome'] == 'none passed'
+    assert [c['decision'] for c in summary['candidates']] == ['stopped'] * len(P.V4_CANDIDATES)
+    assert summary['candidates'][1]['none_top1'] == pytest.approx(61.15)
+    statement = G.gate_statement(summary)
+    assert 'No candidate passed' in statement and statement in (tmp_path / 'gate.md').read_text()
+    assert f"`{P.V4_CANDIDATES[0]['name']}` stopped after the pilot (4 seeds: +0.05, 95% CI -0.28 to +0.38)" in statement
+
+
+def test_committed_gate_is_current_and_quoted_by_the_readme_and_guide():
+    """gate.json is what the committed rows give, and the README and the benchmarks guide quote it."""
+    folder = REPO / 'benchmarks' / 'results' / 'study_v4'
+    committed = json.loads((folder / 'gate.json').read_text())
+    status = G.gate_status(read_rows(folder))
+    stale = 'stale: run `python -m benchmarks.regularizer_study.gate --results benchmarks/results/study_v4 --report-only`'
+    assert committed == json.loads(json.dumps(G.gate_summary(status))), stale
+    assert (folder / 'gate.md').read_text() == G.render_gate(status), stale
+    statement = G.gate_statement(committed)
+    for name in ('README.md', 'docs/benchmarks.md'):
+        assert statement in ' '.join((REPO / name).read_text().split()), f'{name} does not quote the gate: {statement}'
