@@ -64,15 +64,17 @@ def gate_status(rows: List[Dict[str, Any]], candidates: Sequence[Dict[str, Any]]
 
 
 def next_gate_job(rows: List[Dict[str, Any]], running: Set[Tuple]) -> Optional[Dict[str, Any]]:
-    """The next (config, arm, seed) to run: the first undecided candidate's next missing pair, or the
-    next candidate's when in-flight runs could decide this one. None when the gate is decided."""
+    """The next (config, arm, seed) to run: the first undecided candidate's next missing pair up to its
+    next decision (after the pilot seeds, then after all), or the next candidate's when the runs up to
+    that decision are done or in flight. None when nothing is left to start."""
+    done = {(r['config'], r['arm'], int(r['seed'])) for r in rows}
     for entry in gate_status(rows):
         if entry['decision'] == 'pass':
             return None
         if entry['decision'] != 'running':
             continue
-        done = {(r['config'], r['arm'], int(r['seed'])) for r in rows}
-        for seed in range(SEEDS):
+        decision_at = PILOT_SEEDS if len(entry['seeds']) < PILOT_SEEDS else SEEDS
+        for seed in range(decision_at):
             for arm in GATE_ARMS:
                 key = (entry['config'], arm, seed)
                 if key not in done and key not in running:

@@ -55,6 +55,9 @@ def test_gate_runs_candidates_in_order_and_stops_at_the_first_pass(tmp_path):
     assert G.next_gate_job([], set()) == dict(config=first, arm='none', seed=0)
     rows = _rows(first, [0.1, -0.2, 0.3, 0.0])  # stopped: the next candidate's first pair
     assert G.next_gate_job(rows, set()) == dict(config=second, arm='none', seed=0)
+    rows = _rows(first, [0.1, -0.2, 0.3]) + [dict(_rows(first, [0] * 4)[6])]  # seed 3 half done
+    assert G.next_gate_job(rows, {(first, 'cutout', 3)}) == dict(config=second, arm='none', seed=0)  # it may stop
+    assert G.next_gate_job(rows, set()) == dict(config=first, arm='cutout', seed=3)
     running = {(first, 'cutout', 5)}
     rows = _rows(first, [2.0, 1.6, 2.4, 1.8, 2.1]) + [dict(_rows(first, [0] * 6)[10], seed=5)]
     assert G.next_gate_job(rows, running) == dict(config=second, arm='none', seed=0)  # the last run is in flight
