@@ -7,6 +7,15 @@ import pytest
 from dropcluster_timm.train.interrupt import files_written_whole
 
 
+@pytest.fixture(autouse=True)
+def python_ctrl_c():
+    """Python's own Ctrl-C handler, as an interactive run has it: a suite started in the background
+    inherits SIGINT ignored, and a run that ignores Ctrl-C is left to ignore it."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def test_a_ctrl_c_inside_waits_for_the_block_then_interrupts():
     done = []
     with pytest.raises(KeyboardInterrupt):

@@ -144,8 +144,10 @@ def test_a_batch_of_one_with_batchnorm_is_one_line(image_folder, tmp_path):
 
 def test_ctrl_c_ends_in_one_line_naming_the_folder_to_resume(image_folder, tmp_path):
     out = tmp_path / 'run'
+    # SIGINT back to its default in the child (a suite started in the background passes it on ignored)
     proc = subprocess.Popen([sys.executable, '-m', 'dropcluster_timm', 'train'] + _args(image_folder, out, 50),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in proc.stdout:
         if line.startswith('epoch 0 '):  # a checkpoint exists from here on
             break
