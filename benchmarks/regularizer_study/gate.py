@@ -113,7 +113,8 @@ def gate_statement(summary: Dict[str, Any]) -> str:
         if not c['seeds']:
             return f"`{c['config']}` {'not run' if c['decision'] == 'not run' else 'no seed finished yet'}"
         ci = '' if c['ci_low'] is None else f", 95% CI {c['ci_low']:+.2f} to {c['ci_high']:+.2f}"
-        return f"`{c['config']}` {_DONE[c['decision']]} ({c['seeds']} seeds: {c['mean']:+.2f}{ci})"
+        seeds = f"{c['seeds']} seed{'s' if c['seeds'] > 1 else ''}"
+        return f"`{c['config']}` {_DONE[c['decision']]} ({seeds}: {c['mean']:+.2f}{ci})"
 
     run = [c for c in summary['candidates'] if c['seeds']]
     fitted = min((min(c['none_train_top1'], c['cutout_train_top1']) for c in run), default=math.nan)
