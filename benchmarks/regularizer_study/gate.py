@@ -122,7 +122,8 @@ def gate_statement(summary: Dict[str, Any]) -> str:
     text = (f"Cutout - none in test top-1 points per candidate ({', '.join(caps) or 'no CPU yet'}): "
             + '; '.join(one(c) for c in summary['candidates']) + '.')
     if run:
-        text += (f' Both arms fit their training images in every candidate run so far (the lowest mean train '
+        so_far = ' so far' if summary['outcome'] == 'running' else ''
+        text += (f' Both arms fit their training images in every candidate run{so_far} (the lowest mean train '
                  f'top-1 of an arm: {fitted:.1f}%).')
     passed = [c['config'] for c in summary['candidates'] if c['decision'] == 'pass']
     if passed:
