@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 from .protocols import V4_CANDIDATES
-from .rows import read_rows
+from .rows import read_rows, write_whole
 from .stats import mean_std, paired_difference
 
 __all__ = ['GATE_ARMS', 'GAIN', 'SEEDS', 'PILOT_SEEDS', 'decide', 'gate_status', 'gate_summary', 'gate_statement',
@@ -154,18 +154,12 @@ def render_gate(status: List[Dict[str, Any]]) -> str:
     return '\n'.join(lines) + '\n'
 
 
-def _replace(path: Path, text: str) -> None:
-    tmp = path.parent / f'.{path.name}.{os.getpid()}.tmp'
-    tmp.write_text(text)
-    os.replace(tmp, path)  # readers see the old file or the new one, never half of it
-
-
 def write_gate(results: Path) -> str:
     """Rewrite ``gate.md`` and ``gate.json`` in ``results`` from its rows; returns gate.md's text."""
     status = gate_status(read_rows(results))
     text = render_gate(status)
-    _replace(results / 'gate.json', json.dumps(gate_summary(status), indent=1) + '\n')
-    _replace(results / 'gate.md', text)
+    write_whole(results / 'gate.json', json.dumps(gate_summary(status), indent=1) + '\n')
+    write_whole(results / 'gate.md', text)
     return text
 
 

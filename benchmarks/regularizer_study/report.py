@@ -11,14 +11,13 @@ the regime responds to regularisation at all.
 """
 import argparse
 import json
-import os
 import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from .arms import ARMS
-from .rows import read_rows
+from .rows import read_rows, write_whole
 from .stats import holm, mean_std, paired_difference, tost
 
 __all__ = ['PRIMARY', 'MARGIN', 'summarise', 'render', 'card_table', 'main']
@@ -196,9 +195,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     for name, text in (('report.md', render(summary)), ('summary.json', json.dumps(summary, indent=1) + '\n'),
                        ('card_table.json', json.dumps(card_table(summary), indent=1) + '\n')):
-        tmp = args.results / f'.{name}.{os.getpid()}.tmp'
-        tmp.write_text(text)
-        os.replace(tmp, args.results / name)
+        write_whole(args.results / name, text)
     print(render(summary))
     return 0
 
