@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from timm.data import create_dataset
 
-__all__ = ['CIFAR10_SHA256', 'load_cifar10', 'balanced_split', 'augment', 'cutout']
+__all__ = ['CIFAR10_SHA256', 'AUGMENTATIONS', 'load_cifar10', 'balanced_split', 'augment', 'cutout']
 
 
 CIFAR10_SHA256 = '1fde636a137192241399fe9928af8c30ba7c867ca7901121faa671a7363be792'  # ../shared/data/README.md
@@ -101,12 +101,24 @@ def balanced_split(labels: torch.Tensor, per_class: int, generator: torch.Genera
     return torch.stack(chosen, 1).flatten()
 
 
-def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """The standard CIFAR augmentation of a uint8 batch, on the batch's device: a random 32 px crop
-    of the 4 px reflect-padded image and a horizontal flip; returns float images in [0, 1].
-    ``g`` lives on the same device, so the draws do not depend on the host."""
+AUGMENTATIONS = ('crop_flip', 'flip', 'none')
+
+
+def augment(x: torch.Tensor, g: torch.Generator, mode: str = 'crop_flip') -> torch.Tensor:
+    """The CIFAR augmentation of a uint8 batch, on the batch's device; returns float images in [0, 1].
+
+    ``crop_flip`` (standard): a random 32 px crop of the 4 px reflect-padded image, then a horizontal
+    flip with probability 1/2; ``flip``: the flip alone; ``none``: the images as they are. ``g`` lives
+    on the same device, so the draws do not depend on the host."""
+    if mode not in AUGMENTATIONS:
+        raise ValueError(f'unknown augmentation {mode!r}, expected one of {AUGMENTATIONS}')
+    if mode == 'none':
+        return x.float() / 255.0
     B, C, H, W = x.shape
     dev = x.device
+    if mode == 'flip':
+        flip = torch.rand(B, generator=g, device=dev) < 0.5
+        return torch.where(flip[:, None, None, None], x.flip(-1), x).float() / 255.0
     padded = F.pad(x.float(), (4, 4, 4, 4), mode='reflect')
     dy = torch.randint(0, 9, (B,), generator=g, device=dev)
     dx = torch.randint(0, 9, (B,), generator=g, device=dev)

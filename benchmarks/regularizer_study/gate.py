@@ -1,15 +1,18 @@
 #!/usr/bin/env python3
-""" The v4 gate: does a candidate regime reward a known regulariser before the arms are compared?
+""" The gate: does a candidate regime reward a known regulariser before the arms are compared?
 
-For each candidate of ``protocols.V4_CANDIDATES``, cheapest first, run ``none`` and ``cutout`` at up
-to 6 paired seeds. A candidate passes when Cutout - none is at least +1.0 point of test top-1 with the
+For each candidate of a study (``protocols.CANDIDATES``: v4, v5), cheapest first, run ``none`` and
+``cutout`` at up to 6 paired seeds. A candidate passes when Cutout - none is at least +1.0 point of test top-1 with the
 paired 95% CI above 0 at 6 seeds; its pilot stops early when after 4 seeds the CI's upper bound is
 below +1.0. The gate ends at the first candidate that passes (every one before it was cheaper and
 failed), or when every candidate is decided. ``gate.md`` and ``gate.json`` (the figures the README
-and the benchmarks guide quote, through ``gate_statement``) are rewritten after every row.
+and the benchmarks guide quote, through ``gate_statement``) are rewritten after every row. With
+``--study-seeds N`` the driver goes on, once a candidate passes, to the five arms there at seeds
+0..N-1 plus DropBlock and DropCluster at the second rate (``protocols.second_rate``), seed by seed;
+the gate's own rows are that study's first ``none`` and ``cutout`` rows.
 
-    python -m benchmarks.regularizer_study.gate --results benchmarks/results/study_v4 --workers 2
-    python -m benchmarks.regularizer_study.gate --results benchmarks/results/study_v4 --report-only
+    python -m benchmarks.regularizer_study.gate --study v5 --results benchmarks/results/study_v5 --workers 2 --study-seeds 16
+    python -m benchmarks.regularizer_study.gate --study v4 --results benchmarks/results/study_v4 --report-only
 """
 import argparse
 import json
@@ -20,14 +23,16 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
-from .protocols import V4_CANDIDATES
+from .arms import ARMS
+from .protocols import CANDIDATES, V4_CANDIDATES, second_rate
 from .rows import read_rows, write_whole
 from .stats import mean_std, paired_difference
 
-__all__ = ['GATE_ARMS', 'GAIN', 'SEEDS', 'PILOT_SEEDS', 'decide', 'gate_status', 'gate_summary', 'gate_statement',
-           'render_gate', 'write_gate', 'main']
+__all__ = ['GATE_ARMS', 'SECOND_RATE_ARMS', 'GAIN', 'SEEDS', 'PILOT_SEEDS', 'decide', 'gate_status', 'next_gate_job',
+           'next_study_job', 'gate_summary', 'gate_statement', 'render_gate', 'write_gate', 'main']
 
 GATE_ARMS = ('none', 'cutout')
+SECOND_RATE_ARMS = ('dropblock', 'dropcluster')
 GAIN = 1.0  # points of test top-1 that Cutout must add
 SEEDS = 6
 PILOT_SEEDS = 4
@@ -63,12 +68,13 @@ def gate_status(rows: List[Dict[str, Any]], candidates: Sequence[Dict[str, Any]]
     return out
 
 
-def next_gate_job(rows: List[Dict[str, Any]], running: Set[Tuple]) -> Optional[Dict[str, Any]]:
+def next_gate_job(rows: List[Dict[str, Any]], running: Set[Tuple],
+                  candidates: Sequence[Dict[str, Any]] = V4_CANDIDATES) -> Optional[Dict[str, Any]]:
     """The next (config, arm, seed) to run: the first undecided candidate's next missing pair up to its
     next decision (after the pilot seeds, then after all), or the next candidate's when the runs up to
     that decision are done or in flight. None when nothing is left to start."""
     done = {(r['config'], r['arm'], int(r['seed'])) for r in rows}
-    for entry in gate_status(rows):
+    for entry in gate_status(rows, candidates):
         if entry['decision'] == 'pass':
             return None
         if entry['decision'] != 'running':
@@ -82,13 +88,35 @@ def next_gate_job(rows: List[Dict[str, Any]], running: Set[Tuple]) -> Optional[D
     return None
 
 
+def next_study_job(rows: List[Dict[str, Any]], running: Set[Tuple], candidates: Sequence[Dict[str, Any]],
+                   seeds: int) -> Optional[Dict[str, Any]]:
+    """After a pass: the next missing run of the five arms at the passing candidate and of
+    ``SECOND_RATE_ARMS`` at its second rate, seed-major over ``range(seeds)`` (a stopped driver leaves
+    whole seeds behind it). None before a pass or when all are done or in flight."""
+    passed = [e['cfg'] for e in gate_status(rows, candidates) if e['decision'] == 'pass']
+    if not passed:
+        return None
+    done = {(r['config'], r['arm'], int(r['seed'])) for r in rows}
+    main, second = passed[0], second_rate(passed[0])
+    for seed in range(seeds):
+        for cfg, arms in ((main, ARMS), (second, SECOND_RATE_ARMS)):
+            for arm in arms:
+                key = (cfg['name'], arm, seed)
+                if key not in done and key not in running:
+                    return dict(config=cfg['name'], arm=arm, seed=seed)
+    return None
+
+
+_AUGMENT = {'crop_flip': '', 'flip': ', flip only (no crop)', 'none': ', no crop or flip'}
+
+
 def _describe(cfg: Dict[str, Any]) -> str:
     layers = '' if cfg['layers'] == [1, 1, 1, 1] else f", {cfg['layers'][0]} blocks a stage"
     return (f"widths {'-'.join(map(str, cfg['channels']))}{layers}, {cfg['train_images']:,} images, "
-            f"{cfg['epochs']} epochs, Cutout {cfg['cutout_size']} px")
+            f"{cfg['epochs']} epochs{_AUGMENT[cfg['augment']]}, Cutout {cfg['cutout_size']} px")
 
 
-def gate_summary(status: List[Dict[str, Any]]) -> Dict[str, Any]:
+def gate_summary(status: List[Dict[str, Any]], study: str = 'v4') -> Dict[str, Any]:
     """The gate's figures as plain JSON (None where undefined): one entry per candidate and the outcome,
     'pass', 'none passed' or 'running'."""
     num = lambda x: None if x != x else x  # noqa: E731
@@ -100,7 +128,7 @@ def gate_summary(status: List[Dict[str, Any]]) -> Dict[str, Any]:
                   for e in status]
     decisions = [c['decision'] for c in candidates]
     outcome = 'pass' if 'pass' in decisions else 'running' if 'running' in decisions else 'none passed'
-    return dict(gain=GAIN, seeds=SEEDS, pilot_seeds=PILOT_SEEDS, outcome=outcome, candidates=candidates)
+    return dict(study=study, gain=GAIN, seeds=SEEDS, pilot_seeds=PILOT_SEEDS, outcome=outcome, candidates=candidates)
 
 
 _DONE = {'stopped': 'stopped after the pilot', 'fail': 'failed', 'pass': 'passed', 'running': 'running',
@@ -131,12 +159,14 @@ def gate_statement(summary: Dict[str, Any]) -> str:
     if summary['outcome'] == 'running':
         return text + ' The gate is still running.'
     return text + (' No candidate passed: no CPU-affordable regime where Cutout helps was found, so the v3 study '
-                   'stays the answer and the GPU protocol is the next evidence.')
+                   'stays the answer and the GPU protocol is the next evidence.' if summary.get('study', 'v4') == 'v4'
+                   else ' No candidate passed: the next regime is the GPU protocol (a larger network on 5,000 '
+                   'images, where a network that fits its images with the crop is affordable).')
 
 
-def render_gate(status: List[Dict[str, Any]]) -> str:
+def render_gate(status: List[Dict[str, Any]], study: str = 'v4') -> str:
     f = lambda x, s=False: '-' if x != x else (f'{x:+.2f}' if s else f'{x:.2f}')  # noqa: E731
-    lines = ['# Study v4: the gate on the positive control', '',
+    lines = [f'# Study {study}: the gate on the positive control', '',
              f'Each candidate regime (`benchmarks/regularizer_study/protocols.py`, registered before its first run) '
              f'runs `none` and `cutout` at up to {SEEDS} paired seeds. It passes when Cutout - none is at least '
              f'+{GAIN:g} point of test top-1 (all 10,000 test images) with the paired 95% CI above 0; its pilot '
@@ -150,15 +180,15 @@ def render_gate(status: List[Dict[str, Any]]) -> str:
                      f"| {d['n']} | {f(e['none_train_top1'])} / {f(e['cutout_train_top1'])} | {f(e['none_top1'])} "
                      f"| {f(d['mean'], True)} [{f(d['ci_low'])}, {f(d['ci_high'])}] | {', '.join(e['capabilities']) or '-'} "
                      f"| {e['decision']} |")
-    lines += ['', gate_statement(gate_summary(status))]
+    lines += ['', gate_statement(gate_summary(status, study))]
     return '\n'.join(lines) + '\n'
 
 
-def write_gate(results: Path) -> str:
+def write_gate(results: Path, study: str = 'v4') -> str:
     """Rewrite ``gate.md`` and ``gate.json`` in ``results`` from its rows; returns gate.md's text."""
-    status = gate_status(read_rows(results))
-    text = render_gate(status)
-    write_whole(results / 'gate.json', json.dumps(gate_summary(status), indent=1) + '\n')
+    status = gate_status(read_rows(results), CANDIDATES[study])
+    text = render_gate(status, study)
+    write_whole(results / 'gate.json', json.dumps(gate_summary(status, study), indent=1) + '\n')
     write_whole(results / 'gate.md', text)
     return text
 
@@ -167,7 +197,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     from . import run as R  # the driver pulls in torch and timm; --report-only does not need them
 
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--study', choices=sorted(CANDIDATES), default='v5', help="whose candidates to gate (default v5)")
     p.add_argument('--results', type=Path, required=True, help='folder of runs.jsonl; gate.md is written there')
+    p.add_argument('--study-seeds', type=int, default=0,
+                   help='after a pass, run the five-arm study there at this many seeds (default 0: the gate alone)')
     p.add_argument('--report-only', action='store_true', help='write gate.md from the rows and run nothing')
     p.add_argument('--workers', type=int, default=1, help='runs at once, each in its own one-thread process')
     p.add_argument('--budget-minutes', type=float, default=None, help='start no run that would end past this')
@@ -175,8 +208,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument('--cache-dir', default=os.path.join(os.environ.get('TMPDIR', '/tmp'), 'dropcluster_cifar10'),
                    help='where the decoded images are cached')
     args = p.parse_args(argv)
-    if args.workers < 1:
-        p.error('--workers must be >= 1')
+    if args.workers < 1 or args.study_seeds < 0:
+        p.error('--workers must be >= 1 and --study-seeds >= 0')
+    candidates = CANDIDATES[args.study]
     args.results.mkdir(parents=True, exist_ok=True)
     if not args.report_only:
         R.check_package_location()
@@ -185,11 +219,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         deadline = time.time() + args.budget_minutes * 60 if args.budget_minutes else float('inf')
 
         def next_job(running: Set[Tuple]) -> Optional[Dict[str, Any]]:
-            write_gate(args.results)
-            return next_gate_job(read_rows(args.results), running)
+            write_gate(args.results, args.study)
+            rows = read_rows(args.results)
+            return (next_gate_job(rows, running, candidates)
+                    or next_study_job(rows, running, candidates, args.study_seeds))
 
         R.run_jobs(next_job, args.results, R.common_job_args(args, R.commit_of_checkout()), args.workers, deadline)
-    print(write_gate(args.results))
+    print(write_gate(args.results, args.study))
     return 0
 
 

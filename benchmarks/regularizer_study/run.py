@@ -166,7 +166,7 @@ def run_one(arm: str, seed: int, cfg: Dict[str, Any], device: str, data: Dict[st
             for step in range(steps):
                 batch = order[step * bs:(step + 1) * bs]
                 recipe.step(model, epoch + step / steps)
-                x = augment(train_x[batch], g_augment)
+                x = augment(train_x[batch], g_augment, cfg['augment'])
                 if arm == 'cutout':
                     x = cutout(x, cfg['cutout_size'], g_cutout)
                 with amp():

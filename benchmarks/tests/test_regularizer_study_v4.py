@@ -67,7 +67,7 @@ def test_gate_runs_candidates_in_order_and_stops_at_the_first_pass(tmp_path):
     assert [e['decision'] for e in status] == ['pass'] + ['not run'] * (len(status) - 1)
     for row in rows:
         append_row(tmp_path, row)
-    assert G.main(['--results', str(tmp_path), '--report-only']) == 0
+    assert G.main(['--study', 'v4', '--results', str(tmp_path), '--report-only']) == 0
     text = (tmp_path / 'gate.md').read_text()
     assert f'The gate passed at `{first}`' in text and text.count('| `v4_') == len(P.V4_CANDIDATES)
 
