@@ -2,6 +2,7 @@
 import os
 
 import torch
+from safetensors.torch import load_file
 
 from dropcluster_timm import dropcluster_layers
 
@@ -23,3 +24,9 @@ def test_the_readmes_use_block_runs_after_the_main_job(tmp_path, monkeypatch):
     layers = [layer for _, layer in dropcluster_layers(scope['model'])]
     assert layers and all(layer.clustered and layer.drop_prob == 0.05 for layer in layers)
     assert scope['y'].shape == scope['x'].shape and not torch.equal(scope['y'], scope['x'])
+    # The main job's model is loaded with its trained weights and maps (buffers), not a fresh architecture.
+    saved = load_file(os.path.join('output', 'digits', 'best', 'model.safetensors'))
+    loaded = scope['trained'].state_dict()
+    assert set(saved) == set(loaded)
+    different = [k for k in saved if not torch.equal(saved[k], loaded[k])]
+    assert not different, f'{len(different)} tensors differ from model.safetensors, e.g. {different[:3]}'
