@@ -150,30 +150,36 @@ def _cards(args: argparse.Namespace) -> int:
 
 
 def _output_of(args: argparse.Namespace) -> str:
-    return args.output if not getattr(args, 'experiment', '') else f'{args.output.rstrip("/")}/{args.experiment}'
+    """The folder a ``train`` command line writes to (what ``--resume`` continues)."""
+    from .train import config_from_args
+    try:
+        return config_from_args(args).resolved().output.output
+    except TrainingError:  # Ctrl-C before the settings were read
+        return getattr(args, 'output', None) or 'OUTPUT'
 
 
 def _train(args: argparse.Namespace) -> int:
     from .train import NothingToTrain, config_from_args, train
     try:
-        run = train(config_from_args(args))
+        train(config_from_args(args))  # trackers finished, its process group taken down
     except NothingToTrain as e:
         print(e)
-        return 0
-    run.accelerator.end_training()  # trackers finished, the process group taken down before exit
     return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
     from accelerate import PartialState
+    from .accelerate_state import scoped_accelerate_state
     from .evaluation.evaluate import evaluate_checkpoint, format_corruption_report
     from .train.run_folder import write_json_atomic
     corruptions = list(CORRUPTIONS) if args.corruptions == ['all'] else args.corruptions
     if args.json:  # the destination is checked before the evaluation, not after it
         check_writable_file(args.json, '--json', args.overwrite)
-    result = evaluate_checkpoint(args.checkpoint, args.dataset, args.data_dir, args.split, args.batch_size,
-                                 args.workers, args.img_size, corruptions, args.severities, args.corruption_seed)
-    if not PartialState().is_main_process:  # under accelerate launch every process has the result: one reports
+    with scoped_accelerate_state():
+        main_process = PartialState().is_main_process  # under accelerate launch every process has the result
+        result = evaluate_checkpoint(args.checkpoint, args.dataset, args.data_dir, args.split, args.batch_size,
+                                     args.workers, args.img_size, corruptions, args.severities, args.corruption_seed)
+    if not main_process:  # one reports
         return 0
     if args.json:
         write_json_atomic(args.json, result)

@@ -31,13 +31,13 @@ class HfCache:
         return snapshot
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Accelerate keeps one process-wide state: a test that builds an Accelerator (a run, an
-    evaluation) must not fix the mixed precision of the next test's."""
-    yield
-    from accelerate.state import AcceleratorState
-    AcceleratorState._reset_state(reset_partial_state=True)
+@pytest.fixture
+def own_accelerator():
+    """For a test that builds its own ``Accelerator``: Accelerate's process-wide state is taken down
+    after it (``train`` and ``evaluate`` do that themselves), so it fixes no later test's precision."""
+    from dropcluster_timm.accelerate_state import scoped_accelerate_state
+    with scoped_accelerate_state():
+        yield
 
 
 @pytest.fixture
@@ -77,7 +77,7 @@ def one_epoch_run(image_folder, tmp_path_factory):
     from run_helpers import TINY, with_epochs
     from dropcluster_timm.train import parse_train_args, train
     out = tmp_path_factory.mktemp('resume') / 'run'
-    train(parse_train_args(with_epochs(TINY, 1) + ['--data-dir', image_folder, '--output', str(out)])).accelerator.end_training()
+    train(parse_train_args(with_epochs(TINY, 1) + ['--data-dir', image_folder, '--output', str(out)]))
     return out
 
 

@@ -15,4 +15,4 @@ def kill_at(step: int):
 
 
 if __name__ == '__main__':
-    train(parse_train_args(sys.argv[2:]), on_step=kill_at(int(sys.argv[1]))).accelerator.end_training()
+    train(parse_train_args(sys.argv[2:]), on_step=kill_at(int(sys.argv[1])))

@@ -4,17 +4,18 @@ import os
 import sys
 
 import torch
+from accelerate import PartialState
 
 from dropcluster_timm.edropout.layers import edropout_state
 from dropcluster_timm.train import parse_train_args, train
 
 dump = sys.argv[1]
+acc = PartialState()  # ours, so that process_index is still known after train()
 run = train(parse_train_args(sys.argv[2:]))
-acc = run.accelerator
 torch.save({
     'rank': acc.process_index,
     'world_size': acc.num_processes,
-    'state': edropout_state(acc.unwrap_model(run.model)),
+    'state': edropout_state(run.model),
     'search': run.hooks[0].search.state_dict(),
 }, os.path.join(dump, f'rank{acc.process_index}.pt'))
-acc.end_training()
+acc.destroy_process_group()

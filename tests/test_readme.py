@@ -17,8 +17,7 @@ def test_the_readmes_use_block_runs_after_the_main_job(tmp_path, monkeypatch):
     blocks = [b.split('```', 1)[0] for b in text.split('```python\n')[1:]]
     assert len(blocks) == 1
     monkeypatch.chdir(tmp_path)
-    train(parse_train_args(main_job.split()[3:] + ['--epochs', '1', '--train-batches-per-epoch', '2'])) \
-        .accelerator.end_training()
+    train(parse_train_args(main_job.split()[3:] + ['--epochs', '1', '--train-batches-per-epoch', '2']))
     scope = {}
     exec(compile(blocks[0], 'README.md', 'exec'), scope)
     layers = [layer for _, layer in dropcluster_layers(scope['model'])]

@@ -19,6 +19,7 @@ from timm.data import create_transform, resolve_data_config
 from timm.utils import accuracy
 
 from .corruptions import SEVERITIES, check_corruptions, corruption_accuracy
+from ..accelerate_state import scoped_accelerate_state
 from ..data import EMBEDDED_DATASET, class_names, make_dataset, num_classes_of
 from ..errors import TrainingError, first_line
 from ..models.names import register_architecture
@@ -49,6 +50,7 @@ def evaluate(accelerator, model, loader, loss_fn=None, progress: bool = False) -
     return {'eval_loss': loss_sum / n, 'top1': top1 / n, 'top5': top5 / n}
 
 
+@scoped_accelerate_state()  # the caller's Accelerate state, as it was
 def evaluate_checkpoint(
         checkpoint: str, dataset: str = '', data_dir: Optional[str] = None, split: str = 'validation',
         batch_size: int = 128, workers: int = 0, img_size: Optional[int] = None,

@@ -15,6 +15,7 @@ from ..errors import TrainingError
 from ..layers.options import LAYER_OPTIONS
 from .config import TrainConfig, embedded_config, uses_embedded_data
 from .options import TrainOption, describe, iter_options
+from .resume import DEFAULT_OUTPUT
 from .sections import GROUPS
 
 __all__ = ['ShortErrorParser', 'REFUSED', 'ADAPTER_DESTS', 'add_train_arguments', 'train_dests', 'config_from_args',
@@ -146,7 +147,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if given.get('drop_connect') is not None and 'drop_path' not in given:
         cfg.model.drop_path_rate = given['drop_connect']
     if given.get('experiment'):
-        cfg.output.output = f'{cfg.output.output.rstrip("/")}/{given["experiment"]}'
+        cfg.output.output = f'{(cfg.output.output or DEFAULT_OUTPUT).rstrip("/")}/{given["experiment"]}'
     if given.get('log_wandb'):
         cfg.output.log_with = 'wandb'
     cfg.output.cpu = given.get('device') == 'cpu'

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 import timm
 from timm.data import Mixup
 from timm.data.distributed_sampler import RepeatAugSampler
-from timm.layers import set_fast_norm
+from timm.layers import is_fast_norm, set_fast_norm
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
@@ -61,12 +61,14 @@ def build_model(cfg: ModelConfig, num_classes: Optional[int], img_size: Optional
     if cfg.initial_checkpoint:
         kwargs['checkpoint_path'] = cfg.initial_checkpoint
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    if cfg.fast_norm:
-        set_fast_norm()
+    fast_norm = is_fast_norm()  # timm's switch is global; its norm layers read it when they are built
+    set_fast_norm(cfg.fast_norm or fast_norm)
     try:
         model = timm.create_model(cfg.name, **kwargs)
     except Exception as e:
         raise TrainingError(f'cannot create model {cfg.name!r}: {first_line(e)}') from e
+    finally:
+        set_fast_norm(fast_norm)
     if cfg.head_init_scale is not None or cfg.head_init_bias is not None:
         with torch.no_grad():
             head = model.get_classifier()

@@ -18,6 +18,7 @@ from ..data import EMBEDDED_DATASET
 from ..errors import TrainingError
 from ..layers.options import LAYER_OPTIONS
 from .options import iter_options
+from .resume import DEFAULT_OUTPUT, run_folder_of
 from .sections import DataConfig, DropClusterConfig, EDropoutConfig, LossConfig, ModelConfig, OptimConfig, OutputConfig
 
 __all__ = ['DataConfig', 'ModelConfig', 'DropClusterConfig', 'EDropoutConfig', 'OptimConfig', 'LossConfig', 'OutputConfig',
@@ -81,10 +82,13 @@ class TrainConfig:
         return args
 
     def resolved(self) -> 'TrainConfig':
-        """A copy with the settings left to the run's length filled in (the DropCluster ramp's start,
-        warm-up and re-clustering interval); ``train`` runs and records this."""
+        """A copy with the settings left to the run filled in: the DropCluster ramp's start, warm-up and
+        re-clustering interval (shares of the epochs), and the run folder (the resumed run's with
+        ``resume``, else ``output/train``); ``train`` runs and records this."""
         cfg = copy.deepcopy(self)
         cfg.dropcluster = self.dropcluster.resolved(self.optim.epochs)
+        if cfg.output.output is None:
+            cfg.output.output = run_folder_of(cfg.output.resume) if cfg.output.resume else DEFAULT_OUTPUT
         return cfg
 
     def check(self) -> None:

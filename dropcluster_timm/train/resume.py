@@ -14,8 +14,13 @@ from typing import Any, Dict, Iterator, Optional, Tuple
 
 from ..errors import TrainingError
 
-__all__ = ['FIXED_SETTINGS', 'NothingToTrain', 'checkpoint_settings', 'changed_settings', 'check_changes',
-           'read_position', 'check_position', 'check_global_batch']
+__all__ = ['CHECKPOINT_DIR', 'META_FILE', 'DEFAULT_OUTPUT', 'FIXED_SETTINGS', 'NothingToTrain', 'run_folder_of',
+           'checkpoint_settings', 'changed_settings', 'check_changes', 'read_position', 'check_position',
+           'check_global_batch']
+
+CHECKPOINT_DIR = 'checkpoints'  # OUTPUT/checkpoints/<name>/
+META_FILE = 'meta.json'  # a checkpoint's completion marker
+DEFAULT_OUTPUT = 'output/train'  # a new run's folder when none is given, as timm's train.py
 
 # Settings a resumed run must keep: dotted TrainConfig keys, with why.
 FIXED_SETTINGS = {
@@ -33,6 +38,19 @@ _NOT_COMPARED = ('output.output', 'output.resume', 'output.no_resume_opt')
 
 class NothingToTrain(Exception):
     """A finished run resumed with the same ``--epochs``: there is no epoch left; every file stays as it was."""
+
+
+def run_folder_of(resume: str) -> str:
+    """The run folder that ``--resume`` continues, so a run is never split over two folders: ``resume``
+    itself, or for a checkpoint folder the run folder that holds it (``RUN/checkpoints/NAME``)."""
+    path = os.path.normpath(resume)
+    if os.path.isfile(os.path.join(path, META_FILE)):
+        parent = os.path.dirname(path)
+        if os.path.basename(parent) != CHECKPOINT_DIR:
+            raise TrainingError(f'--resume {resume} is a checkpoint outside a run folder: give --output, the folder '
+                                'the resumed run writes to')
+        return os.path.dirname(parent) or '.'
+    return resume
 
 
 def _read_json(path: str) -> Optional[Dict[str, Any]]:

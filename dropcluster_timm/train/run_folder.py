@@ -29,6 +29,7 @@ from ..hub.run_results import RunResults
 from ..layers.model_helpers import dropcluster_layers, nonfinite_tensor
 from .config import TrainConfig
 from .loop import TrainState
+from .resume import CHECKPOINT_DIR, META_FILE
 from .run_state import STATE_JSON, STATE_TENSORS, save_run_state
 
 __all__ = [
@@ -39,10 +40,8 @@ __all__ = [
     'save_checkpoint', 'MetricsLog', 'run_results',
 ]
 
-CHECKPOINT_DIR = 'checkpoints'
 RUN_FILE = 'run.json'
 LOCK_FILE = '.lock'
-META_FILE = 'meta.json'
 
 
 def write_text_atomic(path: str, text: str) -> None:

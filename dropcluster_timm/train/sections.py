@@ -299,7 +299,8 @@ class LossConfig:
 @dataclass
 class OutputConfig:
     """The run folder, checkpoints, logging, publishing and how processes cooperate."""
-    output: str = option('output/train', 'run folder: checkpoints/, best/, last/, metrics')
+    output: Optional[str] = option(None, 'run folder: checkpoints/, best/, last/, metrics (default output/train; '
+                                   "with --resume, the resumed run's folder)")
     resume: Optional[str] = option(None, 'an output folder (its newest checkpoint) or a checkpoint')
     no_resume_opt: bool = option(False, 'resume without the optimizer state')
     overwrite: bool = option(False, "replace an earlier run's results in --output (without it such a folder is "

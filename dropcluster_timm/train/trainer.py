@@ -19,6 +19,7 @@ from timm.utils import distribute_bn
 
 from .. import hub
 from ..data import build_data, class_names, set_transforms
+from ..accelerate_state import scoped_accelerate_state
 from ..errors import TrainingError, first_line
 from ..evaluation.evaluate import evaluate
 from ..layers.model_helpers import ddp_ignore_cluster_buffers, dropcluster_layers, init_cluster_maps, set_drop_prob
@@ -39,14 +40,17 @@ __all__ = ['train']
 
 
 def train(cfg: TrainConfig, on_step: Optional[Callable[[TrainState], None]] = None) -> SimpleNamespace:
-    """Train as ``cfg`` says; returns the accelerator, model, EMA, schedule, state, metric rows and the
-    hooks of the optional methods (``train.hooks``; EDropout's holds its ``search``).
-    Call ``result.accelerator.end_training()`` when done with them (trackers, process group).
+    """Train as ``cfg`` says; returns the trained model (unwrapped), EMA, schedule, state, metric rows
+    and the hooks of the optional methods (``train.hooks``; EDropout's holds its ``search``).
 
     ``on_step(state)`` runs after every training batch. Errors a user can fix raise ``TrainingError``
-    before anything is written.
+    before anything is written. The caller's state is as it was when this returns: the thread count,
+    timm's fast-norm switch, and Accelerate's process state (what the run set up, its process group
+    included, is taken down; a state the caller set up stays, e.g. ``PartialState()`` before the call
+    to use the process group afterwards).
     """
-    with contextlib.ExitStack() as run:  # the output folder's lock is released however the run ends
+    # The output folder's lock is released and the caller's state restored however the run ends.
+    with contextlib.ExitStack() as run, scoped_accelerate_state():
         return _train(cfg, on_step, run)
 
 
@@ -120,8 +124,9 @@ def _train(cfg: TrainConfig, on_step: Optional[Callable[[TrainState], None]], ru
     model, optimizer = accelerator.prepare(model, optimizer)
     steps_per_epoch = min(len(train_loader), out.train_batches_per_epoch or len(train_loader))
     lr_scheduler = build_scheduler(optimizer, o, max(1, steps_per_epoch // o.grad_accum_steps))
+    ramped = bool(num_dropcluster) or drop_block  # a model with neither has no drop rate to ramp or record
     recipe = DropClusterRecipe(cfg.dropcluster, steps_per_epoch, seed=o.seed,
-                               target=cfg.model.drop_block_rate if drop_block else None,
+                               target=cfg.model.drop_block_rate if drop_block else None if num_dropcluster else 0.0,
                                clustered=bool(num_dropcluster), drop_block=drop_block)
     schedule = recipe.schedule
     if num_dropcluster:
@@ -180,7 +185,8 @@ def _train(cfg: TrainConfig, on_step: Optional[Callable[[TrainState], None]], ru
     accelerator.print(f'training {cfg.model.name} ({data.num_classes} classes) for {o.epochs} epochs, '
                       f'{steps_per_epoch} batches per epoch on {accelerator.num_processes} process(es); '
                       f'train {data.splits["train"]} ({len(data.train)} images), '
-                      f'validation {data.splits["validation"]} ({len(data.eval)} images); {schedule}')
+                      f'validation {data.splits["validation"]} ({len(data.eval)} images)'
+                      + (f'; {schedule}' if ramped else ''))
     best_key = rf.best_metric_name(cfg.to_dict())
     lower_is_better = best_key.endswith('eval_loss')
     while state.epoch < o.epochs:
@@ -200,6 +206,8 @@ def _train(cfg: TrainConfig, on_step: Optional[Callable[[TrainState], None]], ru
         row.update(train_one_epoch(accelerator, model, train_loader, optimizer, loss_fn, lr_scheduler, recipe, state,
                                    cfg, ema=ema, mixup_fn=mixup_fn, checkpoint_fn=checkpoint_fn, on_step=on_step,
                                    hooks=hooks))
+        if not ramped:
+            del row['drop_rate']
         if accelerator.num_processes > 1 and out.dist_bn and not cfg.model.sync_bn:
             distribute_bn(model, accelerator.num_processes, out.dist_bn == 'reduce')
         evaluated = (epoch + 1) % out.val_interval == 0 or epoch + 1 == o.epochs
@@ -239,8 +247,7 @@ def _train(cfg: TrainConfig, on_step: Optional[Callable[[TrainState], None]], ru
                 accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=epoch)
             checkpoint_fn(f'epoch_{epoch:04d}')
 
-    # Save: the model folders are written every epoch; publish the best one. (The caller ends the
-    # accelerator: trackers and process group stay up for whatever it does with the trained model.)
+    # Save: the model folders are written every epoch; publish the best one.
     if accelerator.is_main_process:
         accelerator.print(f'best {best_key} {state.best_metric:.4g} at epoch {state.best_epoch}; outputs in {out.output}')
         if out.push_to_hub:
@@ -250,8 +257,10 @@ def _train(cfg: TrainConfig, on_step: Optional[Callable[[TrainState], None]], ru
             except Exception as e:  # a failure while working (exit 1), not an input error
                 raise RuntimeError(f'push to {out.push_to_hub} failed: {first_line(e)}') from e
     accelerator.wait_for_everyone()
-    return SimpleNamespace(accelerator=accelerator, model=model, ema=ema, schedule=schedule, state=state,
-                           metrics=metrics.rows, hooks=hooks)
+    for tracker in accelerator.trackers:
+        tracker.finish()
+    return SimpleNamespace(model=accelerator.unwrap_model(model, keep_fp32_wrapper=False), ema=ema, schedule=schedule,
+                           state=state, metrics=metrics.rows, hooks=hooks)
 
 
 def _flat(tree, prefix: str = ''):

@@ -55,7 +55,7 @@ def test_build_model_applies_the_cluster_settings_once_and_checks_the_name():
         build_model(ModelConfig('resnet18', layer_options=dict(num_clusters=3)), 4)  # a plain model takes no cluster settings
 
 
-def test_recluster_runs_outside_accelerates_autocast():
+def test_recluster_runs_outside_accelerates_autocast(own_accelerator):
     """Under bf16 mixed precision the forward runs in bfloat16, the re-clustering in float32."""
     import torch
     from accelerate import Accelerator

@@ -9,6 +9,7 @@ from dropcluster_timm.train import DropClusterConfig, DropClusterRecipe, TrainSt
 from dropcluster_timm.train.config import OutputConfig, TrainConfig
 
 QUIET = TrainConfig(output=OutputConfig(progress=False))
+pytestmark = pytest.mark.usefixtures('own_accelerator')
 
 
 class _Sched:

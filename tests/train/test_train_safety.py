@@ -20,8 +20,7 @@ def test_channels_last_run_saves_contiguous_weights_that_reload_equal(image_fold
     out = tmp_path / 'run'
     result = train(parse_train_args(with_epochs(TINY, 1) + ['--data-dir', image_folder, '--output', str(out),
                                                             '--channels-last']))
-    result.accelerator.end_training()
-    trained = result.accelerator.unwrap_model(result.model).eval()
+    trained = result.model.eval()
     assert trained.conv1.weight.is_contiguous(memory_format=torch.channels_last)  # the run's layout is kept
     reloaded = timm.create_model(f'local-dir:{out / "last"}', pretrained=True).eval()
     for (name, a), b in zip(trained.state_dict().items(), reloaded.state_dict().values()):
@@ -44,7 +43,7 @@ def test_the_run_leaves_the_callers_thread_count_and_can_leave_it_alone_througho
             args = with_epochs(TINY, 1) + ['--data-dir', image_folder, '--output', str(tmp_path / f'run{len(extra)}{during}'),
                                            '--train-batches-per-epoch', '1', '--device', 'cpu'] + extra
             train(parse_train_args(args), on_step=lambda state: seen.append(torch.get_num_threads())
-                  ).accelerator.end_training()
+                  )
             assert seen == [during] and torch.get_num_threads() == 1, (extra, seen)
     finally:
         torch.set_num_threads(before)
@@ -75,7 +74,6 @@ def test_a_second_run_into_the_same_output_stops_and_a_killed_runs_lock_does_not
         holder.wait()
     assert (out / '.lock').exists()  # a killed run leaves its lock file; the next run is not blocked by it
     result = train(parse_train_args(args))
-    result.accelerator.end_training()
     assert (out / 'last' / 'model.safetensors').exists()
 
 
@@ -97,7 +95,6 @@ def test_a_run_that_failed_in_this_process_does_not_lock_its_folder(image_folder
                                    '--decay-epochs', '100']
     args[args.index('--lr') + 1] = '2e-5'
     result = train(parse_train_args(args))
-    result.accelerator.end_training()
     assert (out / 'last' / 'model.safetensors').exists()
     assert ' lr 2e-05 ' in capsys.readouterr().out  # the epoch line shows a small rate, not 0.0000
 
@@ -154,7 +151,6 @@ def test_an_untampered_checkpoint_resumes(one_epoch_run, image_folder, tmp_path)
     assert sorted(p.name for p in ckpt.iterdir() if p.suffix == '.pkl') == ['random_states_0.pkl']
     args = with_epochs(TINY, 2) + ['--data-dir', image_folder, '--output', str(out), '--resume', str(out)]
     result = train(parse_train_args(args))
-    result.accelerator.end_training()
     assert result.state.epoch == 2 and len(json.loads((out / 'metrics.json').read_text())) == 2
 
 
