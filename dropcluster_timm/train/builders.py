@@ -25,6 +25,7 @@ from ..errors import TrainingError, first_line
 from ..layers.model_helpers import copy_cluster_state, disable_own_schedule, update_clusters
 from ..layers.options import layer_option
 from .config import LossConfig, ModelConfig, OptimConfig, TrainConfig
+from .mid_epoch import RecordedRandomness
 
 __all__ = ['build_accelerator', 'build_loaders', 'build_model', 'check_batch_size', 'build_optimizer', 'build_scheduler', 'build_ema', 'build_loss',
            'recluster', 'use_cpu_cores']
@@ -202,16 +203,19 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
 def build_loaders(data: DataBundle, cfg: TrainConfig, accelerator: Accelerator) -> Tuple[DataLoader, DataLoader]:
     """Training and evaluation loaders, on the accelerator's device and shards. Pinned host memory on a
     GPU (or with ``--pin-mem``). With ``--aug-repeats`` timm's ``RepeatAugSampler`` spreads the
-    repeated images across processes itself, so the training loader is only placed on the device."""
+    repeated images across processes itself, so the training loader is only placed on the device.
+    The training loader reads ``data.train`` through ``RecordedRandomness`` (a mid-epoch resume reads
+    its next batches from the random states they had)."""
     d, o = cfg.data, cfg.optim
+    train_set = RecordedRandomness(data.train)
     common = dict(num_workers=d.workers, persistent_workers=d.workers > 0,
                   pin_memory=d.pin_mem or accelerator.device.type == 'cuda')
     eval_loader = DataLoader(data.eval, batch_size=o.validation_batch_size or o.batch_size, **common)
     if d.aug_repeats:
-        sampler = RepeatAugSampler(data.train, num_replicas=accelerator.num_processes, rank=accelerator.process_index,
+        sampler = RepeatAugSampler(train_set, num_replicas=accelerator.num_processes, rank=accelerator.process_index,
                                    num_repeats=int(d.aug_repeats))
-        train_loader = DataLoaderShard(data.train, device=accelerator.device, sampler=sampler, batch_size=o.batch_size,
+        train_loader = DataLoaderShard(train_set, device=accelerator.device, sampler=sampler, batch_size=o.batch_size,
                                        drop_last=True, **common)
         return train_loader, accelerator.prepare(eval_loader)
-    train_loader = DataLoader(data.train, batch_size=o.batch_size, shuffle=True, drop_last=True, **common)
+    train_loader = DataLoader(train_set, batch_size=o.batch_size, shuffle=True, drop_last=True, **common)
     return accelerator.prepare(train_loader, eval_loader)

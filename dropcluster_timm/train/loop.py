@@ -1,6 +1,6 @@
 """ The training loop of one epoch, with the drop rate stepped per batch, and the run's position."""
 import sys
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from timm.utils import dispatch_clip_grad
@@ -10,17 +10,28 @@ from .config import TrainConfig
 from .hooks import TrainHook
 from .recipe import DropClusterRecipe
 
-__all__ = ['TrainState', 'train_one_epoch']
+__all__ = ['TrainState', 'ADDED_STATE', 'train_one_epoch']
+
+# TrainState fields that checkpoints written before them lack (they load with their defaults).
+ADDED_STATE = ('lr_updates', 'updates_per_epoch', 'epoch_reclustered', 'epoch_soft_reset')
 
 
 class TrainState:
     """Position and bookkeeping of a run, saved in checkpoints as data (``run_state``)."""
+
+    added_keys = ADDED_STATE
 
     def __init__(self):
         self.epoch = 0  # the epoch in progress (or next to run)
         self.step_in_epoch = 0  # batches of ``epoch`` already done
         self.global_step = 0  # batches done in all
         self.num_updates = 0  # optimizer steps done
+        # The learning-rate schedule's position in updates, and the epoch length (in updates) it was placed
+        # for: a resume that changes the length re-places it. None: a checkpoint older than the field.
+        self.lr_updates = 0
+        self.updates_per_epoch = None
+        self.epoch_reclustered = False  # what the start of the epoch in progress did, for its metrics row
+        self.epoch_soft_reset = False
         self.best_metric = None  # the run's eval metric (run_folder.best_metric_name) of the published weights
         self.best_epoch = None
         self.peak_drop_rate = 0.0  # what the run really did with DropCluster, for run.json and cards
@@ -31,18 +42,25 @@ class TrainState:
         return dict(self.__dict__)
 
     def load_state_dict(self, state):
-        if set(state) != set(self.__dict__):
+        missing = set(self.__dict__) - set(state) - set(ADDED_STATE)
+        if missing or set(state) - set(self.__dict__):
             raise ValueError(f'a TrainState holds {sorted(self.__dict__)}, got {sorted(state)}')
-        for key in ('epoch', 'step_in_epoch', 'global_step', 'num_updates', 'reclusterings', 'soft_resets'):
+        state = dict(state)
+        state.setdefault('lr_updates', state['num_updates'])  # a checkpoint older than the field
+        for key in ('epoch', 'step_in_epoch', 'global_step', 'num_updates', 'lr_updates', 'reclusterings', 'soft_resets'):
             if isinstance(state[key], bool) or not isinstance(state[key], int) or state[key] < 0:
                 raise ValueError(f'TrainState.{key} must be a count (an int >= 0), got {state[key]!r}')
+        per_epoch = state.get('updates_per_epoch')
+        if per_epoch is not None and (isinstance(per_epoch, bool) or not isinstance(per_epoch, int) or per_epoch < 1):
+            raise ValueError(f'TrainState.updates_per_epoch must be a count >= 1, got {per_epoch!r}')
         self.__dict__.update(state)
 
 
 def train_one_epoch(
         accelerator, model, loader, optimizer, loss_fn, lr_scheduler, recipe: DropClusterRecipe, state: TrainState,
-        cfg: TrainConfig, ema=None, mixup_fn=None, checkpoint_fn: Optional[Callable[[str], str]] = None,
+        cfg: TrainConfig, ema=None, mixup_fn=None, checkpoint_fn: Optional[Callable[..., str]] = None,
         on_step: Optional[Callable[[TrainState], None]] = None, hooks: Sequence[TrainHook] = (),
+        epoch_loss: Optional[Tuple[torch.Tensor, int]] = None,
 ) -> Dict[str, float]:
     """One epoch of training; resumes at ``state.step_in_epoch`` batches into the epoch (those batches
     are skipped without being loaded, Accelerate's ``skip_first_batches``).
@@ -52,7 +70,9 @@ def train_one_epoch(
     (``train_batches_per_epoch``), progress, checkpoint and device-sync settings. The loss stays on
     the device: the host waits for it only to print (a bar on a terminal, or a line every
     ``log_interval`` batches) and once at the end. ``checkpoint_fn(name)`` is called every
-    ``checkpoint_steps`` batches (not at the end of the epoch, which the caller checkpoints);
+    ``checkpoint_steps`` batches (not at the end of the epoch, which the caller checkpoints) with
+    ``epoch_loss``, the sum of this process's losses of the epoch so far and their count: a run
+    resumed there passes them back, so the epoch's ``train_loss`` covers all its batches;
     ``on_step(state)`` after every batch. Every hook's ``before_step`` runs before each training step
     (EDropout scores and applies its states there).
     """
@@ -65,6 +85,9 @@ def train_one_epoch(
     skip = state.step_in_epoch
     loss_sum = torch.zeros((), device=accelerator.device)
     count = 0
+    if epoch_loss is not None:
+        loss_sum += epoch_loss[0].to(accelerator.device)
+        count = epoch_loss[1]
     unwrapped = accelerator.unwrap_model(model)
     # A bar only on a terminal: in a log file it is noise; log_interval lines are printed there instead.
     # stdout when stderr is not a terminal: `accelerate launch` with one process pipes the latter.
@@ -104,12 +127,13 @@ def train_one_epoch(
         state.step_in_epoch = i + 1
         if accelerator.sync_gradients:
             state.num_updates += 1
-            lr_scheduler.step_update(num_updates=state.num_updates)
+            state.lr_updates += 1
+            lr_scheduler.step_update(num_updates=state.lr_updates)
             if ema is not None:
                 ema.update(unwrapped, step=state.num_updates)
             if checkpoint_fn is not None and checkpoint_steps and state.global_step % checkpoint_steps == 0 \
                     and state.step_in_epoch < steps:
-                checkpoint_fn(f'step_{state.global_step:08d}')
+                checkpoint_fn(f'step_{state.global_step:08d}', epoch_loss=(loss_sum, count))
         if out.synchronize_step and accelerator.device.type == 'cuda':
             torch.cuda.synchronize()
         if on_step is not None:

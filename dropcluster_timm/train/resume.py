@@ -13,6 +13,7 @@ import os
 from typing import Any, Dict, Iterator, Optional, Tuple
 
 from ..errors import TrainingError
+from .mid_epoch import load_rank_state
 
 __all__ = ['CHECKPOINT_DIR', 'META_FILE', 'DEFAULT_OUTPUT', 'FIXED_SETTINGS', 'NothingToTrain', 'run_folder_of',
            'checkpoint_settings', 'changed_settings', 'check_changes', 'read_position', 'check_position',
@@ -130,3 +131,35 @@ def check_global_batch(checkpoint: str, meta: Dict[str, Any], global_batch: int)
         raise TrainingError(f'cannot resume from {checkpoint}: it trained with {meta["global_batch_size"]} images per '
                             f'optimizer step, this run has {global_batch} (--batch-size x processes x '
                             '--grad-accum-steps); keep them, or start a new run to change them')
+
+
+def place_lr_schedule(accelerator, lr_scheduler, state, updates_per_epoch: int, grad_accum_steps: int) -> None:
+    """Put the learning-rate schedule of a resumed run at its position, as timm's train.py steps it from the
+    epoch: when the epoch length (in updates) differs from the checkpoint's (more images, another
+    ``--train-batches-per-epoch``), at ``epoch * updates_per_epoch`` plus the updates done in the epoch,
+    so the run ends its schedule where a run with these settings from the start ends it."""
+    if state.updates_per_epoch is not None and state.updates_per_epoch != updates_per_epoch:
+        placed = state.epoch * updates_per_epoch + state.step_in_epoch // grad_accum_steps
+        accelerator.print(f'resume: the learning-rate schedule re-placed for {updates_per_epoch} updates per epoch '
+                          f'(the checkpoint had {state.updates_per_epoch}): update {placed}, was {state.lr_updates}')
+        state.lr_updates = placed
+    lr_scheduler.step(state.epoch)
+    lr_scheduler.step_update(num_updates=state.lr_updates)
+
+
+def continue_epoch(accelerator, checkpoint: str, train_set, workers: int):
+    """A resume inside an epoch: the training set reads its next batches from the random states they had
+    (``mid_epoch``), and the epoch's losses so far come back; returns ``(loss sum, batches)``, or None
+    when the checkpoint does not hold them (the resumed epoch's ``train_loss`` then covers only its rest)."""
+    saved = load_rank_state(checkpoint, accelerator.process_index)
+    if saved is None:
+        accelerator.print(f'resume: {checkpoint} holds no state of this process inside its epoch (an older '
+                          'checkpoint, or fewer processes): the epoch goes on with other random draws')
+        return None
+    states, loss_sum, batches = saved
+    if workers == 0 and len(states) == 2:
+        train_set.replay(states)
+    else:
+        accelerator.print('resume: with --workers above 0 the rest of the epoch sees other augmentation draws than '
+                          'a run that never stopped (the loader processes keep their own random state)')
+    return loss_sum, batches

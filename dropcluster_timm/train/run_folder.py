@@ -16,7 +16,7 @@ import shutil
 import socket
 import time
 import zipfile
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch.nn as nn
 import yaml
@@ -30,6 +30,7 @@ from ..layers.model_helpers import dropcluster_layers, nonfinite_tensor
 from .config import TrainConfig
 from .loop import TrainState
 from .resume import CHECKPOINT_DIR, META_FILE
+from .mid_epoch import RANK_STATE
 from .run_state import STATE_JSON, STATE_TENSORS, save_run_state
 
 __all__ = [
@@ -93,7 +94,7 @@ def find_checkpoint(path: str) -> Optional[str]:
 # plain values, no code) and this package's data files. Anything else, a pickle of custom objects
 # included, is refused.
 CHECKPOINT_FILES = re.compile(r'(model(_\d+)?\.safetensors|optimizer(_\d+)?\.bin|sampler(_\d+)?\.bin|'
-                              r'random_states_\d+\.pkl|scaler\.pt|'
+                              r'random_states_\d+\.pkl|scaler\.pt|' + RANK_STATE + '|'
                               + '|'.join(re.escape(n) for n in (STATE_JSON, STATE_TENSORS, META_FILE)) + ')')
 
 
@@ -328,13 +329,14 @@ def write_args_file(output: str, args: Dict[str, Any]) -> None:
 
 
 def save_checkpoint(accelerator, output: str, name: str, meta: Dict[str, Any], run_objects: Dict[str, Any],
-                    keep: int = 2) -> str:
+                    keep: int = 2, per_process: Optional[Callable[[str], None]] = None) -> str:
     """``accelerator.save_state`` (model, optimizer, data order, random states) and the run's own
     state (``run_objects``, see ``run_state``) into a hidden temporary folder, renamed into place when
     complete.
 
     A crash mid-save leaves only the temporary folder, which is ignored (and cleared next time), so
     the previous checkpoint stays the newest usable one. Keeps the newest ``keep`` checkpoints.
+    ``per_process(folder)`` writes each process's own files into it (every process calls it).
     """
     root = os.path.join(output, CHECKPOINT_DIR)
     final = os.path.join(root, name)
@@ -345,6 +347,8 @@ def save_checkpoint(accelerator, output: str, name: str, meta: Dict[str, Any], r
         os.makedirs(tmp)
     accelerator.wait_for_everyone()
     accelerator.save_state(tmp)
+    if per_process is not None:
+        per_process(tmp)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_run_state(tmp, run_objects)

@@ -97,6 +97,15 @@ NOT_LOADED = ('lr_scheduler',)
 RENAMED = {('state', 'best_top1'): 'best_metric'}
 
 
+def _expected(obj: Any, saved: Any) -> Any:
+    """The state ``obj`` expects, less the keys it added since ``saved`` was written (``obj.added_keys``:
+    its ``load_state_dict`` fills them in)."""
+    expected = obj.state_dict()
+    if isinstance(expected, dict) and isinstance(saved, dict):
+        expected = {k: v for k, v in expected.items() if k in saved or k not in getattr(obj, 'added_keys', ())}
+    return expected
+
+
 def load_run_state(folder: str, objects: Dict[str, Any]) -> None:
     """Check ``folder``'s run state against ``objects`` (freshly built, same settings), then load it
     into them. Raises ``TrainingError`` naming the file and the value, having loaded nothing."""
@@ -113,7 +122,7 @@ def load_run_state(folder: str, objects: Dict[str, Any]) -> None:
         if not isinstance(data, dict) or set(data) != set(objects):
             raise _Refused(f'expected the states of {sorted(objects)}, got '
                            f'{sorted(data) if isinstance(data, dict) else type(data).__name__}')
-        states = {name: _decode(data[name], obj.state_dict(), name, tensors) for name, obj in objects.items()}
+        states = {name: _decode(data[name], _expected(obj, data[name]), name, tensors) for name, obj in objects.items()}
         for name, obj in objects.items():
             obj.load_state_dict(states[name])
     except (OSError, ValueError, TypeError, KeyError) as e:

@@ -34,6 +34,8 @@ from .loop import TrainState, train_one_epoch
 from .recipe import DropClusterRecipe, schedule_warnings
 from .resume import (
     changed_settings, check_changes, check_global_batch, check_position, checkpoint_settings, read_position)
+from .mid_epoch import save_rank_state
+from .resume import continue_epoch, place_lr_schedule
 from .run_state import load_run_state
 
 __all__ = ['train']
@@ -123,7 +125,8 @@ def _train(cfg: TrainConfig, on_step: Optional[Callable[[TrainState], None]], ru
     ddp_ignore_cluster_buffers(model)  # the maps are synchronised by update_clusters, not by DDP
     model, optimizer = accelerator.prepare(model, optimizer)
     steps_per_epoch = min(len(train_loader), out.train_batches_per_epoch or len(train_loader))
-    lr_scheduler = build_scheduler(optimizer, o, max(1, steps_per_epoch // o.grad_accum_steps))
+    updates_per_epoch = max(1, steps_per_epoch // o.grad_accum_steps)
+    lr_scheduler = build_scheduler(optimizer, o, updates_per_epoch)
     ramped = bool(num_dropcluster) or drop_block  # a model with neither has no drop rate to ramp or record
     recipe = DropClusterRecipe(cfg.dropcluster, steps_per_epoch, seed=o.seed,
                                target=cfg.model.drop_block_rate if drop_block else None if num_dropcluster else 0.0,
@@ -141,6 +144,7 @@ def _train(cfg: TrainConfig, on_step: Optional[Callable[[TrainState], None]], ru
     run_objects = dict(schedule=schedule, state=state, **({'ema': ema} if ema else {}))
     for hook in hooks:
         run_objects.update(hook.run_state())
+    epoch_loss = None  # a mid-epoch resume: the losses of the epoch before the checkpoint
     if checkpoint:
         fresh_optimizer = copy.deepcopy(optimizer.state_dict()) if out.no_resume_opt else None
         settings = schedule.state_dict()
@@ -151,17 +155,20 @@ def _train(cfg: TrainConfig, on_step: Optional[Callable[[TrainState], None]], ru
         # The command line's schedules, at the checkpoint's position.
         schedule.load_state_dict(dict(settings, epoch=schedule.epoch))
         schedule.step(schedule.epoch)
-        lr_scheduler.step(state.epoch)
-        lr_scheduler.step_update(num_updates=state.num_updates)
         for key, (old, new) in changes.items():
             accelerator.print(f'resume: {key} {old!r} -> {new!r} (from the command line)')
+        place_lr_schedule(accelerator, lr_scheduler, state, updates_per_epoch, o.grad_accum_steps)
+        if state.step_in_epoch:
+            epoch_loss = continue_epoch(accelerator, checkpoint, train_loader.dataset, d.workers)
         for hook in hooks:
             hook.after_resume(accelerator.unwrap_model(model))
         accelerator.print(f'resumed from {checkpoint}: epoch {state.epoch}, step {state.global_step}, '
                           f'drop rate {schedule.rate:.4f}')
     elif o.start_epoch:
         state.epoch = o.start_epoch
+        state.lr_updates = o.start_epoch * updates_per_epoch
         lr_scheduler.step(o.start_epoch)
+    state.updates_per_epoch = updates_per_epoch
     metrics = rf.MetricsLog(out.output, keep_epochs=state.epoch)
     accelerator.wait_for_everyone()  # every process has checked the output folder before it is written
     if accelerator.is_main_process:
@@ -175,11 +182,16 @@ def _train(cfg: TrainConfig, on_step: Optional[Callable[[TrainState], None]], ru
         accelerator.init_trackers(out.wandb_project or 'train_timm', config=_flat(cfg.to_dict()),
                                   init_kwargs={'wandb': {'tags': out.wandb_tags}} if out.log_with == 'wandb' else {})
 
-    def checkpoint_fn(name):
+    def checkpoint_fn(name, epoch_loss=None):
         meta = {'identity': identity, 'epoch': state.epoch, 'global_step': state.global_step,
                 'step_in_epoch': state.step_in_epoch, 'global_batch_size': global_batch, 'config': cfg.to_dict()}
+        per_process = None
+        if epoch_loss is not None:  # inside an epoch: what continuing it exactly needs, from every process
+            per_process = lambda folder: save_rank_state(  # noqa: E731
+                folder, accelerator.process_index, train_loader.dataset.before_batch, *epoch_loss)
         with files_written_whole():
-            return rf.save_checkpoint(accelerator, out.output, name, meta, run_objects, keep=out.checkpoint_hist)
+            return rf.save_checkpoint(accelerator, out.output, name, meta, run_objects, keep=out.checkpoint_hist,
+                                      per_process=per_process)
 
     # Loop. With EMA, the EMA weights are evaluated, picked as best and published, as in timm's train.py.
     accelerator.print(f'training {cfg.model.name} ({data.num_classes} classes) for {o.epochs} epochs, '
@@ -195,17 +207,22 @@ def _train(cfg: TrainConfig, on_step: Optional[Callable[[TrainState], None]], ru
         if mixup_fn is not None and cfg.loss.mixup_off_epoch and epoch >= cfg.loss.mixup_off_epoch:
             mixup_fn.mixup_enabled = False
         # BRB soft reset and re-clustering, identical on every process (seeded from the epoch)
-        begun = recipe.begin_epoch(
-            epoch, accelerator.unwrap_model(model), optimizer, resuming=state.step_in_epoch > 0,
-            recluster=lambda seed: recluster(accelerator, model, ema, data.cluster, o.batch_size,
-                                             cfg.dropcluster.update_batches, seed=seed))
-        reset, reclustered = begun['soft_reset'], begun['reclustered']
-        state.soft_resets += reset
-        state.reclusterings += reclustered
+        if not state.step_in_epoch:  # (a resumed epoch began before the interruption)
+            begun = recipe.begin_epoch(
+                epoch, accelerator.unwrap_model(model), optimizer,
+                recluster=lambda seed: recluster(accelerator, model, ema, data.cluster, o.batch_size,
+                                                 cfg.dropcluster.update_batches, seed=seed))
+            state.epoch_soft_reset, state.epoch_reclustered = begun['soft_reset'], begun['reclustered']
+            state.soft_resets += state.epoch_soft_reset
+            state.reclusterings += state.epoch_reclustered
+        reset, reclustered = state.epoch_soft_reset, state.epoch_reclustered
         row = {'epoch': epoch}
         row.update(train_one_epoch(accelerator, model, train_loader, optimizer, loss_fn, lr_scheduler, recipe, state,
                                    cfg, ema=ema, mixup_fn=mixup_fn, checkpoint_fn=checkpoint_fn, on_step=on_step,
-                                   hooks=hooks))
+                                   hooks=hooks, epoch_loss=epoch_loss))
+        if epoch_loss is not None:  # the resumed epoch is over: later epochs read their own random states
+            train_loader.dataset.replay([])
+            epoch_loss = None
         if not ramped:
             del row['drop_rate']
         if accelerator.num_processes > 1 and out.dist_bn and not cfg.model.sync_bn:
