@@ -42,7 +42,7 @@ def test_cli_cards(tmp_path, capsys):
     table = tmp_path / 't.json'
     table.write_text(json.dumps({'title': 'My ablation', 'description': 'd', 'columns': ['arm', 'top-1'],
                                  'rows': [['a', 61.5]]}))
-    argv = ['cards', '--out-dir', str(tmp_path / 'cards'), '--table', f'resnet34_dropcluster={table}']
+    argv = ['cards', '--out-dir', str(tmp_path / 'cards'), '--overwrite', '--table', f'resnet34_dropcluster={table}']
     assert cli_main(argv) == 0
     assert '### My ablation' in (tmp_path / 'cards' / 'resnet34_dropcluster.md').read_text()
     assert '| a | 61.5 |' in (tmp_path / 'cards' / 'resnet34_dropcluster.md').read_text()
@@ -76,7 +76,7 @@ def test_cli_export_plain_and_push_plain(trained, fake_hub, monkeypatch, capsys,
     before = (out / 'config.json').read_text()
     for target in (out, tmp_path):  # the source itself, or a folder above it
         assert cli_main(['export-plain', str(out), str(target), '--overwrite']) == 2
-        assert 'is or contains the source folder' in capsys.readouterr().err
+        assert 'which this command reads' in capsys.readouterr().err
     assert (out / 'config.json').read_text() == before
 
 
@@ -189,7 +189,7 @@ def test_cli_evaluate_json_with_overwrite(trained, tmp_path, capsys):
     (['push', '{model}', '--repo-id', 'no-org'], 2, ['--repo-id', 'org/name']),
     (['push', '{model}', '--repo-id', 'someorg/name'], 1, ['Pushing to the Hugging Face Hub repo']),  # the Hub fails
     (['export-plain', '{tmp}/missing', '{tmp}/plain'], 2, ['no such folder']),
-    (['export-plain', '{model}', '{model}'], 2, ['overwrite the model it reads']),
+    (['export-plain', '{model}', '{model}'], 2, ['which this command reads']),
     (['cards', '--metrics', 'nofile'], 2, ['expects MODEL=FILE']),
     (['cards', '--out-dir', '{model}/config.json'], 2, ['config.json']),
 ])

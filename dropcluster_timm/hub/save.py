@@ -27,6 +27,7 @@ from timm.models import get_model_args, save_for_hf
 from .model_card import CLUSTER_MAPS_IMAGE, is_dropcluster_architecture, render_model_card, training_notes
 from .run_results import RunResults, load_metrics
 from ..models import dropcluster_model_args
+from ..destination import check_destination
 from ..errors import one_line, first_line
 from ..models.variants import plain_architecture, plain_state_dict
 from .pictures import plot_cluster_maps
@@ -271,7 +272,7 @@ def export_plain(
         save_directory: output folder.
         repo_id: the Hub repo the folder is meant for (the card's usage examples).
         overwrite: replace ``save_directory`` when it exists and is not empty (else ``ValueError``,
-            before any work).
+            before any work). Never the folder read, nor a folder around it.
 
     Returns:
         the folder.
@@ -279,15 +280,12 @@ def export_plain(
     metrics = None
     if isinstance(model_or_folder, nn.Module):
         model = model_or_folder
-        _check_destination(Path(save_directory), overwrite)
+        check_destination(str(save_directory), 'the export folder', folder=True, overwrite=overwrite)
     else:
         folder = Path(model_or_folder)
         check_model_folder(folder)
-        out = Path(save_directory).resolve()
-        if out == folder.resolve() or out in folder.resolve().parents:
-            raise ValueError(f'the output {save_directory} is or contains the source folder {folder}: '
-                             'the export would overwrite the model it reads; give another folder')
-        _check_destination(Path(save_directory), overwrite)
+        check_destination(str(save_directory), 'the export folder', folder=True, overwrite=overwrite,
+                          reads=[str(folder)])
         try:
             model = timm.create_model(f'local-dir:{folder}', pretrained=True)
         except RuntimeError as e:  # weights that do not load (torch's state-dict error): bad input
@@ -300,14 +298,6 @@ def export_plain(
     plain.load_state_dict(plain_state_dict(arch, model.state_dict()))  # strict: the base has exactly these parameters and buffers
     plain.pretrained_cfg = dict(model.pretrained_cfg, architecture=base)  # preprocessing of these weights
     return save_pretrained(plain, save_directory, metrics=metrics, repo_id=repo_id)
-
-
-def _check_destination(out: Path, overwrite: bool) -> None:
-    """Refuse to replace a file or a folder that is not empty (a model or run folder) unless ``overwrite``."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        what = 'a file' if not out.is_dir() else 'a model folder' if (out / 'config.json').exists() else \
-            'a run folder' if (out / 'run.json').exists() else 'a folder that is not empty'
-        raise ValueError(f'{out} exists ({what}); give another folder, or replace it with --overwrite')
 
 
 def folder_card(folder: Path, repo_id: Optional[str]) -> str:

@@ -16,7 +16,7 @@ import shutil
 import socket
 import time
 import zipfile
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch.nn as nn
 import yaml
@@ -24,6 +24,7 @@ from accelerate.utils import broadcast_object_list, gather_object, load as accel
 from safetensors import safe_open
 
 from ..data import DataBundle, dataset_description, split_name
+from ..destination import check_destination, overlaps
 from ..errors import TrainingError, first_line
 from ..hub.run_results import RunResults
 from ..layers.model_helpers import dropcluster_layers, nonfinite_tensor
@@ -36,7 +37,7 @@ from .run_state import STATE_JSON, STATE_TENSORS, save_run_state
 __all__ = [
     'CHECKPOINT_DIR', 'RUN_FILE', 'META_FILE', 'write_text_atomic', 'write_json_atomic', 'list_checkpoints', 'find_checkpoint',
     'check_checkpoint_files', 'load_checkpoint', 'read_meta', 'run_identity', 'check_resume', 'check_output',
-    'RESULTS', 'RECORDS', 'run_results_in', 'clear_results', 'write_run_file', 'best_metric_name', 'read_progress',
+    'RESULTS', 'RECORDS', 'run_results_in', 'files_read', 'clear_results', 'write_run_file', 'best_metric_name', 'read_progress',
     'write_args_file',
     'save_checkpoint', 'MetricsLog', 'run_results',
 ]
@@ -179,20 +180,19 @@ def run_results_in(output: str, records: bool = False) -> List[str]:
     return [name for name in RESULTS + (RECORDS if records else ()) if os.path.lexists(os.path.join(output, name))]
 
 
-def check_output(output: str, checkpoint: Optional[str], resuming: bool = False, overwrite: bool = False) -> None:
-    """Refuse, in one line, an output that cannot be written, or a folder that holds a run's results
-    unless this run resumes it (``resuming``: ``--resume`` names it) or ``overwrite`` is asked. A
-    resumed folder must hold the checkpoint resumed from, or no checkpoint (a run stopped in its
-    first epoch: it starts over there)."""
-    if not output or not output.strip():
-        raise TrainingError('--output is empty: name the run folder')
-    existing = os.path.abspath(output)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise TrainingError(f'--output {output}: {existing} is a file, not a folder')
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise TrainingError(f'--output {output}: {existing} is not writable')
+def check_output(output: str, checkpoint: Optional[str], resuming: bool = False, overwrite: bool = False,
+                 reads: Sequence[Optional[str]] = ()) -> None:
+    """Refuse, in one line, an output that cannot be written, one whose files would replace what the
+    run reads (``reads``: weights it starts from), or a folder that holds a run's results unless this
+    run resumes it (``resuming``: ``--resume`` names it) or ``overwrite`` is asked. A resumed folder
+    must hold the checkpoint resumed from, or no checkpoint (a run stopped in its first epoch: it
+    starts over there)."""
+    check_destination(output, '--output', folder=True, overwrite=True)
+    for name in RESULTS + RECORDS:  # what the run writes (or clears, with --overwrite)
+        read = next((r for r in reads if r and overlaps(os.path.join(output, name), r)), None)
+        if read:
+            raise TrainingError(f'--output {output}: its {name} would replace {read}, which this run reads; choose '
+                                'another --output')
     found = run_results_in(output) if os.path.isdir(output) else []
     if not found or overwrite:
         return
@@ -203,6 +203,16 @@ def check_output(output: str, checkpoint: Optional[str], resuming: bool = False,
     what = 'another run' if list_checkpoints(output) else f'the results of a run ({", ".join(found)})'
     raise TrainingError(f'output folder {output} already holds {what}; resume it with --resume {output}, '
                         'choose another --output, or replace it with --overwrite')
+
+
+def files_read(cfg: TrainConfig) -> List[str]:
+    """The weights a run starts from, which its output must never replace: ``--initial-checkpoint``,
+    ``--pretrained-path`` and a ``local-dir:`` model folder."""
+    m = cfg.model
+    reads = [m.initial_checkpoint, m.pretrained_path]
+    if m.name.startswith('local-dir:'):
+        reads.append(m.name[len('local-dir:'):])
+    return [r for r in reads if r]
 
 
 def clear_results(output: str) -> None:

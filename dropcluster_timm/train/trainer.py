@@ -68,13 +68,14 @@ def _train(cfg: TrainConfig, on_step: Optional[Callable[[TrainState], None]], ru
         changes = changed_settings(checkpoint_settings(checkpoint, meta) or {}, cfg.to_dict())
         check_changes(checkpoint, changes)
         check_position(checkpoint, read_position(checkpoint, meta), o.epochs)  # NothingToTrain for a finished run
-    rf.check_output(out.output, checkpoint, bool(out.resume), out.overwrite)  # refuses a folder holding results
+    reads = rf.files_read(cfg)
+    rf.check_output(out.output, checkpoint, bool(out.resume), out.overwrite, reads)  # refuses a folder holding results
     if out.push_to_hub:
         hub.check_push(out.push_to_hub)
     accelerator = build_accelerator(cfg)
     if accelerator.is_main_process:
         run.enter_context(rf.lock_output(out.output))
-        rf.check_output(out.output, checkpoint, bool(out.resume), out.overwrite)  # again, now that no other run
+        rf.check_output(out.output, checkpoint, bool(out.resume), out.overwrite, reads)  # again, now that no other run
         # can start writing here
     rf.check_shared_output(accelerator, out.output)
     run.callback(torch.set_num_threads, torch.get_num_threads())  # the caller's thread count, back at the end

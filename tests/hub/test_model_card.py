@@ -16,7 +16,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 # The CIFAR-10 study's table in the card of the model family it trained (its report writes it).
 STUDY_MODEL = 'resnet18_dropcluster'
 STUDY_TABLE = REPO_ROOT / 'benchmarks' / 'results' / 'study_v3' / 'card_table.json'
-CARDS_COMMAND = f'dropcluster-timm cards --table {STUDY_MODEL}={STUDY_TABLE.relative_to(REPO_ROOT).as_posix()}'
+CARDS_COMMAND = f'dropcluster-timm cards --overwrite --table {STUDY_MODEL}={STUDY_TABLE.relative_to(REPO_ROOT).as_posix()}'
 
 
 def test_card_stats_keep_digits_at_small_sizes():
