@@ -29,7 +29,7 @@ from .rows import read_rows, write_whole
 from .stats import mean_std, paired_difference
 
 __all__ = ['GATE_ARMS', 'SECOND_RATE_ARMS', 'GAIN', 'SEEDS', 'PILOT_SEEDS', 'decide', 'gate_status', 'next_gate_job',
-           'next_study_job', 'gate_summary', 'gate_statement', 'render_gate', 'write_gate', 'main']
+           'next_study_job', 'gate_summary', 'gate_statement', 'gate_headline', 'render_gate', 'write_gate', 'main']
 
 GATE_ARMS = ('none', 'cutout')
 SECOND_RATE_ARMS = ('dropblock', 'dropcluster')
@@ -162,6 +162,21 @@ def gate_statement(summary: Dict[str, Any]) -> str:
                    'stays the answer and the GPU protocol is the next evidence.' if summary.get('study', 'v4') == 'v4'
                    else ' No candidate passed: the next regime is the GPU protocol (a larger network on 5,000 '
                    'images, where a network that fits its images with the crop is affordable).')
+
+
+def gate_headline(summary: Dict[str, Any]) -> str:
+    """The gate's outcome in one clause (the README quotes it; ``gate_statement`` has every candidate)."""
+    run = [c for c in summary['candidates'] if c['seeds']]
+    passed = [c for c in run if c['decision'] == 'pass']
+    if passed:
+        c = passed[0]
+        return (f"the gate passed at `{c['config']}` (Cutout - none {c['mean']:+.2f} points of test top-1, 95% CI "
+                f"{c['ci_low']:+.2f} to {c['ci_high']:+.2f}, {c['seeds']} seeds)")
+    if summary['outcome'] == 'running':
+        return 'the gate is still running'
+    means = [c['mean'] for c in run]
+    return (f"none of its {len(summary['candidates'])} candidate regimes passed (Cutout - none between "
+            f"{min(means):+.2f} and {max(means):+.2f} points of test top-1)")
 
 
 def render_gate(status: List[Dict[str, Any]], study: str = 'v4') -> str:

@@ -3,11 +3,13 @@
 ``card_table.json`` from the rows of a results folder.
 
     python -m benchmarks.regularizer_study.report benchmarks/results/study_v3
+    python -m benchmarks.regularizer_study.report benchmarks/results/study_v5 --config v5_flip2k
 
 The primary family is four paired comparisons: DropCluster vs matched DropBlock and learned vs grid
-clusters, each on test top-1 and on mean corruption accuracy (mca); 95% t intervals, Holm's
-correction over the four, and TOST equivalence within +-0.3 points. Cutout vs none is the check that
-the regime responds to regularisation at all.
+clusters, each on test top-1 and on mean corruption accuracy (mca); with rows of the protocol at its
+second rate (``protocols.second_rate``), DropCluster vs DropBlock there too (six in all). 95% t
+intervals, Holm's correction over the family, and TOST equivalence within +-0.3 points. Cutout vs
+none is the check that the regime responds to regularisation at all.
 """
 import argparse
 import json
@@ -17,10 +19,11 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from .arms import ARMS
+from .protocols import CONFIGS, second_rate
 from .rows import read_rows, write_whole
 from .stats import holm, mean_std, paired_difference, tost
 
-__all__ = ['PRIMARY', 'MARGIN', 'summarise', 'render', 'card_table', 'main']
+__all__ = ['PRIMARY', 'SECOND_RATE_PRIMARY', 'MARGIN', 'summarise', 'headline', 'render', 'card_table', 'main']
 
 MARGIN = 0.3  # points: the equivalence margin, fixed with the protocol
 ALPHA = 0.05
@@ -30,6 +33,11 @@ PRIMARY = (
     ('dropcluster_vs_dropblock_mca', 'dropcluster', 'dropblock', 'mca'),
     ('learned_vs_grid_top1', 'dropcluster', 'dropcluster_grid', 'top1'),
     ('learned_vs_grid_mca', 'dropcluster', 'dropcluster_grid', 'mca'),
+)
+# At the second rate (its rows are another protocol's, paired by seed): arm names with their rate.
+SECOND_RATE_PRIMARY = (
+    ('dropcluster_vs_dropblock_top1_second_rate', 'dropcluster', 'dropblock', 'top1'),
+    ('dropcluster_vs_dropblock_mca_second_rate', 'dropcluster', 'dropblock', 'mca'),
 )
 CONTROL = (('cutout_vs_none_top1', 'cutout', 'none', 'top1'), ('cutout_vs_none_mca', 'cutout', 'none', 'mca'))
 METRIC = {'top1': 'test top-1', 'mca': 'corruption accuracy'}
@@ -55,8 +63,13 @@ def summarise(rows: List[Dict[str, Any]], config: Optional[str] = None) -> Dict[
     if not rows:
         raise ValueError('no result rows yet')
     config = config or Counter(r['config'] for r in rows).most_common(1)[0][0]
+    second = second_rate(CONFIGS[config]) if config in CONFIGS else None
+    second_rows = [r for r in rows if second and r['config'] == second['name']]
     rows = [r for r in rows if r['config'] == config]
     seeds_of = {arm: sorted(int(r['seed']) for r in rows if r['arm'] == arm) for arm in ARMS}
+    if second_rows:
+        seeds_of.update({f"{arm} @ {second['drop_rate']:g}": sorted(int(r['seed']) for r in second_rows if r['arm'] == arm)
+                         for arm in ('dropblock', 'dropcluster')})
     complete = sorted(set.intersection(*(set(s) for s in seeds_of.values())))
     arms = []
     for arm in ARMS:
@@ -65,11 +78,20 @@ def summarise(rows: List[Dict[str, Any]], config: Optional[str] = None) -> Dict[
         for metric in ('top1', 'mca', 'train_top1', 'dropped_fraction'):
             entry[metric], entry[metric + '_std'] = mean_std([r[metric] for r in mine])
         arms.append(entry)
+    for arm in ('dropblock', 'dropcluster') if second_rows else ():
+        mine = [r for r in second_rows if r['arm'] == arm]
+        entry = dict(arm=f"{arm} @ {second['drop_rate']:g}", n=len(mine))
+        for metric in ('top1', 'mca', 'train_top1', 'dropped_fraction'):
+            entry[metric], entry[metric + '_std'] = mean_std([r[metric] for r in mine])
+        arms.append(entry)
     primary = []
-    for name, arm, against, metric in PRIMARY:
-        a, b = _by_seed(rows, arm, metric), _by_seed(rows, against, metric)
+    family = [(n, a, b, m, rows) for n, a, b, m in PRIMARY]
+    family += [(n, a, b, m, second_rows) for n, a, b, m in SECOND_RATE_PRIMARY if second_rows]
+    for name, arm, against, metric, mine in family:
+        a, b = _by_seed(mine, arm, metric), _by_seed(mine, against, metric)
         d = paired_difference(a, b, alpha=ALPHA)
-        primary.append(dict(name=name, arm=arm, against=against, metric=metric, n=d['n'], mean=d['mean'],
+        rate = f" @ {second['drop_rate']:g}" if mine is second_rows else ''
+        primary.append(dict(name=name, arm=arm + rate, against=against + rate, metric=metric, n=d['n'], mean=d['mean'],
                             ci_low=d['ci_low'], ci_high=d['ci_high'], p=d['p'], std=d['std'],
                             tost_p=tost(a, b, MARGIN, ALPHA)['p'], equivalent=tost(a, b, MARGIN, ALPHA)['equivalent']))
     adjusted = holm({c['name']: c['p'] for c in primary}, alpha=ALPHA)
@@ -131,10 +153,22 @@ def statement(s: Dict[str, Any]) -> List[str]:
     return lines
 
 
+def headline(s: Dict[str, Any]) -> str:
+    """The study's answer in one sentence (the README quotes it): DropCluster against DropBlock in test
+    top-1, and whether the regime rewarded the positive control."""
+    d, c = s['primary'][0], s['control'][0]
+    text = (f"DropCluster - DropBlock {_f(d['mean'], signed=True)} points of test top-1 (95% CI {_f(d['ci_low'])} to "
+            f"{_f(d['ci_high'])}: {_verdict(d)}) at {d['n']} paired seeds")
+    ci = f"{_f(c['mean'], signed=True)}, 95% CI {_f(c['ci_low'])} to {_f(c['ci_high'])}"
+    if c['n'] >= 2 and c['ci_low'] > 0:
+        return text + f", where Cutout beats no regulariser ({ci})"
+    return text + f", but Cutout does not beat no regulariser ({ci}), so the regime could not show a difference"
+
+
 def render(s: Dict[str, Any]) -> str:
     lines = [f"# Regulariser study: protocol `{s['config']}`", '',
              f"{s['rows']} runs; seeds per arm: " + ', '.join(f'{a} {n}' for a, n in s['seeds_per_arm'].items())
-             + f"; {len(s['complete_seeds'])} seeds complete in all five arms. Devices: {', '.join(s['devices'])}. "
+             + f"; {len(s['complete_seeds'])} seeds complete in all {len(s['seeds_per_arm'])} arms. Devices: {', '.join(s['devices'])}. "
              f"Code: {', '.join('`' + c[:12] + '`' for c in s['commits'])}."
              + (f" {s['nondeterministic']} runs used a non-deterministic kernel." if s['nondeterministic'] else ''),
              '', 'Protocol and arms: `benchmarks/regularizer_study/protocols.py`, `run.py` and `arms.py`. Every row of '
@@ -148,7 +182,8 @@ def render(s: Dict[str, Any]) -> str:
     lines += _table(['arm', 'seeds', 'test top-1', 'corruption acc.', 'train top-1', 'dropped fraction'],
                     [[a['arm'], str(a['n']), f"{_f(a['top1'])} +- {_f(a['top1_std'])}", f"{_f(a['mca'])} +- {_f(a['mca_std'])}",
                       _f(a['train_top1']), _f(a['dropped_fraction'], 3)] for a in s['arms']])
-    lines += ['', f"## Primary comparisons (paired by seed; Holm over the four; TOST at +-{s['margin']:g})", '']
+    family = {4: 'four', 6: 'six'}.get(len(s['primary']), str(len(s['primary'])))
+    lines += ['', f"## Primary comparisons (paired by seed; Holm over the {family}; TOST at +-{s['margin']:g})", '']
     lines += _table(['comparison', 'metric', 'seeds', 'mean diff', '95% CI', 'p', 'Holm p', 'TOST p', 'verdict'],
                     [[f"{c['arm']} - {c['against']}", METRIC[c['metric']], str(c['n']), _f(c['mean'], signed=True),
                       f"{_f(c['ci_low'])} to {_f(c['ci_high'])}", _p(c['p']), _p(c['p_holm']), _p(c['tost_p']),

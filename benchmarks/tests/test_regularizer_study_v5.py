@@ -1,0 +1,141 @@
+""" Study v5's harness: the candidates dose Cutout as its paper does (16 px) without the random crop,
+the gate goes on into the five arms and the second rate after a pass, and the report takes the
+second rate into its family."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks.regularizer_study import gate as G
+from benchmarks.regularizer_study import protocols as P
+from benchmarks.regularizer_study import report as R
+from benchmarks.regularizer_study import run as RUN
+from benchmarks.regularizer_study.arms import ARMS
+from benchmarks.regularizer_study.data import augment
+from benchmarks.regularizer_study.rows import append_row, read_rows
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_v5_candidates_are_the_v3_protocol_with_the_papers_square_and_no_crop():
+    assert [c['name'] for c in P.V5_CANDIDATES] == ['v5_flip2k', 'v5_noaug2k']
+    for c, aug in zip(P.V5_CANDIDATES, ('flip', 'none')):
+        assert c['augment'] == aug and c['cutout_size'] == 16
+        assert {k: v for k, v in c.items() if k not in ('name', 'augment', 'cutout_size', 'est_minutes')} == \
+            {k: v for k, v in P.CPU.items() if k not in ('name', 'augment', 'cutout_size')}
+        second = P.CONFIGS[f"{c['name']}_rate0.2"]
+        assert second == dict(c, name=second['name'], drop_rate=0.2)
+        assert RUN.parse_args(['--config', second['name'], '--arm', 'dropcluster', '--seed', '0']).config == second['name']
+    assert P.CPU['augment'] == 'crop_flip' and all(c['augment'] == 'crop_flip' for c in P.V4_CANDIDATES)
+
+
+def test_augmentations_flip_only_or_nothing_and_draw_the_same_in_every_arm():
+    x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    plain = x.float() / 255.0
+    assert torch.equal(augment(x, torch.Generator().manual_seed(0), 'none'), plain)
+    flipped = augment(x, torch.Generator().manual_seed(0), 'flip')
+    same = (flipped == plain).flatten(1).all(1)
+    mirrored = (flipped == plain.flip(-1)).flatten(1).all(1)
+    assert bool((same | mirrored).all()) and 10 < int(mirrored.sum()) < 54  # each image whole, about half mirrored
+    assert torch.equal(flipped, augment(x, torch.Generator().manual_seed(0), 'flip'))  # the stream decides
+    cropped = augment(x, torch.Generator().manual_seed(0), 'crop_flip')
+    assert not bool(((cropped == plain) | (cropped == plain.flip(-1))).flatten(1).all(1).all())
+    with pytest.raises(ValueError, match='unknown augmentation'):
+        augment(x, torch.Generator(), 'rotate')
+
+
+def _gate_rows(config, gains):
+    rows = []
+    for seed, gain in enumerate(gains):
+        for arm, top1 in (('none', 50.0 + 0.1 * seed), ('cutout', 50.0 + 0.1 * seed + gain)):
+            rows.append(dict(config=config, arm=arm, seed=seed, top1=top1, train_top1=100.0, total_time_s=300.0,
+                             cpu_capability='AVX512'))
+    return rows
+
+
+def test_after_a_pass_the_driver_runs_the_five_arms_and_the_second_rate_seed_by_seed():
+    first = P.V5_CANDIDATES[0]['name']
+    assert G.next_study_job([], set(), P.V5_CANDIDATES, 16) is None  # no pass yet
+    rows = _gate_rows(first, [3.9, 3.7, 1.5, 1.9, 2.5, 3.0])
+    assert G.gate_status(rows, P.V5_CANDIDATES)[0]['decision'] == 'pass'
+    assert G.next_gate_job(rows, set(), P.V5_CANDIDATES) is None
+    order = []
+    running = set()
+    while True:
+        job = G.next_study_job(rows, running, P.V5_CANDIDATES, 2)
+        if job is None:
+            break
+        order.append((job['config'], job['arm'], job['seed']))
+        running.add(order[-1])
+    second = f'{first}_rate0.2'
+    expected = [(first, a, s) for s in (0, 1) for a in ('dropblock', 'dropcluster', 'dropcluster_grid')]
+    expected = expected[:3] + [(second, 'dropblock', 0), (second, 'dropcluster', 0)] + expected[3:] + \
+        [(second, 'dropblock', 1), (second, 'dropcluster', 1)]
+    assert order == expected  # the gate's none and cutout rows are the study's own
+
+
+def test_v5_gate_without_a_pass_names_the_next_regime(tmp_path):
+    rows = [r for c in P.V5_CANDIDATES for r in _gate_rows(c['name'], [0.1, -0.2, 0.3, 0.0])]
+    for row in rows:
+        append_row(tmp_path, row)
+    G.write_gate(tmp_path, 'v5')
+    summary = json.loads((tmp_path / 'gate.json').read_text())
+    assert summary['study'] == 'v5' and summary['outcome'] == 'none passed'
+    statement = G.gate_statement(summary)
+    assert 'the next regime is the GPU protocol' in statement and 'v3 study stays' not in statement
+    assert (tmp_path / 'gate.md').read_text().startswith('# Study v5: the gate')
+    assert G.gate_headline(summary) == ('none of its 2 candidate regimes passed (Cutout - none between +0.05 and '
+                                        '+0.05 points of test top-1)')
+
+
+def _study_rows(config, shift_dc_second=0.0, seeds=8):
+    rng = np.random.default_rng(1)
+    rows = []
+    for seed in range(seeds):
+        base = 50 + rng.normal(0, 1.0)
+        value = {'none': base, 'cutout': base + 3.0, 'dropblock': base + 1.0, 'dropcluster': base + 1.0,
+                 'dropcluster_grid': base + 1.0}
+        for arm, v in value.items():
+            rows.append(dict(config=config, arm=arm, seed=seed, top1=v + rng.normal(0, 0.05), mca=v - 5,
+                             train_top1=100.0, dropped_fraction=0.1 if arm.startswith('drop') else 0.0,
+                             deterministic=True, device='cpu', commit='abc'))
+        for arm, v in (('dropblock', base + 1.0), ('dropcluster', base + 1.0 + shift_dc_second)):
+            rows.append(dict(config=f'{config}_rate0.2', arm=arm, seed=seed, top1=v + rng.normal(0, 0.05), mca=v - 5,
+                             train_top1=100.0, dropped_fraction=0.2, deterministic=True, device='cpu', commit='abc'))
+    return rows
+
+
+def test_the_report_adds_the_second_rate_to_the_family(tmp_path):
+    s = R.summarise(_study_rows('v5_flip2k', shift_dc_second=2.0), 'v5_flip2k')
+    assert [a['arm'] for a in s['arms']] == list(ARMS) + ['dropblock @ 0.2', 'dropcluster @ 0.2']
+    assert len(s['primary']) == 6 and len(s['complete_seeds']) == 8
+    second = s['primary'][4]
+    assert second['arm'] == 'dropcluster @ 0.2' and second['mean'] == pytest.approx(2.0, abs=0.1)
+    assert second['verdict'] == 'dropcluster @ 0.2 better than dropblock @ 0.2'
+    assert 'Holm over the six' in R.render(s)
+    assert ', where Cutout beats no regulariser (+' in R.headline(s) and 'could not show' not in R.headline(s)
+    # Without rows at the second rate the family is v3's four.
+    v3 = R.summarise([r for r in _study_rows('v5_flip2k') if r['config'] == 'v5_flip2k'], 'v5_flip2k')
+    assert len(v3['primary']) == 4 and 'Holm over the four' in R.render(v3)
+
+
+def test_committed_v5_gate_is_current_and_quoted_by_the_readme_and_guide():
+    folder = REPO / 'benchmarks' / 'results' / 'study_v5'
+    committed = json.loads((folder / 'gate.json').read_text())
+    status = G.gate_status(read_rows(folder), P.V5_CANDIDATES)
+    stale = 'stale: run `python -m benchmarks.regularizer_study.gate --study v5 --results benchmarks/results/study_v5 ' \
+            '--report-only`'
+    assert committed == json.loads(json.dumps(G.gate_summary(status, 'v5'))), stale
+    assert (folder / 'gate.md').read_text() == G.render_gate(status, 'v5'), stale
+    statement = G.gate_statement(committed)
+    for name in ('README.md', 'docs/benchmarks.md'):
+        assert statement in ' '.join((REPO / name).read_text().split()), f'{name} does not quote the gate: {statement}'
+
+
+def test_the_readme_carries_the_answer_table_of_the_committed_files():
+    from benchmarks.regularizer_study.answer import answer_table
+    table = answer_table()
+    assert table in (REPO / 'README.md').read_text(), f'README.md does not carry the answer table; it is:\n{table}'
+    assert '| v3: crop + flip, 2,000 images | Cutout 8 px - none (control) | 16 |' in table  # the control is shown
