@@ -6,8 +6,9 @@
         --drop-cluster 0.1 --drop-cluster-start 20 --drop-cluster-warmup 10 --output runs/r50
     dropcluster-timm evaluate runs/r50/best --corruptions all   # clean and corrupted top-1 of a saved model
 
-The same as ``dropcluster-timm train``. Parse: ``dropcluster_timm.train.config`` (the options, typed
-into a ``TrainConfig``); build, loop, save: ``dropcluster_timm.train.trainer.train``.
+The same as ``dropcluster-timm train``. The options are declared in ``dropcluster_timm/train/sections.py``
+and parsed into a ``TrainConfig`` by ``dropcluster_timm.train.args``; build, loop, save:
+``dropcluster_timm.train.trainer.train``.
 """
 import sys
 

@@ -8,11 +8,12 @@ state the caller set up (its own ``PartialState()`` or ``Accelerator``) stays as
 Accelerate has no public reset; its private one is called here and nowhere else.
 """
 import contextlib
+import os
 from typing import Iterator
 
 from accelerate.state import AcceleratorState, GradientState, PartialState
 
-__all__ = ['scoped_accelerate_state']
+__all__ = ['scoped_accelerate_state', 'is_main_process']
 
 
 @contextlib.contextmanager
@@ -28,3 +29,11 @@ def scoped_accelerate_state() -> Iterator[None]:
         for cls in (GradientState, AcceleratorState, PartialState):
             if not had[cls]:
                 cls._reset_state()
+
+
+def is_main_process() -> bool:
+    """Whether this is the main process (of ``accelerate launch`` or torchrun), without setting up
+    Accelerate's state when there is none yet (the launcher's ``RANK`` then tells)."""
+    if PartialState._shared_state:
+        return PartialState().is_main_process
+    return int(os.environ.get('RANK', '0')) == 0

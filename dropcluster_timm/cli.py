@@ -7,7 +7,7 @@
     dropcluster-timm cards [--out-dir model_cards] [--overwrite] [--metrics MODEL=FILE ...] [--table MODEL=FILE ...]
 
 ``train`` takes the options of ``train_timm.py`` (which runs it) and trains with Accelerate, on one
-or many processes; ``dropcluster_timm.train.config`` defines them. ``evaluate`` prints top-1 / top-5
+or many processes; they are declared in ``dropcluster_timm/train/sections.py``. ``evaluate`` prints top-1 / top-5
 of a saved model (a folder, ``local-dir:PATH`` or ``hf-hub:org/name``), or with ``--corruptions`` its
 accuracy under common corruptions, as timm's ``validate.py`` does for the clean case.
 
@@ -20,8 +20,8 @@ see ``dropcluster_timm.hub.run_results.load_results_table``) to a model's card, 
 
     dropcluster-timm cards --overwrite --table resnet18_dropcluster=benchmarks/results/study_v3/card_table.json
 """
-# The subcommands import their modules when they run: `push` and `cards` never load Accelerate, and
-# `--help` stays quick.
+# The subcommands import their modules when they run. The parser itself imports the training options
+# (and with them Accelerate), so every subcommand loads those.
 import argparse
 import sys
 import tempfile
@@ -37,7 +37,7 @@ __all__ = ['main', 'build_parser']
 
 def build_parser() -> Tuple[argparse.ArgumentParser, Dict[str, argparse.ArgumentParser]]:
     """The command line's parser and its subcommands' parsers by name."""
-    from .train.args import ShortErrorParser, add_train_arguments  # the train options: the only place that defines them
+    from .train.args import ShortErrorParser, add_train_arguments  # the flags made from train/sections.py
     parser = ShortErrorParser(prog='dropcluster-timm', description=__doc__.split('\n\n')[0].strip())
     sub = parser.add_subparsers(dest='command', required=True)  # the subcommands' parsers are of the same class
 
@@ -175,22 +175,22 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from accelerate import PartialState
+    from accelerate import Accelerator
     from .accelerate_state import scoped_accelerate_state
     from .evaluation.evaluate import evaluate_checkpoint, format_corruption_report
-    from .train.run_folder import write_json_atomic
+    from .files import write_json
     corruptions = list(CORRUPTIONS) if args.corruptions == ['all'] else args.corruptions
     if args.json:  # the destination is checked before the evaluation, not after it
         model = None if args.checkpoint.startswith('hf-hub:') else args.checkpoint.removeprefix('local-dir:')
         check_destination(args.json, '--json', overwrite=args.overwrite, reads=[model, args.data_dir])
     with scoped_accelerate_state():
-        main_process = PartialState().is_main_process  # under accelerate launch every process has the result
+        main_process = Accelerator().is_main_process  # under accelerate launch every process has the result
         result = evaluate_checkpoint(args.checkpoint, args.dataset, args.data_dir, args.split, args.batch_size,
                                      args.workers, args.img_size, corruptions, args.severities, args.corruption_seed)
     if not main_process:  # one reports
         return 0
     if args.json:
-        write_json_atomic(args.json, result)
+        write_json(args.json, result)
     if corruptions is None:
         print(f"top1 {result['top1']:.2f}  top5 {result['top5']:.2f}  loss {result['eval_loss']:.4f}  "
               f"({result['num_images']} images of {result['data']})")

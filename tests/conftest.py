@@ -31,6 +31,18 @@ class HfCache:
         return snapshot
 
 
+@pytest.fixture(autouse=True)
+def leaves_accelerate_alone(request):
+    """No test leaves Accelerate's process-wide state behind (it would fix the next test's precision):
+    ``train`` and ``evaluate`` take down what they set up; a test that builds its own Accelerator uses
+    ``own_accelerator``."""
+    from accelerate.state import is_initialized
+    before = is_initialized()
+    yield
+    if not before and is_initialized() and 'own_accelerator' not in request.fixturenames:
+        pytest.fail(f'{request.node.nodeid} left an Accelerate state behind')
+
+
 @pytest.fixture
 def own_accelerator():
     """For a test that builds its own ``Accelerator``: Accelerate's process-wide state is taken down

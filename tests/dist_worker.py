@@ -7,13 +7,13 @@ import os
 import sys
 
 import torch
-from accelerate import PartialState
+from accelerate import Accelerator
 
 from dropcluster_timm import cluster_state, dropcluster_layers, update_clusters
 from dropcluster_timm.train import parse_train_args, train
 
 dump = sys.argv[1]
-acc = PartialState()  # ours: the process group stays up after train() for the re-clustering below
+acc = Accelerator()  # ours: the process group stays up after train() for the re-clustering below
 cfg = parse_train_args(sys.argv[2:])
 run = train(cfg)
 rank = acc.process_index
@@ -33,4 +33,4 @@ torch.save({
     'rate': run.schedule.rate,
     'reclustered': [r['reclustered'] for r in run.metrics] if rank == 0 else None,
 }, os.path.join(dump, f'rank{rank}.pt'))
-acc.destroy_process_group()  # ours to take down
+acc.end_training()  # ours to take down

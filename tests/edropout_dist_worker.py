@@ -4,13 +4,13 @@ import os
 import sys
 
 import torch
-from accelerate import PartialState
+from accelerate import Accelerator
 
 from dropcluster_timm.edropout.layers import edropout_state
 from dropcluster_timm.train import parse_train_args, train
 
 dump = sys.argv[1]
-acc = PartialState()  # ours, so that process_index is still known after train()
+acc = Accelerator()  # ours, so that process_index is still known after train()
 run = train(parse_train_args(sys.argv[2:]))
 torch.save({
     'rank': acc.process_index,
@@ -18,4 +18,4 @@ torch.save({
     'state': edropout_state(run.model),
     'search': run.hooks[0].search.state_dict(),
 }, os.path.join(dump, f'rank{acc.process_index}.pt'))
-acc.destroy_process_group()
+acc.end_training()

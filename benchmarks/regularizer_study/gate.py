@@ -25,7 +25,9 @@ from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 from .arms import ARMS
 from .protocols import CANDIDATES, V4_CANDIDATES, second_rate
-from .rows import read_rows, write_whole
+from dropcluster_timm.files import write_atomic
+
+from .rows import read_rows
 from .stats import mean_std, paired_difference
 
 __all__ = ['GATE_ARMS', 'SECOND_RATE_ARMS', 'GAIN', 'SEEDS', 'PILOT_SEEDS', 'decide', 'gate_status', 'next_gate_job',
@@ -203,13 +205,13 @@ def write_gate(results: Path, study: str = 'v4') -> str:
     """Rewrite ``gate.md`` and ``gate.json`` in ``results`` from its rows; returns gate.md's text."""
     status = gate_status(read_rows(results), CANDIDATES[study])
     text = render_gate(status, study)
-    write_whole(results / 'gate.json', json.dumps(gate_summary(status, study), indent=1) + '\n')
-    write_whole(results / 'gate.md', text)
+    write_atomic(results / 'gate.json', json.dumps(gate_summary(status, study), indent=1) + '\n')
+    write_atomic(results / 'gate.md', text)
     return text
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from . import run as R  # the driver pulls in torch and timm; --report-only does not need them
+    from . import run as R  # the driver (its data loading and workers), for runs only
 
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--study', choices=sorted(CANDIDATES), default='v5', help="whose candidates to gate (default v5)")

@@ -20,7 +20,9 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from .arms import ARMS
 from .protocols import CONFIGS, second_rate
-from .rows import read_rows, write_whole
+from dropcluster_timm.files import write_atomic
+
+from .rows import read_rows
 from .stats import holm, mean_std, paired_difference, tost
 
 __all__ = ['PRIMARY', 'SECOND_RATE_PRIMARY', 'MARGIN', 'summarise', 'headline', 'render', 'card_table', 'main']
@@ -230,7 +232,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     for name, text in (('report.md', render(summary)), ('summary.json', json.dumps(summary, indent=1) + '\n'),
                        ('card_table.json', json.dumps(card_table(summary), indent=1) + '\n')):
-        write_whole(args.results / name, text)
+        write_atomic(args.results / name, text)
     print(render(summary))
     return 0
 

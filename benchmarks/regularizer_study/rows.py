@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
-__all__ = ['TIMING_FIELDS', 'row_key', 'merge_rows', 'read_rows', 'append_row', 'write_whole']
+__all__ = ['TIMING_FIELDS', 'row_key', 'merge_rows', 'read_rows', 'append_row']
 
 # Fields that differ between two runs of the same row on a busy or different machine.
 TIMING_FIELDS = ('train_time_s', 'total_time_s', 'images_per_s')
@@ -81,11 +81,3 @@ def append_row(folder: Path, row: Dict[str, Any]) -> bool:
             return True
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def write_whole(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` through a renamed temporary file: readers see the old file or the
-    new one, never half of it (reports and gate tables are rewritten while workers run)."""
-    tmp = path.parent / f'.{path.name}.{os.getpid()}.tmp'
-    tmp.write_text(text)
-    os.replace(tmp, path)

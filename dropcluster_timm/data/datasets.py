@@ -16,9 +16,9 @@ import torch.nn as nn
 from PIL import Image
 from torch.utils.data import Dataset
 
-from accelerate import PartialState
 from timm.data import create_dataset, create_transform, resolve_data_config
 
+from ..accelerate_state import is_main_process
 from ..errors import TrainingError, first_line
 from .digits import EMBEDDED_DATASET, DigitsDataset
 
@@ -255,7 +255,7 @@ def check_folder_classes(train: Dataset, val: Dataset, class_map: bool = False) 
                             'least two (one class trains to 100% and learns nothing)')
     for ds in (train, val):
         report = _folder_report(ds)
-        if report['empty_folders'] and PartialState().is_main_process:
+        if report['empty_folders'] and is_main_process():
             print(f'warning: {ds.source}: {len(report["empty_folders"])} class folder(s) hold no images and are not '
                   f'classes: {report["empty_folders"][:5]}', file=sys.stderr)
         empty = report['empty_files']
@@ -266,7 +266,7 @@ def check_folder_classes(train: Dataset, val: Dataset, class_map: bool = False) 
             if share > MAX_EMPTY_FILES:
                 raise TrainingError(f'{message}: more than {MAX_EMPTY_FILES:.0%}, so the run stops; remove or '
                                     'replace them')
-            if PartialState().is_main_process:
+            if is_main_process():
                 print(f'warning: {message}; each is skipped (timm loads the next image in its place)',
                       file=sys.stderr)
 

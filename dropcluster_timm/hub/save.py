@@ -28,6 +28,7 @@ from .model_card import CLUSTER_MAPS_IMAGE, is_dropcluster_architecture, render_
 from .run_results import RunResults, load_metrics
 from ..models import dropcluster_model_args
 from ..destination import check_destination
+from ..files import fsync_path
 from ..errors import one_line, first_line
 from ..models.variants import plain_architecture, plain_state_dict
 from .pictures import plot_cluster_maps
@@ -199,14 +200,6 @@ def _link_or_copy(src, dst) -> None:
         shutil.copy2(src, dst)
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _exchange(a: Path, b: Path) -> bool:
     """Swap two paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
     try:
@@ -223,8 +216,8 @@ def _replace_folder(staging: Path, target: Path) -> None:
     swapped with the old folder in one step (or renamed into place when there is none)."""
     for path in staging.iterdir():
         if path.name in _FOLDER_FILES:
-            _fsync(path)
-    _fsync(staging)
+            fsync_path(path)
+    fsync_path(staging)
     if target.is_dir() and _exchange(staging, target):
         shutil.rmtree(staging)  # now the old folder
     else:
@@ -235,7 +228,7 @@ def _replace_folder(staging: Path, target: Path) -> None:
             shutil.rmtree(old)
         else:
             os.replace(staging, target)
-    _fsync(target.parent)
+    fsync_path(target.parent)
 
 
 @contextlib.contextmanager

@@ -4,6 +4,7 @@ Every entry is read where the option appears: the ``DropCluster1d/2d/3d`` argume
 ``dc_<name>`` arguments of the ``*_dropcluster`` models (recorded in ``config.json``), the ``train``
 flags with their help, the training config and the model card.
 """
+import argparse
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
@@ -55,11 +56,12 @@ class LayerOption:
         return self.flag[2:].replace('-', '_')
 
     def flag_kwargs(self) -> Dict[str, Any]:
-        """``add_argument`` keywords: unset flags stay ``None``, so the model's default applies."""
+        """``add_argument`` keywords: a flag not given is left out of the parsed namespace, so the
+        model's default applies."""
         default = '' if self.default is None else f' (default: {self.default})'
         if self.type is bool:
-            return dict(action='store_true', default=None, help=self.help)
-        return dict(type=self.type, default=None, choices=self.choices, help=self.help + default)
+            return dict(action='store_true', default=argparse.SUPPRESS, help=self.help)
+        return dict(type=self.type, default=argparse.SUPPRESS, choices=self.choices, help=self.help + default)
 
     def value(self, value: Any) -> Any:
         """``value`` as this option's type (a model argument read from JSON or the command line)."""

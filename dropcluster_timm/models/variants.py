@@ -8,7 +8,7 @@ follow), and load those weights with grid-initialised cluster maps: a starting p
 with DropCluster, not DropCluster-trained weights.
 
 The architectures come from ``dropblock_architectures.json`` (base names with their DropBlock slot
-count, per model family), written by ``python -m dropcluster_timm.models.variants`` from the installed
+count, per model family), written by ``python -m dropcluster_timm.models`` from the installed
 timm; bases the installed timm does not have are skipped at import.
 """
 import dataclasses

@@ -82,7 +82,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = groups[GROUPS['dropcluster']]
     for option in LAYER_OPTIONS:  # the layer options that have a flag (the others: --model-kwargs dc_<name>=...)
         if option.flag:
-            g.add_argument(option.flag, **dict(option.flag_kwargs(), default=argparse.SUPPRESS))
+            g.add_argument(option.flag, **option.flag_kwargs())
     g = groups[GROUPS['output']]
     g.add_argument('--experiment', default=argparse.SUPPRESS, help='a sub-folder of --output for this run')
     g.add_argument('--log-wandb', action='store_true', default=argparse.SUPPRESS,

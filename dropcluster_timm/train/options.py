@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple, Uni
 from timm.utils import ParseKwargs
 
 __all__ = ['Bound', 'UNIT_RATE', 'AT_LEAST_ONE', 'NOT_NEGATIVE', 'POSITIVE', 'option', 'TrainOption', 'iter_options',
-           'describe']
+           'describe', 'flat_settings']
 
 NO_FLAG = ''
 
@@ -192,3 +192,16 @@ def describe(value: Any, opt: TrainOption, config: Any) -> str:
     if isinstance(value, dict):
         return ' '.join(f'{k}={v}' for k, v in value.items()) or 'none'
     return f'{value:g}' if isinstance(value, float) else str(value)
+
+
+def flat_settings(tree: Dict[str, Any], prefix: str = '', whole: Sequence[str] = ()) -> Dict[str, Any]:
+    """``{'optim.lr': 0.1, ...}``: the settings of a nested dict (``TrainConfig.to_dict()``) by dotted
+    key; the keys in ``whole`` keep their dict as one value."""
+    flat: Dict[str, Any] = {}
+    for key, value in tree.items():
+        name = prefix + key
+        if isinstance(value, dict) and name not in whole:
+            flat.update(flat_settings(value, name + '.', whole))
+        else:
+            flat[name] = value
+    return flat

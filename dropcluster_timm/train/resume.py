@@ -10,10 +10,12 @@ records disagree on or that lies past ``--epochs``.
 """
 import json
 import os
-from typing import Any, Dict, Iterator, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 from ..errors import TrainingError
+from ..files import json_object_or_none
 from .mid_epoch import load_rank_state
+from .options import flat_settings
 
 __all__ = ['CHECKPOINT_DIR', 'META_FILE', 'DEFAULT_OUTPUT', 'FIXED_SETTINGS', 'NothingToTrain', 'run_folder_of',
            'checkpoint_settings', 'changed_settings', 'check_changes', 'read_position', 'check_position',
@@ -54,36 +56,18 @@ def run_folder_of(resume: str) -> str:
     return resume
 
 
-def _read_json(path: str) -> Optional[Dict[str, Any]]:
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def checkpoint_settings(checkpoint: str, meta: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     """The settings the checkpoint's run trained with: its ``meta.json``, or for older checkpoints the
     ``run.json`` of the run folder that holds it; None when neither says."""
     if isinstance(meta.get('config'), dict):
         return meta['config']
-    record = _read_json(os.path.join(os.path.dirname(os.path.dirname(checkpoint)), 'run.json'))
+    record = json_object_or_none(os.path.join(os.path.dirname(os.path.dirname(checkpoint)), 'run.json'))
     return record.get('config') if record and isinstance(record.get('config'), dict) else None
-
-
-def _flat(tree: Dict[str, Any], prefix: str = '') -> Iterator[Tuple[str, Any]]:
-    for key, value in tree.items():
-        name = prefix + key
-        if isinstance(value, dict) and name not in FIXED_SETTINGS:
-            yield from _flat(value, name + '.')
-        else:
-            yield name, value
 
 
 def changed_settings(old: Dict[str, Any], new: Dict[str, Any]) -> Dict[str, Tuple[Any, Any]]:
     """``{dotted key: (old, new)}`` of the settings that differ (JSON-normalised: tuples are lists)."""
-    old_flat, new_flat = dict(_flat(json.loads(json.dumps(old)))), dict(_flat(json.loads(json.dumps(new))))
+    old_flat, new_flat = (flat_settings(json.loads(json.dumps(tree)), whole=FIXED_SETTINGS) for tree in (old, new))
     return {k: (old_flat.get(k), v) for k, v in new_flat.items()
             if k not in _NOT_COMPARED and k in old_flat and old_flat[k] != v}
 
@@ -100,7 +84,7 @@ def check_changes(checkpoint: str, changes: Dict[str, Tuple[Any, Any]]) -> None:
 def read_position(checkpoint: str, meta: Dict[str, Any]) -> Dict[str, int]:
     """The position (epoch, global_step, step_in_epoch) that ``meta.json`` and ``run_state.json`` agree
     on; a one-line error naming both when they do not (an edited or mixed-up checkpoint)."""
-    state = (_read_json(os.path.join(checkpoint, 'run_state.json')) or {}).get('state')
+    state = (json_object_or_none(os.path.join(checkpoint, 'run_state.json')) or {}).get('state')
     position = {}
     for key in ('epoch', 'global_step', 'step_in_epoch'):
         recorded, saved = meta.get(key), state.get(key) if isinstance(state, dict) else None

@@ -26,6 +26,7 @@ from safetensors import safe_open
 from ..data import DataBundle, dataset_description, split_name
 from ..destination import check_destination, overlaps
 from ..errors import TrainingError, first_line
+from ..files import read_json, write_atomic, write_json
 from ..hub.run_results import RunResults
 from ..layers.model_helpers import dropcluster_layers, nonfinite_tensor
 from .config import TrainConfig
@@ -35,7 +36,7 @@ from .mid_epoch import RANK_STATE
 from .run_state import STATE_JSON, STATE_TENSORS, save_run_state
 
 __all__ = [
-    'CHECKPOINT_DIR', 'RUN_FILE', 'META_FILE', 'write_text_atomic', 'write_json_atomic', 'list_checkpoints', 'find_checkpoint',
+    'CHECKPOINT_DIR', 'RUN_FILE', 'META_FILE', 'list_checkpoints', 'find_checkpoint',
     'check_checkpoint_files', 'load_checkpoint', 'read_meta', 'run_identity', 'check_resume', 'check_output',
     'RESULTS', 'RECORDS', 'run_results_in', 'files_read', 'clear_results', 'write_run_file', 'best_metric_name', 'read_progress',
     'write_args_file',
@@ -46,23 +47,6 @@ RUN_FILE = 'run.json'
 LOCK_FILE = '.lock'
 
 
-def write_text_atomic(path: str, text: str) -> None:
-    """Write to a temporary file renamed into place, so a reader never sees half a file."""
-    tmp = path + '.tmp'
-    with open(tmp, 'w', newline='') as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: str, data: Any) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2, default=str))
-
-
-def _read_json(path: str) -> Dict[str, Any]:
-    with open(path) as f:
-        return json.load(f)
-
-
 def list_checkpoints(output: str) -> List[str]:
     """Completed checkpoints of an output folder, oldest first (by global step)."""
     root = os.path.join(output, CHECKPOINT_DIR)
@@ -70,7 +54,7 @@ def list_checkpoints(output: str) -> List[str]:
         return []
     names = [n for n in os.listdir(root) if not n.startswith('.') and os.path.isfile(os.path.join(root, n, META_FILE))]
     paths = [os.path.join(root, n) for n in names]
-    return sorted(paths, key=lambda p: _read_json(os.path.join(p, META_FILE)).get('global_step', -1))
+    return sorted(paths, key=lambda p: read_json(os.path.join(p, META_FILE)).get('global_step', -1))
 
 
 def find_checkpoint(path: str) -> Optional[str]:
@@ -150,7 +134,7 @@ def run_identity(model_name: str, num_classes: int) -> Dict[str, Any]:
 def read_meta(checkpoint: str) -> Dict[str, Any]:
     """A checkpoint's ``meta.json``, with a one-line error when it is not a JSON object."""
     try:
-        meta = _read_json(os.path.join(checkpoint, META_FILE))
+        meta = read_json(os.path.join(checkpoint, META_FILE))
     except (OSError, ValueError) as e:
         raise TrainingError(f'cannot resume from {checkpoint}: {META_FILE}: {first_line(e)}') from None
     if not isinstance(meta, dict):
@@ -264,7 +248,7 @@ def check_shared_output(accelerator, output: str) -> None:
     token = f'{socket.gethostname()}-{os.getpid()}-{time.time_ns()}'
     path = os.path.join(output, SHARED_CHECK_FILE)
     if accelerator.is_main_process:
-        write_text_atomic(path, token)
+        write_atomic(path, token)
     token = broadcast_object_list([token])[0]
     accelerator.wait_for_everyone()
     seen = True
@@ -293,7 +277,7 @@ def write_run_file(output: str, config: Dict[str, Any], data_splits: Dict[str, s
     os.makedirs(output, exist_ok=True)
     path = os.path.join(output, RUN_FILE)
     try:
-        resumes = _read_json(path).get('resumes', []) if os.path.isfile(path) else []
+        resumes = read_json(path).get('resumes', []) if os.path.isfile(path) else []
     except (OSError, ValueError, AttributeError):
         resumes = []
     if resumed is not None:
@@ -308,7 +292,7 @@ def write_run_file(output: str, config: Dict[str, Any], data_splits: Dict[str, s
             record['dropcluster'] = {'layers': num_dropcluster_layers, 'peak_rate': state.peak_drop_rate,
                                      'reclusterings': state.reclusterings,
                                      'soft_resets': state.soft_resets}
-    write_json_atomic(path, record)
+    write_json(path, record)
 
 
 def best_metric_name(config: Dict[str, Any]) -> str:
@@ -324,7 +308,7 @@ def read_progress(output: str) -> Dict[str, Any]:
     """The ``progress`` of a run folder's ``run.json`` (empty before the first epoch ends); files
     written before the best metric had its own name (``best_top1``, whatever the metric) are read
     as ``best_metric`` with the ``eval_metric`` of their config."""
-    record = _read_json(os.path.join(output, RUN_FILE))
+    record = read_json(os.path.join(output, RUN_FILE))
     progress = dict(record.get('progress') or {})
     if 'best_top1' in progress and 'best_metric' not in progress:
         progress['best_metric'] = progress.pop('best_top1')
@@ -335,7 +319,7 @@ def read_progress(output: str) -> Dict[str, Any]:
 def write_args_file(output: str, args: Dict[str, Any]) -> None:
     """``args.yaml``: the run's settings as ``train`` arguments, as timm's train.py writes them (main
     process); ``-c args.yaml`` runs the same settings again."""
-    write_text_atomic(os.path.join(output, 'args.yaml'), yaml.safe_dump(args, default_flow_style=False))
+    write_atomic(os.path.join(output, 'args.yaml'), yaml.safe_dump(args, default_flow_style=False))
 
 
 def save_checkpoint(accelerator, output: str, name: str, meta: Dict[str, Any], run_objects: Dict[str, Any],
@@ -362,7 +346,7 @@ def save_checkpoint(accelerator, output: str, name: str, meta: Dict[str, Any], r
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_run_state(tmp, run_objects)
-        write_json_atomic(os.path.join(tmp, META_FILE), meta)  # the completion marker
+        write_json(os.path.join(tmp, META_FILE), meta)  # the completion marker
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -386,12 +370,12 @@ class MetricsLog:
         self.rows: List[Dict[str, Any]] = []
         path = os.path.join(output, 'metrics.json')
         if keep_epochs > 0 and os.path.exists(path):
-            self.rows = [r for r in _read_json(path) if r.get('epoch', 0) < keep_epochs]
+            self.rows = [r for r in read_json(path) if r.get('epoch', 0) < keep_epochs]
 
     def add(self, row: Dict[str, Any]) -> None:
         self.rows = [r for r in self.rows if r.get('epoch') != row.get('epoch')] + [row]
         self.rows.sort(key=lambda r: r.get('epoch', 0))
-        write_json_atomic(os.path.join(self.output, 'metrics.json'), self.rows)
+        write_json(os.path.join(self.output, 'metrics.json'), self.rows)
         keys: List[str] = []
         for r in self.rows:
             keys += [k for k in r if k not in keys]
@@ -405,7 +389,7 @@ class MetricsLog:
         writer = csv.DictWriter(text, fieldnames=keys)
         writer.writeheader()
         writer.writerows(rows)
-        write_text_atomic(os.path.join(self.output, name), text.getvalue())
+        write_atomic(os.path.join(self.output, name), text.getvalue())
 
 
 def run_results(cfg: TrainConfig, row: Dict[str, Any], state: TrainState, model: nn.Module, data: DataBundle,

@@ -2,7 +2,8 @@
 
 Build, loop, save, on one or many processes (``accelerate launch``) or the CPU. The pieces live
 beside it: ``builders`` (model, loss, schedule), ``loop`` (one epoch), ``run_folder`` (checkpoints,
-resume, run.json, metrics); data and evaluation in ``dropcluster_timm.data`` / ``.evaluate``, model
+run.json, metrics), ``resume`` (what a resume checks and restores) and ``mid_epoch`` (what a
+checkpoint inside an epoch adds); data and evaluation in ``dropcluster_timm.data`` / ``.evaluation``, model
 folders and the Hub in ``dropcluster_timm.hub``.
 """
 import contextlib
@@ -31,11 +32,12 @@ from .builders import (
     check_batch_size, recluster, use_cpu_cores)
 from .config import TrainConfig
 from .loop import TrainState, train_one_epoch
+from .options import flat_settings
 from .recipe import DropClusterRecipe, schedule_warnings
 from .resume import (
-    changed_settings, check_changes, check_global_batch, check_position, checkpoint_settings, read_position)
+    changed_settings, check_changes, check_global_batch, check_position, checkpoint_settings, continue_epoch,
+    place_lr_schedule, read_position)
 from .mid_epoch import save_rank_state
-from .resume import continue_epoch, place_lr_schedule
 from .run_state import load_run_state
 
 __all__ = ['train']
@@ -48,8 +50,8 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[TrainState], None]] = No
     ``on_step(state)`` runs after every training batch. Errors a user can fix raise ``TrainingError``
     before anything is written. The caller's state is as it was when this returns: the thread count,
     timm's fast-norm switch, and Accelerate's process state (what the run set up, its process group
-    included, is taken down; a state the caller set up stays, e.g. ``PartialState()`` before the call
-    to use the process group afterwards).
+    included, is taken down; a state the caller set up stays: build an ``Accelerator()`` before the
+    call to use the process group afterwards).
     """
     # The output folder's lock is released and the caller's state restored however the run ends.
     with contextlib.ExitStack() as run, scoped_accelerate_state():
@@ -180,7 +182,8 @@ def _train(cfg: TrainConfig, on_step: Optional[Callable[[TrainState], None]], ru
                                        changed=changes) if checkpoint else None)  # all checks passed
         rf.write_args_file(out.output, cfg.to_args())
     if out.log_with:
-        accelerator.init_trackers(out.wandb_project or 'train_timm', config=_flat(cfg.to_dict()),
+        scalars = {k: v for k, v in flat_settings(cfg.to_dict()).items() if isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers(out.wandb_project or 'train_timm', config=scalars,
                                   init_kwargs={'wandb': {'tags': out.wandb_tags}} if out.log_with == 'wandb' else {})
 
     def checkpoint_fn(name, epoch_loss=None):
@@ -280,13 +283,3 @@ def _train(cfg: TrainConfig, on_step: Optional[Callable[[TrainState], None]], ru
     return SimpleNamespace(model=accelerator.unwrap_model(model, keep_fp32_wrapper=False), ema=ema, schedule=schedule,
                            state=state, metrics=metrics.rows, hooks=hooks)
 
-
-def _flat(tree, prefix: str = ''):
-    """``{'optim.lr': 0.1, ...}``: the scalar settings, as trackers take them."""
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f'{prefix}{key}.'))
-        elif isinstance(value, (int, float, str, bool)):
-            flat[prefix + key] = value
-    return flat

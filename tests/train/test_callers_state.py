@@ -15,7 +15,7 @@ from dropcluster_timm.train import parse_train_args, train
 ONE_BATCH = ['--train-batches-per-epoch', '1', '--device', 'cpu']
 
 
-def test_train_and_evaluate_leave_fast_norm_and_accelerate_as_they_found_them(image_folder, tmp_path):
+def test_train_and_evaluate_leave_fast_norm_and_accelerate_as_they_found_them(image_folder, tmp_path, own_accelerator):
     assert not is_fast_norm() and not is_initialized()
     out = tmp_path / 'run'
     train(parse_train_args(with_epochs(TINY, 1) + ['--data-dir', image_folder, '--output', str(out), '--fast-norm',
@@ -26,12 +26,7 @@ def test_train_and_evaluate_leave_fast_norm_and_accelerate_as_they_found_them(im
     assert proc.returncode == 0 and proc.stdout.startswith('top1 '), proc.stderr
     assert not is_initialized(), "the evaluation's Accelerate state outlived it"
     # The caller's next Accelerator is built from its own arguments, not the run's bf16.
-    try:
-        assert Accelerator(cpu=True).mixed_precision == 'no'
-    finally:
-        from dropcluster_timm.accelerate_state import scoped_accelerate_state
-        with scoped_accelerate_state():  # take down what this test set up (train is no longer in scope)
-            pass
+    assert Accelerator(cpu=True).mixed_precision == 'no'
 
 
 def test_a_state_the_caller_set_up_stays_up(image_folder, tmp_path, own_accelerator):

@@ -4,6 +4,8 @@ import os
 
 import pytest
 
+from dropcluster_timm.files import write_json
+
 from dropcluster_timm.errors import TrainingError
 from dropcluster_timm.train import run_folder as rf
 from dropcluster_timm.train.loop import TrainState
@@ -13,7 +15,7 @@ def _fake_checkpoint(output, name, step, complete=True):
     folder = os.path.join(output, rf.CHECKPOINT_DIR, name)
     os.makedirs(folder)
     if complete:
-        rf.write_json_atomic(os.path.join(folder, rf.META_FILE), {'global_step': step, 'identity': {'model': 'm'}})
+        write_json(os.path.join(folder, rf.META_FILE), {'global_step': step, 'identity': {'model': 'm'}})
     return folder
 
 
@@ -74,7 +76,7 @@ def test_run_file_records_config_data_and_progress(tmp_path):
 
 @pytest.mark.parametrize('optim, metric', [({}, 'top1'), ({'eval_metric': 'loss', 'model_ema': True}, 'ema_eval_loss')])
 def test_run_files_from_before_the_best_metric_had_its_name_are_read(tmp_path, optim, metric):
-    rf.write_json_atomic(str(tmp_path / rf.RUN_FILE), {'config': {'optim': optim}, 'data': {},
+    write_json(str(tmp_path / rf.RUN_FILE), {'config': {'optim': optim}, 'data': {},
                                                        'progress': {'epochs_done': 3, 'best_top1': 0.7, 'best_epoch': 1}})
     assert rf.read_progress(str(tmp_path)) == {'epochs_done': 3, 'eval_metric': metric, 'best_metric': 0.7,
                                                'best_epoch': 1}
