@@ -49,25 +49,32 @@ def answer_table(results: Path = RESULTS) -> str:
                      else v4['outcome']])
     v5 = _read(results / 'study_v5' / 'gate.json')
     if v5:
+        study = _read(results / 'study_v5' / 'summary.json')
         for c in v5['candidates']:
             if c['seeds']:
                 rows.append([f"v5: `{c['config']}`", 'Cutout 16 px - none (control)', str(c['seeds']),
                              f"{c['mean']:+.2f}", _ci(c['ci_low'], c['ci_high']),
                              {'pass': 'helps: the gate passed', 'fail': 'does not help: failed',
                               'stopped': 'does not help: stopped', 'running': 'gate running',
-                              'not run': 'not run'}[c['decision']]])
-        passed = [c['config'] for c in v5['candidates'] if c['decision'] == 'pass']
-        study = _read(results / 'study_v5' / 'summary.json')
-        if passed and study and study['config'] == passed[0] and len(study['complete_seeds']) >= V5_SEEDS:
-            for d in study['primary']:
-                metric = 'test top-1' if d['metric'] == 'top1' else 'corruption acc.'
-                rows.append(['', f"{d['arm']} - {d['against']} ({metric})", str(d['n']), f"{d['mean']:+.2f}",
-                             _ci(d['ci_low'], d['ci_high']), d['verdict']])
-        elif passed:
-            rows.append(['', 'DropCluster - DropBlock (five arms, two rates)', f'{V5_SEEDS} planned', '-', '-',
-                         'running: no verdict before all seeds'])
+                              'not run': 'not run', 'not needed': 'not needed after the pass'}[c['decision']]])
+            if c['decision'] == 'pass':
+                rows += _study_rows(c['config'], study)
     lines = ['| study and regime | comparison | seeds | difference (points) | 95% CI | verdict |', '|' + '---|' * 6]
     return '\n'.join(lines + ['| ' + ' | '.join(r) + ' |' for r in rows]) + '\n'
+
+
+def _study_rows(config: str, study: Optional[Dict[str, Any]]) -> List[List[str]]:
+    """The five-arm comparisons in the passing regime, once all their seeds are in; until then one row
+    that says so (no verdict from a study still running)."""
+    if not (study and study['config'] == config and len(study['complete_seeds']) >= V5_SEEDS):
+        return [['', 'DropCluster - DropBlock (five arms, two rates)', f'{V5_SEEDS} planned', '-', '-',
+                 'running: no verdict before all seeds']]
+    rows = []
+    for d in study['primary']:
+        metric = 'test top-1' if d['metric'] == 'top1' else 'corruption acc.'
+        rows.append(['', f"{d['arm']} - {d['against']} ({metric})", str(d['n']), f"{d['mean']:+.2f}",
+                     _ci(d['ci_low'], d['ci_high']), d['verdict']])
+    return rows
 
 
 def main() -> int:

@@ -51,7 +51,8 @@ def decide(diff: Dict[str, Any]) -> str:
 
 
 def gate_status(rows: List[Dict[str, Any]], candidates: Sequence[Dict[str, Any]] = V4_CANDIDATES) -> List[Dict[str, Any]]:
-    """One entry per candidate, in gate order: its rows' figures and its decision ('not run' after a pass)."""
+    """One entry per candidate, in gate order: its rows' figures and its decision (after a pass: 'not run',
+    or 'not needed' for one whose runs started before the pass was decided)."""
     out, passed = [], False
     for cfg in candidates:
         mine = [r for r in rows if r['config'] == cfg['name'] and r['arm'] in GATE_ARMS]
@@ -59,7 +60,7 @@ def gate_status(rows: List[Dict[str, Any]], candidates: Sequence[Dict[str, Any]]
         seeds = sorted(set(by['none']) & set(by['cutout']))[:SEEDS]
         diff = paired_difference({s: by['cutout'][s]['top1'] for s in seeds}, {s: by['none'][s]['top1'] for s in seeds})
         entry = dict(config=cfg['name'], cfg=cfg, seeds=seeds, diff=diff,
-                     decision='not run' if passed and not mine else decide(diff),
+                     decision=('not needed' if mine else 'not run') if passed else decide(diff),
                      minutes=mean_std([r['total_time_s'] / 60 for r in mine])[0],
                      capabilities=sorted({r.get('cpu_capability', '?') for r in mine}))
         for arm in GATE_ARMS:
@@ -134,7 +135,7 @@ def gate_summary(status: List[Dict[str, Any]], study: str = 'v4') -> Dict[str, A
 
 
 _DONE = {'stopped': 'stopped after the pilot', 'fail': 'failed', 'pass': 'passed', 'running': 'running',
-         'not run': 'not run'}
+         'not run': 'not run', 'not needed': 'not needed after the pass'}
 
 
 def gate_statement(summary: Dict[str, Any]) -> str:

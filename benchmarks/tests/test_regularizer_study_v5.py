@@ -59,7 +59,12 @@ def test_after_a_pass_the_driver_runs_the_five_arms_and_the_second_rate_seed_by_
     first = P.V5_CANDIDATES[0]['name']
     assert G.next_study_job([], set(), P.V5_CANDIDATES, 16) is None  # no pass yet
     rows = _gate_rows(first, [3.9, 3.7, 1.5, 1.9, 2.5, 3.0])
-    assert G.gate_status(rows, P.V5_CANDIDATES)[0]['decision'] == 'pass'
+    assert [e['decision'] for e in G.gate_status(rows, P.V5_CANDIDATES)] == ['pass', 'not run']
+    # A later candidate's runs started while the pass was in flight: kept, and not needed.
+    later = _gate_rows(P.V5_CANDIDATES[1]['name'], [0.5])
+    summary = G.gate_summary(G.gate_status(rows + later, P.V5_CANDIDATES), 'v5')
+    assert [c['decision'] for c in summary['candidates']] == ['pass', 'not needed']
+    assert '`v5_noaug2k` not needed after the pass (1 seed: +0.50)' in G.gate_statement(summary)
     assert G.next_gate_job(rows, set(), P.V5_CANDIDATES) is None
     order = []
     running = set()
