@@ -25,12 +25,13 @@ see ``dropcluster_timm.hub.run_results.load_results_table``) to a model's card, 
 import argparse
 import sys
 import tempfile
+import traceback
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from .evaluation.corruptions import CORRUPTIONS, SEVERITIES
 from .destination import check_destination
-from .errors import TrainingError, one_line
+from .errors import EnvironmentFailure, InputError, one_line, show_traceback
 
 __all__ = ['main', 'build_parser']
 
@@ -98,7 +99,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .train.args import parse_with_config_file
         try:
             args = parse_with_config_file(commands['train'], argv[1:])
-        except TrainingError as e:
+        except InputError as e:
             return _error(e)
         args.command = 'train'
     else:
@@ -114,7 +115,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _error(e: BaseException) -> int:
-    """Print ``e`` on one line; its exit status under the error policy (``INPUT_ERRORS``, ``RUN_ERRORS``)."""
+    """Print ``e`` on one line (after its traceback with ``DROPCLUSTER_TIMM_TRACEBACK=1``); its exit
+    status under the error policy (``INPUT_ERRORS``, ``RUN_ERRORS``)."""
+    if show_traceback():
+        traceback.print_exception(e)
     print(f'error: {one_line(e)}', file=sys.stderr)
     return 2 if isinstance(e, INPUT_ERRORS) else 1
 
@@ -161,7 +165,7 @@ def _output_of(args: argparse.Namespace) -> str:
     from .train import config_from_args
     try:
         return config_from_args(args).resolved().output.output
-    except TrainingError:  # Ctrl-C before the settings were read
+    except InputError:  # Ctrl-C before the settings were read
         return getattr(args, 'output', None) or 'OUTPUT'
 
 
@@ -211,11 +215,12 @@ def _model_files(option: str, items: List[str]) -> List[Tuple[str, str]]:
 
 
 COMMANDS = {'train': _train, 'evaluate': _evaluate, 'push': _push, 'export-plain': _export_plain, 'cards': _cards}
-# One error policy for every subcommand, always one line: input and usage errors exit 2 (as argparse
-# does), a failure while working (the network, the disk, a computation) exits 1, Ctrl-C 130.
-INPUT_ERRORS = (TrainingError, ValueError, LookupError, FileNotFoundError, FileExistsError, NotADirectoryError,
-                IsADirectoryError)
-RUN_ERRORS = (RuntimeError, OSError)
+# One error policy for every subcommand (errors.py): input and usage errors exit 2 (as argparse does;
+# ValueError is the input error of the Python API), a failure of the environment or while working (the
+# network, the disk, a computation) exits 1, both in one line; Ctrl-C 130. Anything else is a bug: a
+# traceback.
+INPUT_ERRORS = (InputError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)
+RUN_ERRORS = (EnvironmentFailure, RuntimeError, OSError)
 
 
 if __name__ == '__main__':

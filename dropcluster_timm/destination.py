@@ -9,12 +9,12 @@ Every refusal is one line naming the path (``DestinationError``, an input error)
 import os
 from typing import Iterable, Optional
 
-from .errors import TrainingError
+from .errors import InputError
 
 __all__ = ['DestinationError', 'check_destination', 'overlaps']
 
 
-class DestinationError(TrainingError, ValueError):
+class DestinationError(InputError, ValueError):
     """A destination that cannot or must not be written: the user's input (a ``ValueError`` for the
     Python API, exit status 2 on the command line)."""
 

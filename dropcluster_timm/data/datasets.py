@@ -2,7 +2,7 @@
 (``digits``).
 
 Errors a user can fix (a missing folder, no held-out split, overlapping splits, class counts that
-differ) raise ``TrainingError`` with a one-line reason.
+differ) raise ``InputError`` with a one-line reason.
 """
 import io
 import os
@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from timm.data import create_dataset, create_transform, resolve_data_config
 
 from ..accelerate_state import is_main_process
-from ..errors import TrainingError, first_line
+from ..errors import InputError, classify
 from .digits import EMBEDDED_DATASET, DigitsDataset
 
 __all__ = [
@@ -55,7 +55,7 @@ def find_split_folder(data_dir: str, split: str, flag: str) -> str:
     """The folder of ``split`` in an ImageFolder root: ``data_dir/split``, else the first synonym
     present (``TRAIN_SPLITS`` or ``EVAL_SPLITS``, whichever holds ``split``).
 
-    Raises ``TrainingError`` naming the folders found and ``flag`` (the option that names a split)
+    Raises ``InputError`` naming the folders found and ``flag`` (the option that names a split)
     when there is none; never returns ``data_dir`` itself.
     """
     path = os.path.join(data_dir, split)
@@ -67,7 +67,7 @@ def find_split_folder(data_dir: str, split: str, flag: str) -> str:
                 if os.path.isdir(os.path.join(data_dir, name)):
                     return os.path.join(data_dir, name)
     found = sorted(d for d in os.listdir(data_dir) if os.path.isdir(os.path.join(data_dir, d)))
-    raise TrainingError(f'no {split!r} split folder in {data_dir} (folders found: {", ".join(found) or "none"}); '
+    raise InputError(f'no {split!r} split folder in {data_dir} (folders found: {", ".join(found) or "none"}); '
                         f'name one with {flag}')
 
 
@@ -82,7 +82,7 @@ def make_dataset(dataset: str, data_dir: Optional[str], split: str, is_training:
     if dataset == EMBEDDED_DATASET:
         return DigitsDataset(split, transform)
     if data_dir is None or not os.path.exists(data_dir):
-        raise TrainingError(f'data folder {data_dir!r} does not exist')
+        raise InputError(f'data folder {data_dir!r} does not exist')
     root, search_split = data_dir, True
     folder = is_folder_dataset(dataset, data_dir)
     if folder:
@@ -91,13 +91,12 @@ def make_dataset(dataset: str, data_dir: Optional[str], split: str, is_training:
     try:
         ds = create_dataset(dataset, root=root, split=split, is_training=is_training, search_split=search_split,
                             **dataset_args)
-    except Exception as e:
-        raise TrainingError(f'cannot read data set {dataset or "ImageFolder"} split {split!r} in {root}: '
-                            f'{first_line(e)}') from e
+    except Exception as e:  # a wrong name or folder (exit 2), or a download, the network or disk (exit 1)
+        raise classify(e, f'cannot read data set {dataset or "ImageFolder"} split {split!r} in {root}') from e
     if folder:
         ds.reader = EightBitReader(ds.reader)
     if len(ds) == 0:
-        raise TrainingError(f'data set split {split!r} in {root} is empty')
+        raise InputError(f'data set split {split!r} in {root} is empty')
     ds.source = root if not search_split else f'{dataset}:{split}'
     if transform is not None:
         ds.transform = transform
@@ -108,11 +107,11 @@ MAX_FOLDER_DEPTH = 64
 
 
 def check_no_link_loop(root: str) -> None:
-    """``TrainingError`` naming the link when a folder link under ``root`` leads back to a folder
+    """``InputError`` naming the link when a folder link under ``root`` leads back to a folder
     above it: timm's folder reader follows links and would walk such a tree forever."""
     def walk(path: str, above: frozenset, depth: int) -> None:
         if depth > MAX_FOLDER_DEPTH:
-            raise TrainingError(f'{path}: folders nested more than {MAX_FOLDER_DEPTH} deep under {root}')
+            raise InputError(f'{path}: folders nested more than {MAX_FOLDER_DEPTH} deep under {root}')
         try:
             entries = list(os.scandir(path))
         except OSError:
@@ -121,7 +120,7 @@ def check_no_link_loop(root: str) -> None:
             if entry.is_dir(follow_symlinks=True):
                 real = os.path.realpath(entry.path)
                 if real in above:
-                    raise TrainingError(f'{entry.path} links back to {real}, a folder above it: the image folder '
+                    raise InputError(f'{entry.path} links back to {real}, a folder above it: the image folder '
                                         'would be read forever; remove the link')
                 walk(entry.path, above | {real}, depth + 1)
 
@@ -205,7 +204,7 @@ def build_data(dataset: str, data_dir: Optional[str], train_split: str = 'train'
     if is_folder_dataset(dataset, data_dir):
         t, v = os.path.realpath(train.source), os.path.realpath(val.source)
         if t == v or v.startswith(t + os.sep) or t.startswith(v + os.sep):
-            raise TrainingError(f'the validation split {val.source} overlaps the training split {train.source}; '
+            raise InputError(f'the validation split {val.source} overlaps the training split {train.source}; '
                                 'name a held-out folder with --val-split')
     cluster = make_dataset(dataset, data_dir, train_split, False, None, '--train-split', num_samples=train_num_samples,
                            **args)
@@ -213,9 +212,9 @@ def build_data(dataset: str, data_dir: Optional[str], train_split: str = 'train'
         check_folder_classes(train, val, bool(args.get('class_map')))
     n_train, n_val = num_classes_of(train), num_classes_of(val)
     if n_train is not None and n_val is not None and n_train != n_val:
-        raise TrainingError(f'the train split has {n_train} classes but the validation split has {n_val}')
+        raise InputError(f'the train split has {n_train} classes but the validation split has {n_val}')
     if num_classes is not None and n_train is not None and num_classes != n_train:
-        raise TrainingError(f'--num-classes {num_classes} does not match the data set, which has {n_train} classes')
+        raise InputError(f'--num-classes {num_classes} does not match the data set, which has {n_train} classes')
     return DataBundle(train, val, cluster, n_train or num_classes, {},
                       splits={'train': train.source, 'validation': val.source})
 
@@ -248,10 +247,10 @@ def check_folder_classes(train: Dataset, val: Dataset, class_map: bool = False) 
         only_t, only_v = sorted(set(t) - set(v)), sorted(set(v) - set(t))
         what = (f'only in {train.source}: {only_t[:5]}; only in {val.source}: {only_v[:5]}' if only_t or only_v
                 else 'the same names in another order')
-        raise TrainingError(f'the training and validation splits have different classes ({what}); images are '
+        raise InputError(f'the training and validation splits have different classes ({what}); images are '
                             'labelled by class folder, so map both with --class-map FILE or fix the folders')
     if len(t) < 2:
-        raise TrainingError(f'{train.source} holds {len(t)} class folder(s) with images: a classifier needs at '
+        raise InputError(f'{train.source} holds {len(t)} class folder(s) with images: a classifier needs at '
                             'least two (one class trains to 100% and learns nothing)')
     for ds in (train, val):
         report = _folder_report(ds)
@@ -264,7 +263,7 @@ def check_folder_classes(train: Dataset, val: Dataset, class_map: bool = False) 
             message = (f'{ds.source}: {len(empty)} of {len(ds.reader.samples)} image files are empty '
                        f'(e.g. {empty[0]})')
             if share > MAX_EMPTY_FILES:
-                raise TrainingError(f'{message}: more than {MAX_EMPTY_FILES:.0%}, so the run stops; remove or '
+                raise InputError(f'{message}: more than {MAX_EMPTY_FILES:.0%}, so the run stops; remove or '
                                     'replace them')
             if is_main_process():
                 print(f'warning: {message}; each is skipped (timm loads the next image in its place)',

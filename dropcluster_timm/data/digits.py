@@ -3,7 +3,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..errors import TrainingError
+from ..errors import InputError
 
 __all__ = ['EMBEDDED_DATASET', 'DigitsDataset']
 
@@ -20,7 +20,7 @@ class DigitsDataset(Dataset):
         try:
             from sklearn.datasets import load_digits
         except ImportError as e:  # pragma: no cover
-            raise TrainingError('the embedded digits data set needs scikit-learn: pip install scikit-learn') from e
+            raise InputError('the embedded digits data set needs scikit-learn: pip install scikit-learn') from e
         digits = load_digits()
         images = (digits.images * (255.0 / 16.0)).round().clip(0, 255).astype(np.uint8)
         targets = digits.target.astype(np.int64)
@@ -34,7 +34,7 @@ class DigitsDataset(Dataset):
         elif split in ('validation', 'val', 'test', 'eval'):
             keep = val
         else:
-            raise TrainingError(f'unknown split {split!r} for the digits data set (train or validation)')
+            raise InputError(f'unknown split {split!r} for the digits data set (train or validation)')
         self.images = [Image.fromarray(im).convert('RGB') for im in images[keep]]
         self.targets = targets[keep].tolist()
         self.transform = transform

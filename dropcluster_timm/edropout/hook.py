@@ -4,7 +4,7 @@ from typing import Any, Callable, Dict, Tuple
 
 import torch.nn as nn
 
-from ..errors import TrainingError, first_line
+from ..errors import InputError, first_line
 from ..hub.run_results import RunResults
 from ..train.config import TrainConfig
 from ..train.hooks import TrainHook, register_hook
@@ -27,7 +27,7 @@ class EDropoutHook(TrainHook):
             if ed.unit == 'channel':
                 prune_channels(model)
         except ValueError as e:
-            raise TrainingError(f'--edropout with {cfg.model.name}: {first_line(e)}') from e
+            raise InputError(f'--edropout with {cfg.model.name}: {first_line(e)}') from e
         self.pruning = ed.unit == 'channel'
         self.interval = ed.interval
         self.images = ed.images_per_state(cfg.optim.batch_size)

@@ -21,7 +21,7 @@ from timm.utils import accuracy
 from .corruptions import SEVERITIES, check_corruptions, corruption_accuracy
 from ..accelerate_state import scoped_accelerate_state
 from ..data import EMBEDDED_DATASET, class_names, make_dataset, num_classes_of
-from ..errors import TrainingError, first_line
+from ..errors import InputError, classify
 from ..models.names import register_architecture
 
 __all__ = ['evaluate', 'evaluate_checkpoint', 'default_eval_dataset', 'format_corruption_report']
@@ -69,12 +69,12 @@ def evaluate_checkpoint(
         try:
             check_corruptions(corruptions, severities)
         except ValueError as e:
-            raise TrainingError(str(e)) from e
+            raise InputError(str(e)) from e
     if checkpoint.startswith(('hf-hub:', 'local-dir:')):
         name = checkpoint
     else:
         if not os.path.isfile(os.path.join(checkpoint, 'config.json')):
-            raise TrainingError(f'{checkpoint!r} is not a model folder (no config.json)')
+            raise InputError(f'{checkpoint!r} is not a model folder (no config.json)')
         name = 'local-dir:' + checkpoint
     if not dataset and not data_dir:
         dataset = default_eval_dataset(checkpoint)
@@ -86,8 +86,8 @@ def evaluate_checkpoint(
             if not unknown or not register_architecture(unknown.group(1)):
                 raise
             model = timm.create_model(name, pretrained=True)
-    except Exception as e:
-        raise TrainingError(f'cannot load {checkpoint!r}: {first_line(e)}') from e
+    except Exception as e:  # a wrong name or folder (exit 2), or the network or disk (exit 1)
+        raise classify(e, f'cannot load {checkpoint!r}') from e
     data_config = resolve_data_config({'img_size': img_size} if img_size else {}, model=model)
     if corruptions is not None:
         # Corruptions act on [0, 1] pixels: the transform stops before normalisation, done on the batch.
@@ -97,10 +97,10 @@ def evaluate_checkpoint(
     ds = make_dataset(dataset, data_dir, split, False, transform, '--split')
     n = num_classes_of(ds)
     if n is not None and n != model.num_classes:
-        raise TrainingError(f'the model has {model.num_classes} classes but the data set has {n}')
+        raise InputError(f'the model has {model.num_classes} classes but the data set has {n}')
     trained, here = model.pretrained_cfg.get('label_names'), class_names(ds)
     if trained and here and list(trained) != here:  # labels are folder indices: the names must agree
-        raise TrainingError(f'the data set classes {here[:5]} are not those the model was trained on, in order '
+        raise InputError(f'the data set classes {here[:5]} are not those the model was trained on, in order '
                             f'({list(trained)[:5]}): images would be scored against the wrong class')
     accelerator = Accelerator()
     loader = DataLoader(ds, batch_size=batch_size, num_workers=workers)
@@ -126,7 +126,7 @@ def default_eval_dataset(checkpoint: str) -> str:
     if metrics.get('dataset_type', metrics.get('dataset')) == EMBEDDED_DATASET:
         return EMBEDDED_DATASET
     trained_on = f' was trained on {metrics["dataset"]!r}' if metrics.get('dataset') else ''
-    raise TrainingError(f'{checkpoint}{trained_on}: name its evaluation data with --data-dir DIR '
+    raise InputError(f'{checkpoint}{trained_on}: name its evaluation data with --data-dir DIR '
                         f'(and --dataset NAME for a timm data set, or --dataset {EMBEDDED_DATASET})')
 
 

@@ -9,7 +9,7 @@ from typing import Any, Dict, Optional, Union
 import torch.nn as nn
 from huggingface_hub import HfApi, get_token
 
-from ..errors import TrainingError
+from ..errors import InputError
 from .model_card import CARD_MARKER
 from .save import UPLOAD_FILES, check_model_folder, check_repo_id, folder_card, save_pretrained
 
@@ -17,14 +17,14 @@ __all__ = ['push', 'resolve_push_token', 'check_push']
 
 
 def check_push(repo_id: str, flag: str = '--push-to-hub') -> None:
-    """``TrainingError`` (one line, naming ``flag``) unless pushing to ``repo_id`` can work: a valid
+    """``InputError`` (one line, naming ``flag``) unless pushing to ``repo_id`` can work: a valid
     id and credentials. Checked before any work."""
     try:
         resolve_push_token(repo_id)
     except ValueError as e:
-        raise TrainingError(f'{flag}: {e}') from e
+        raise InputError(f'{flag}: {e}') from e
     except RuntimeError as e:
-        raise TrainingError(f'{flag} needs Hugging Face credentials: {e}') from e
+        raise InputError(f'{flag} needs Hugging Face credentials: {e}') from e
 
 
 def resolve_push_token(repo_id: str, token: Optional[str] = None) -> str:

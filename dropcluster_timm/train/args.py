@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
-from ..errors import TrainingError
+from ..errors import InputError
 from ..layers.options import LAYER_OPTIONS
 from .config import TrainConfig, embedded_config, uses_embedded_data
 from .options import TrainOption, describe, iter_options
@@ -119,10 +119,10 @@ def _refuse(given: Dict[str, Any]) -> None:
     for name, (default, why) in REFUSED.items():
         value = given.get(name, default)
         if value not in (default, str(default)) and not (default is None and value == []):
-            raise TrainingError(f'--{name.replace("_", "-")} is not supported: {why}')
+            raise InputError(f'--{name.replace("_", "-")} is not supported: {why}')
     device = given.get('device', 'cuda')
     if device not in ('cuda', 'cpu') and not device.startswith('cuda:'):
-        raise TrainingError(f'--device {device}: Accelerate picks the device; use --device cpu or accelerate launch')
+        raise InputError(f'--device {device}: Accelerate picks the device; use --device cpu or accelerate launch')
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -159,13 +159,13 @@ def _read_config_file(path: str) -> Dict[str, Any]:
         with open(path) as f:
             values = yaml.safe_load(f) or {}
     except (OSError, yaml.YAMLError) as e:
-        raise TrainingError(f'-c {path}: cannot read it ({type(e).__name__}: {e})') from e
+        raise InputError(f'-c {path}: cannot read it ({type(e).__name__}: {e})') from e
     if not isinstance(values, dict):
-        raise TrainingError(f'-c {path}: expected a mapping of argument names to values')
+        raise InputError(f'-c {path}: expected a mapping of argument names to values')
     known = train_dests()
     unknown = sorted(k for k in values if k.replace('-', '_') not in known)
     if unknown:
-        raise TrainingError(f'-c {path}: unknown arguments {", ".join(unknown)}')
+        raise InputError(f'-c {path}: unknown arguments {", ".join(unknown)}')
     return {k.replace('-', '_'): v for k, v in values.items()}
 
 

@@ -21,7 +21,7 @@ from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.utils import ModelEmaV3
 
 from ..data import DataBundle, cluster_batch
-from ..errors import TrainingError, first_line
+from ..errors import InputError, classify, first_line
 from ..layers.model_helpers import copy_cluster_state, disable_own_schedule, update_clusters
 from ..layers.options import layer_option
 from .config import LossConfig, ModelConfig, OptimConfig, TrainConfig
@@ -42,7 +42,7 @@ def build_model(cfg: ModelConfig, num_classes: Optional[int], img_size: Optional
     """
     is_file_model = cfg.name.startswith(('hf-hub:', 'local-dir:'))
     if not is_file_model and not timm.is_model(cfg.name):
-        raise TrainingError(f'unknown model {cfg.name!r} (see timm.list_models("*dropcluster*"))')
+        raise InputError(f'unknown model {cfg.name!r} (see timm.list_models("*dropcluster*"))')
     kwargs = dict(pretrained=cfg.pretrained, num_classes=num_classes, in_chans=in_chans, drop_rate=cfg.drop_rate,
                   drop_path_rate=cfg.drop_path_rate, drop_block_rate=cfg.drop_block_rate, global_pool=cfg.global_pool,
                   bn_momentum=cfg.bn_momentum, bn_eps=cfg.bn_eps)
@@ -50,13 +50,13 @@ def build_model(cfg: ModelConfig, num_classes: Optional[int], img_size: Optional
         kwargs['pretrained_cfg_overlay'] = dict(file=cfg.pretrained_path, num_classes=-1)  # as timm's train.py
     if 'dropcluster' in cfg.name and not is_file_model:
         if cfg.drop_block_rate:  # the recipe ramps the layers to --drop-cluster; one rate flag per run
-            raise TrainingError(f'--drop-block: {cfg.name} puts DropCluster in its DropBlock slots; set their rate '
+            raise InputError(f'--drop-block: {cfg.name} puts DropCluster in its DropBlock slots; set their rate '
                                 'with --drop-cluster')
         kwargs.update(drop_cluster_rate=0.0, img_size=img_size)
     try:
         layer_args = {layer_option(name).model_arg: value for name, value in cfg.layer_options.items()}
     except KeyError as e:
-        raise TrainingError(e.args[0]) from None
+        raise InputError(e.args[0]) from None
     kwargs.update(layer_args)  # a model without DropCluster layers refuses them with its own error
     kwargs.update(cfg.kwargs)
     if cfg.initial_checkpoint:
@@ -66,8 +66,8 @@ def build_model(cfg: ModelConfig, num_classes: Optional[int], img_size: Optional
     set_fast_norm(cfg.fast_norm or fast_norm)
     try:
         model = timm.create_model(cfg.name, **kwargs)
-    except Exception as e:
-        raise TrainingError(f'cannot create model {cfg.name!r}: {first_line(e)}') from e
+    except Exception as e:  # a wrong name or argument (exit 2), or the network or disk (exit 1)
+        raise classify(e, f'cannot create model {cfg.name!r}') from e
     finally:
         set_fast_norm(fast_norm)
     if cfg.head_init_scale is not None or cfg.head_init_bias is not None:
@@ -88,7 +88,7 @@ def check_batch_size(model: nn.Module, batch_size: int) -> None:
     """One-line error for a training batch of one image in a model with BatchNorm (torch stops on it
     at the first layer with a single value per channel)."""
     if batch_size == 1 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-        raise TrainingError('--batch-size 1: the model has BatchNorm layers, which need more than one image per '
+        raise InputError('--batch-size 1: the model has BatchNorm layers, which need more than one image per '
                             'process in training; use --batch-size 2 or more')
 
 
@@ -176,7 +176,7 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
     sharded = [name for name, var in (('FSDP', 'ACCELERATE_USE_FSDP'), ('DeepSpeed', 'ACCELERATE_USE_DEEPSPEED'),
                                       ('Megatron-LM', 'ACCELERATE_USE_MEGATRON_LM')) if parse_flag_from_env(var)]
     if sharded:
-        raise TrainingError(f'{sharded[0]} is not supported: re-clustering, the EMA and the published weights need '
+        raise InputError(f'{sharded[0]} is not supported: re-clustering, the EMA and the published weights need '
                             'the whole model on every process. Supported: one process (GPU or CPU) and data '
                             'parallel runs (accelerate launch --multi_gpu, or CPU processes over gloo)')
     handlers = [DistributedDataParallelKwargs(broadcast_buffers=False)] if out.no_ddp_bb else []
@@ -196,7 +196,7 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
             **kwargs,
         )
     except (ValueError, RuntimeError, ImportError) as e:  # e.g. fp16 without a GPU, a tracker not installed
-        raise TrainingError(f'cannot set up Accelerate as asked (--amp / --torchcompile / --log-with): '
+        raise InputError(f'cannot set up Accelerate as asked (--amp / --torchcompile / --log-with): '
                             f'{first_line(e)}') from e
 
 

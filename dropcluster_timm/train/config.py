@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, Optional
 
 from ..data import EMBEDDED_DATASET
-from ..errors import TrainingError
+from ..errors import InputError
 from ..layers.options import LAYER_OPTIONS
 from .options import iter_options
 from .resume import DEFAULT_OUTPUT, run_folder_of
@@ -92,34 +92,34 @@ class TrainConfig:
         return cfg
 
     def check(self) -> None:
-        """One-line errors (``TrainingError``) for settings that cannot work, before any setup."""
+        """One-line errors (``InputError``) for settings that cannot work, before any setup."""
         for opt in iter_options(self):
             error = opt.error(self.get(opt.path))
             if error:
-                raise TrainingError(error)
+                raise InputError(error)
         d, m, dc, o, out, ed = self.data, self.model, self.dropcluster, self.optim, self.output, self.edropout
         if not d.dataset and not d.data_dir:
-            raise TrainingError('no data set: give --data-dir (data.data_dir, an ImageFolder root) or --dataset '
+            raise InputError('no data set: give --data-dir (data.data_dir, an ImageFolder root) or --dataset '
                                 '(data.dataset); embedded_config() trains on the embedded digits')
         for option in LAYER_OPTIONS:
             value = m.layer_options.get(option.name)
             label = option.flag or option.model_arg
             if value is not None and option.type is int and value < 1:
-                raise TrainingError(f'{label} must be >= 1, got {value:g}')
+                raise InputError(f'{label} must be >= 1, got {value:g}')
             if value is not None and option.choices and value not in option.choices:
-                raise TrainingError(f'{label} must be one of {", ".join(option.choices)}, got {value!r}')
+                raise InputError(f'{label} must be one of {", ".join(option.choices)}, got {value!r}')
         unknown = sorted(set(m.layer_options) - {o.name for o in LAYER_OPTIONS})
         if unknown:
-            raise TrainingError(f'model.layer_options: no DropCluster layer option {", ".join(unknown)}')
+            raise InputError(f'model.layer_options: no DropCluster layer option {", ".join(unknown)}')
         if ed.batch_per_state is not None and ed.batch_per_state > o.batch_size:
-            raise TrainingError(f'--edropout-batch {ed.batch_per_state} exceeds --batch-size {o.batch_size}')
+            raise InputError(f'--edropout-batch {ed.batch_per_state} exceeds --batch-size {o.batch_size}')
         if dc.shape == 'multistep' and not dc.milestones:
-            raise TrainingError('--drop-cluster-shape multistep needs --drop-cluster-milestones')
+            raise InputError('--drop-cluster-shape multistep needs --drop-cluster-milestones')
         low, high = m.layer_options.get('min_cluster_size'), m.layer_options.get('max_cluster_size')
         if low and high and low > high:
-            raise TrainingError(f'--min-cluster-size {low} exceeds --max-cluster-size {high}')
+            raise InputError(f'--min-cluster-size {low} exceeds --max-cluster-size {high}')
         if out.overwrite and out.resume:
-            raise TrainingError('--overwrite replaces the results in --output and --resume continues them: give one')
+            raise InputError('--overwrite replaces the results in --output and --resume continues them: give one')
 
 
 def embedded_config(model: Optional[str] = None) -> TrainConfig:

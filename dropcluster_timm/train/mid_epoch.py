@@ -26,7 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
-from ..errors import TrainingError, first_line
+from ..errors import InputError, first_line
 
 __all__ = ['RANK_STATE', 'rank_state_file', 'random_state', 'set_random_state', 'RecordedRandomness',
            'save_rank_state', 'load_rank_state']
@@ -133,5 +133,5 @@ def load_rank_state(folder: str, process_index: int) -> Optional[Tuple[List[Rand
         finally:
             set_random_state(keep)
     except (OSError, KeyError, ValueError, RuntimeError, OverflowError) as e:
-        raise TrainingError(f'cannot resume from {folder}: {os.path.basename(path)}: {first_line(e)}') from None
+        raise InputError(f'cannot resume from {folder}: {os.path.basename(path)}: {first_line(e)}') from None
     return states, loss_sum[0], int(batches[0])

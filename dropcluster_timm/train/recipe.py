@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch.nn as nn
 
-from ..errors import TrainingError
+from ..errors import InputError
 from ..layers.model_helpers import set_drop_prob
 from ..layers.schedules import DropClusterSchedule
 from .sections import DropClusterConfig
@@ -33,7 +33,7 @@ def make_schedule(cfg: DropClusterConfig, steps_per_epoch: int, target: Optional
     unset ones as ``train`` does)."""
     unset = [name for name in ('start_epoch', 'warmup_epochs', 'update_freq') if getattr(cfg, name) is None]
     if unset:
-        raise TrainingError(f'DropClusterConfig.{unset[0]} is None (a share of the epochs): give it, or use '
+        raise InputError(f'DropClusterConfig.{unset[0]} is None (a share of the epochs): give it, or use '
                             'cfg.resolved(epochs)')
     return DropClusterSchedule(
         target=cfg.rate if target is None else target,

@@ -12,7 +12,7 @@ import json
 import os
 from typing import Any, Dict, Optional, Tuple
 
-from ..errors import TrainingError
+from ..errors import InputError
 from ..files import json_object_or_none
 from .mid_epoch import load_rank_state
 from .options import flat_settings
@@ -50,7 +50,7 @@ def run_folder_of(resume: str) -> str:
     if os.path.isfile(os.path.join(path, META_FILE)):
         parent = os.path.dirname(path)
         if os.path.basename(parent) != CHECKPOINT_DIR:
-            raise TrainingError(f'--resume {resume} is a checkpoint outside a run folder: give --output, the folder '
+            raise InputError(f'--resume {resume} is a checkpoint outside a run folder: give --output, the folder '
                                 'the resumed run writes to')
         return os.path.dirname(parent) or '.'
     return resume
@@ -77,7 +77,7 @@ def check_changes(checkpoint: str, changes: Dict[str, Tuple[Any, Any]]) -> None:
     for key, why in FIXED_SETTINGS.items():
         if key in changes:
             old, new = changes[key]
-            raise TrainingError(f'cannot resume from {checkpoint} with {key} {new!r}: it trained with {old!r}, and '
+            raise InputError(f'cannot resume from {checkpoint} with {key} {new!r}: it trained with {old!r}, and '
                                 f'{why}; start a new run (another --output) to change it')
 
 
@@ -89,9 +89,9 @@ def read_position(checkpoint: str, meta: Dict[str, Any]) -> Dict[str, int]:
     for key in ('epoch', 'global_step', 'step_in_epoch'):
         recorded, saved = meta.get(key), state.get(key) if isinstance(state, dict) else None
         if not isinstance(recorded, int) or isinstance(recorded, bool) or recorded < 0:
-            raise TrainingError(f'cannot resume from {checkpoint}: meta.json {key} must be a count, got {recorded!r}')
+            raise InputError(f'cannot resume from {checkpoint}: meta.json {key} must be a count, got {recorded!r}')
         if saved is not None and saved != recorded:
-            raise TrainingError(f'cannot resume from {checkpoint}: run_state.json: state.{key} is {saved!r} but meta.json '
+            raise InputError(f'cannot resume from {checkpoint}: run_state.json: state.{key} is {saved!r} but meta.json '
                                 f'says {recorded}; the checkpoint was edited or mixed up: resume from another one')
         position[key] = recorded
     return position
@@ -101,7 +101,7 @@ def check_position(checkpoint: str, position: Dict[str, int], epochs: int) -> No
     """Refuse a position past ``--epochs``; raise ``NothingToTrain`` for a finished run."""
     epoch, step = position['epoch'], position['step_in_epoch']
     if epoch > epochs or (epoch == epochs and step > 0):
-        raise TrainingError(f'cannot resume from {checkpoint} with --epochs {epochs}: it is at epoch {epoch}'
+        raise InputError(f'cannot resume from {checkpoint} with --epochs {epochs}: it is at epoch {epoch}'
                             f'{f" (step {step})" if step else ""}; give --epochs {epoch + (1 if step else 0)} '
                             'or more to train on')
     if epoch == epochs:
@@ -112,7 +112,7 @@ def check_position(checkpoint: str, position: Dict[str, int], epochs: int) -> No
 def check_global_batch(checkpoint: str, meta: Dict[str, Any], global_batch: int) -> None:
     """Refuse a change of the images per optimizer step: the step counts of the schedules are made of it."""
     if meta.get('global_batch_size', global_batch) != global_batch:
-        raise TrainingError(f'cannot resume from {checkpoint}: it trained with {meta["global_batch_size"]} images per '
+        raise InputError(f'cannot resume from {checkpoint}: it trained with {meta["global_batch_size"]} images per '
                             f'optimizer step, this run has {global_batch} (--batch-size x processes x '
                             '--grad-accum-steps); keep them, or start a new run to change them')
 

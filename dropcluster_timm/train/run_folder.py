@@ -25,7 +25,7 @@ from safetensors import safe_open
 
 from ..data import DataBundle, dataset_description, split_name
 from ..destination import check_destination, overlaps
-from ..errors import TrainingError, first_line
+from ..errors import InputError, first_line
 from ..files import read_json, write_atomic, write_json
 from ..hub.run_results import RunResults
 from ..layers.model_helpers import dropcluster_layers, nonfinite_tensor
@@ -64,7 +64,7 @@ def find_checkpoint(path: str) -> Optional[str]:
     is nothing to resume, so the run starts over there.
     """
     if not os.path.exists(path):
-        raise TrainingError(f'resume checkpoint {path!r} does not exist')
+        raise InputError(f'resume checkpoint {path!r} does not exist')
     if os.path.isfile(os.path.join(path, META_FILE)):
         return path
     found = list_checkpoints(path)
@@ -72,7 +72,7 @@ def find_checkpoint(path: str) -> Optional[str]:
         return found[-1]
     if os.path.isfile(os.path.join(path, RUN_FILE)):
         return None
-    raise TrainingError(f'{path!r} holds no completed checkpoint to resume from')
+    raise InputError(f'{path!r} holds no completed checkpoint to resume from')
 
 
 # What a checkpoint holds: Accelerate's files (read with torch.load(weights_only=True): tensors and
@@ -90,7 +90,7 @@ def check_checkpoint_files(checkpoint: str) -> None:
     for name in sorted(os.listdir(checkpoint)):
         path = os.path.join(checkpoint, name)
         if not CHECKPOINT_FILES.fullmatch(name) or not os.path.isfile(path):
-            raise TrainingError(f'cannot resume from {checkpoint}: {name} is not a file this package writes into a '
+            raise InputError(f'cannot resume from {checkpoint}: {name} is not a file this package writes into a '
                                 'checkpoint (it is never loaded: remove it if you trust the rest of the folder)')
         if name == META_FILE:
             continue
@@ -99,7 +99,7 @@ def check_checkpoint_files(checkpoint: str) -> None:
                 with safe_open(path, framework='pt') as f:
                     bad = nonfinite_tensor({k: f.get_tensor(k) for k in f.keys()})
                 if bad is not None:
-                    raise TrainingError(f'cannot resume from {checkpoint}: {name} holds NaN or inf values in {bad}; '
+                    raise InputError(f'cannot resume from {checkpoint}: {name} holds NaN or inf values in {bad}; '
                                         f'resume from an earlier checkpoint in {os.path.dirname(checkpoint)}')
             elif name.endswith(('.bin', '.pkl', '.pt', '.pth')):
                 with zipfile.ZipFile(path) as z:  # torch.save writes zip archives
@@ -110,10 +110,10 @@ def check_checkpoint_files(checkpoint: str) -> None:
                     # Accelerate skips random states it cannot read: the resumed run would silently
                     # differ. Read them as it does (weights_only: plain values, no code) to refuse early.
                     accelerate_load(path)
-        except TrainingError:
+        except InputError:
             raise
         except Exception as e:
-            raise TrainingError(f'cannot resume from {checkpoint}: {name} is damaged, truncated or not plain data '
+            raise InputError(f'cannot resume from {checkpoint}: {name} is damaged, truncated or not plain data '
                                 f'({type(e).__name__}: {first_line(e)}); resume from an earlier checkpoint '
                                 f'in {os.path.dirname(checkpoint)}') from e
 
@@ -123,7 +123,7 @@ def load_checkpoint(accelerator, checkpoint: str) -> None:
     try:
         accelerator.load_state(checkpoint)
     except Exception as e:
-        raise TrainingError(f'cannot resume from {checkpoint}: {type(e).__name__}: {first_line(e)}') from e
+        raise InputError(f'cannot resume from {checkpoint}: {type(e).__name__}: {first_line(e)}') from e
 
 
 def run_identity(model_name: str, num_classes: int) -> Dict[str, Any]:
@@ -136,9 +136,9 @@ def read_meta(checkpoint: str) -> Dict[str, Any]:
     try:
         meta = read_json(os.path.join(checkpoint, META_FILE))
     except (OSError, ValueError) as e:
-        raise TrainingError(f'cannot resume from {checkpoint}: {META_FILE}: {first_line(e)}') from None
+        raise InputError(f'cannot resume from {checkpoint}: {META_FILE}: {first_line(e)}') from None
     if not isinstance(meta, dict):
-        raise TrainingError(f'cannot resume from {checkpoint}: {META_FILE} must hold a JSON object')
+        raise InputError(f'cannot resume from {checkpoint}: {META_FILE} must hold a JSON object')
     return meta
 
 
@@ -148,7 +148,7 @@ def check_resume(checkpoint: str, identity: Dict[str, Any]) -> Dict[str, Any]:
     theirs = meta.get('identity', {})
     for key, value in identity.items():
         if theirs.get(key) != value:
-            raise TrainingError(f'cannot resume from {checkpoint}: it was trained with {key}={theirs.get(key)!r}, '
+            raise InputError(f'cannot resume from {checkpoint}: it was trained with {key}={theirs.get(key)!r}, '
                                 f'this run has {key}={value!r}')
     return meta
 
@@ -175,7 +175,7 @@ def check_output(output: str, checkpoint: Optional[str], resuming: bool = False,
     for name in RESULTS + RECORDS:  # what the run writes (or clears, with --overwrite)
         read = next((r for r in reads if r and overlaps(os.path.join(output, name), r)), None)
         if read:
-            raise TrainingError(f'--output {output}: its {name} would replace {read}, which this run reads; choose '
+            raise InputError(f'--output {output}: its {name} would replace {read}, which this run reads; choose '
                                 'another --output')
     found = run_results_in(output) if os.path.isdir(output) else []
     if not found or overwrite:
@@ -185,7 +185,7 @@ def check_output(output: str, checkpoint: Optional[str], resuming: bool = False,
     if ours or (resuming and checkpoint is None and not list_checkpoints(output)):
         return
     what = 'another run' if list_checkpoints(output) else f'the results of a run ({", ".join(found)})'
-    raise TrainingError(f'output folder {output} already holds {what}; resume it with --resume {output}, '
+    raise InputError(f'output folder {output} already holds {what}; resume it with --resume {output}, '
                         'choose another --output, or replace it with --overwrite')
 
 
@@ -219,14 +219,14 @@ def lock_output(output: str):
         path = os.path.realpath(os.path.join(output, LOCK_FILE))
         f = open(path, 'a+')
     except OSError as e:
-        raise TrainingError(f'--output {output}: cannot create the run folder ({e.strerror or first_line(e)})') from None
+        raise InputError(f'--output {output}: cannot create the run folder ({e.strerror or first_line(e)})') from None
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         f.seek(0)
         holder = f.read().strip() or 'unknown process'
         f.close()
-        raise TrainingError(f'--output {output} is in use by another run ({holder}); wait for it to end or '
+        raise InputError(f'--output {output} is in use by another run ({holder}); wait for it to end or '
                             'choose another --output') from None
     f.seek(0)
     f.truncate()
@@ -263,7 +263,7 @@ def check_shared_output(accelerator, output: str) -> None:
     if accelerator.is_main_process:
         os.unlink(path)
     if missing:
-        raise TrainingError(f'--output {output} is not one folder shared by all machines ({", ".join(missing)} '
+        raise InputError(f'--output {output} is not one folder shared by all machines ({", ".join(missing)} '
                             'do not see what the main process writes there): put it on a shared file system; '
                             'node-local disks are not supported')
 

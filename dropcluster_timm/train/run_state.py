@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..errors import TrainingError, first_line
+from ..errors import InputError, first_line
 
 __all__ = ['STATE_JSON', 'STATE_TENSORS', 'save_run_state', 'load_run_state']
 
@@ -108,7 +108,7 @@ def _expected(obj: Any, saved: Any) -> Any:
 
 def load_run_state(folder: str, objects: Dict[str, Any]) -> None:
     """Check ``folder``'s run state against ``objects`` (freshly built, same settings), then load it
-    into them. Raises ``TrainingError`` naming the file and the value, having loaded nothing."""
+    into them. Raises ``InputError`` naming the file and the value, having loaded nothing."""
     try:
         with open(os.path.join(folder, STATE_JSON)) as f:
             data = json.load(f, parse_constant=lambda c: float(c))  # NaN / Infinity are refused below
@@ -126,4 +126,4 @@ def load_run_state(folder: str, objects: Dict[str, Any]) -> None:
         for name, obj in objects.items():
             obj.load_state_dict(states[name])
     except (OSError, ValueError, TypeError, KeyError) as e:
-        raise TrainingError(f'cannot resume from {folder}: {STATE_JSON}: {first_line(e)}') from None
+        raise InputError(f'cannot resume from {folder}: {STATE_JSON}: {first_line(e)}') from None

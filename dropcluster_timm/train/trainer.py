@@ -21,7 +21,7 @@ from timm.utils import distribute_bn
 from .. import hub
 from ..data import build_data, class_names, set_transforms
 from ..accelerate_state import scoped_accelerate_state
-from ..errors import TrainingError, first_line
+from ..errors import InputError, first_line
 from ..evaluation.evaluate import evaluate
 from ..layers.model_helpers import ddp_ignore_cluster_buffers, dropcluster_layers, init_cluster_maps, set_drop_prob
 from . import run_folder as rf
@@ -47,7 +47,7 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[TrainState], None]] = No
     """Train as ``cfg`` says; returns the trained model (unwrapped), EMA, schedule, state, metric rows
     and the hooks of the optional methods (``train.hooks``; EDropout's holds its ``search``).
 
-    ``on_step(state)`` runs after every training batch. Errors a user can fix raise ``TrainingError``
+    ``on_step(state)`` runs after every training batch. Errors a user can fix raise ``InputError``
     before anything is written. The caller's state is as it was when this returns: the thread count,
     timm's fast-norm switch, and Accelerate's process state (what the run set up, its process group
     included, is taken down; a state the caller set up stays: build an ``Accelerator()`` before the
@@ -119,7 +119,7 @@ def _train(cfg: TrainConfig, on_step: Optional[Callable[[TrainState], None]], ru
 
     train_loader, eval_loader = build_loaders(data, cfg, accelerator)
     if len(train_loader) == 0:  # incomplete batches are dropped
-        raise TrainingError(f'--batch-size {o.batch_size} on {accelerator.num_processes} process(es) is larger than '
+        raise InputError(f'--batch-size {o.batch_size} on {accelerator.num_processes} process(es) is larger than '
                             f'the training set ({len(data.train)} images): not one full batch per epoch')
     lr = o.scaled_lr(o.batch_size * accelerator.num_processes * o.grad_accum_steps)
     if not o.lr:

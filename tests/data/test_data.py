@@ -4,7 +4,7 @@ import os
 import pytest
 
 from dropcluster_timm.data import build_data
-from dropcluster_timm.errors import TrainingError
+from dropcluster_timm.errors import InputError
 from run_helpers import make_image_folder, relayout
 
 
@@ -14,35 +14,35 @@ def test_validation_split_is_found_by_name_never_the_whole_root(train_test_folde
     assert os.path.basename(data.splits['train']) == 'train' and len(data.train) == 36
     # no held-out folder by any known name: refused, listing the folders and the flag
     other = relayout(make_image_folder(tmp_path / 'holdout'), {'validation': 'holdout'})
-    with pytest.raises(TrainingError, match=r"folders found: holdout, train\); name one with --val-split"):
+    with pytest.raises(InputError, match=r"folders found: holdout, train\); name one with --val-split"):
         build_data('', other)
     assert len(build_data('', other, val_split='holdout').eval) == 12
-    with pytest.raises(TrainingError, match='overlaps the training split'):
+    with pytest.raises(InputError, match='overlaps the training split'):
         build_data('', train_test_folder, val_split='train')
     # no train folder either: never the root
-    with pytest.raises(TrainingError, match='--train-split'):
+    with pytest.raises(InputError, match='--train-split'):
         build_data('', os.path.join(train_test_folder, 'test'))
 
 
 def test_num_classes_is_checked_against_the_data(image_folder):
     assert build_data('', image_folder, num_classes=3).num_classes == 3
-    with pytest.raises(TrainingError, match='--num-classes 5 does not match the data set, which has 3 classes'):
+    with pytest.raises(InputError, match='--num-classes 5 does not match the data set, which has 3 classes'):
         build_data('', image_folder, num_classes=5)
-    with pytest.raises(TrainingError, match='does not exist'):
+    with pytest.raises(InputError, match='does not exist'):
         build_data('', os.path.join(image_folder, 'nope'))
 
 
 def test_split_classes_must_match_by_name_and_number(tmp_path):
     root = make_image_folder(tmp_path / 'renamed')
     os.rename(os.path.join(root, 'validation', 'class_2'), os.path.join(root, 'validation', 'class_9'))
-    with pytest.raises(TrainingError, match=r"different classes \(only in .*train: \['class_2'\]; only in "
+    with pytest.raises(InputError, match=r"different classes \(only in .*train: \['class_2'\]; only in "
                                             r".*validation: \['class_9'\]\); .* --class-map FILE"):
         build_data('', root)
     mapping = tmp_path / 'map.txt'  # timm's class map: one folder name a line, its index the line number
     mapping.write_text('class_0\nclass_1\nclass_2\nclass_9\n')
     assert build_data('', root, dataset_args={'class_map': str(mapping)}).num_classes == 4
     single = make_image_folder(tmp_path / 'single', classes=1)
-    with pytest.raises(TrainingError, match=r'holds 1 class folder\(s\) with images: a classifier needs at least two'):
+    with pytest.raises(InputError, match=r'holds 1 class folder\(s\) with images: a classifier needs at least two'):
         build_data('', single)
 
 
@@ -50,7 +50,7 @@ def test_empty_folders_and_files_are_reported_once_and_too_many_stop(tmp_path, c
     root = make_image_folder(tmp_path / 'gaps')
     os.makedirs(os.path.join(root, 'train', 'class_extra'))
     open(os.path.join(root, 'train', 'class_0', 'empty.jpg'), 'wb').close()
-    with pytest.raises(TrainingError, match=r'1 of 37 image files are empty .* more than 1%, so the run stops'):
+    with pytest.raises(InputError, match=r'1 of 37 image files are empty .* more than 1%, so the run stops'):
         build_data('', root)
     big = make_image_folder(tmp_path / 'big', train_per_class=40)
     os.makedirs(os.path.join(big, 'train', 'class_extra'))

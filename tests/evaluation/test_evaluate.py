@@ -40,14 +40,14 @@ def test_two_process_evaluate_reports_and_writes_once(full_run, image_folder, tm
 
 
 def test_evaluate_refuses_data_whose_classes_are_not_the_trained_ones(full_run, image_folder, tmp_path):
-    from dropcluster_timm.errors import TrainingError
+    from dropcluster_timm.errors import InputError
     from dropcluster_timm.evaluation.evaluate import evaluate_checkpoint
     from run_helpers import make_image_folder
     best = os.path.join(full_run, 'best')
     assert json.load(open(os.path.join(best, 'config.json')))['label_names'] == ['class_0', 'class_1', 'class_2']
     root = make_image_folder(tmp_path / 'other')
     os.rename(os.path.join(root, 'validation', 'class_2'), os.path.join(root, 'validation', 'class_9'))
-    with pytest.raises(TrainingError, match=r"classes \['class_0', 'class_1', 'class_9'\] are not those the model "
+    with pytest.raises(InputError, match=r"classes \['class_0', 'class_1', 'class_9'\] are not those the model "
                                             r'was trained on'):
         evaluate_checkpoint(best, '', root, 'validation')
     assert evaluate_checkpoint(best, '', image_folder, 'validation')['num_images'] == 12

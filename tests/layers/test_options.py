@@ -12,7 +12,7 @@ from dropcluster_timm.models import DROPCLUSTER_ARGS
 from dropcluster_timm.train import parse_train_args
 from dropcluster_timm.train.builders import build_model
 from dropcluster_timm.train.config import ModelConfig
-from dropcluster_timm.errors import TrainingError
+from dropcluster_timm.errors import InputError
 
 
 def test_layer_defaults_and_model_arguments_come_from_the_options():
@@ -49,9 +49,9 @@ def test_unset_flags_leave_the_model_defaults():
 
 
 def test_an_unknown_option_and_a_bad_size_are_refused():
-    with pytest.raises(TrainingError, match="no DropCluster layer option 'cluster_sise'"):
+    with pytest.raises(InputError, match="no DropCluster layer option 'cluster_sise'"):
         build_model(ModelConfig('resnet18_dropcluster', layer_options={'cluster_sise': 9}), 4)
-    with pytest.raises(TrainingError, match='--num-clusters must be >= 1, got 0'):
+    with pytest.raises(InputError, match='--num-clusters must be >= 1, got 0'):
         parse_train_args(['--num-clusters', '0']).check()
     assert layer_option('drop_mode').flag == '--cluster-drop-mode'
 

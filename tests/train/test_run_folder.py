@@ -6,7 +6,7 @@ import pytest
 
 from dropcluster_timm.files import write_json
 
-from dropcluster_timm.errors import TrainingError
+from dropcluster_timm.errors import InputError
 from dropcluster_timm.train import run_folder as rf
 from dropcluster_timm.train.loop import TrainState
 
@@ -21,10 +21,10 @@ def _fake_checkpoint(output, name, step, complete=True):
 
 def test_find_checkpoint_takes_the_newest_complete_one(tmp_path):
     out = str(tmp_path / 'run')
-    with pytest.raises(TrainingError, match='does not exist'):
+    with pytest.raises(InputError, match='does not exist'):
         rf.find_checkpoint(out)
     os.makedirs(out)
-    with pytest.raises(TrainingError, match='holds no completed checkpoint'):
+    with pytest.raises(InputError, match='holds no completed checkpoint'):
         rf.find_checkpoint(out)
     rf.write_run_file(out, {'model': {'name': 'm'}}, {'train': 't'})
     assert rf.find_checkpoint(out) is None  # a run stopped in its first epoch: start over
@@ -35,18 +35,18 @@ def test_find_checkpoint_takes_the_newest_complete_one(tmp_path):
     assert rf.list_checkpoints(out) == [old, new]
     assert rf.find_checkpoint(out) == new and rf.find_checkpoint(old) == old
     assert rf.check_resume(new, {'model': 'm'})['global_step'] == 10
-    with pytest.raises(TrainingError, match="it was trained with model='m', this run has model='other'"):
+    with pytest.raises(InputError, match="it was trained with model='m', this run has model='other'"):
         rf.check_resume(new, {'model': 'other'})
 
 
 def test_check_output_refuses_files_and_other_runs(tmp_path):
     rf.check_output(str(tmp_path / 'new' / 'deeper'), None)  # nothing there yet: fine
     (tmp_path / 'file').write_text('x')
-    with pytest.raises(TrainingError, match='is a file'):
+    with pytest.raises(InputError, match='is a file'):
         rf.check_output(str(tmp_path / 'file' / 'sub'), None)
     out = str(tmp_path / 'run')
     ckpt = _fake_checkpoint(out, 'epoch_0000', 4)
-    with pytest.raises(TrainingError, match='already holds another run'):
+    with pytest.raises(InputError, match='already holds another run'):
         rf.check_output(out, None)
     rf.check_output(out, ckpt)  # resuming from its own checkpoint
 

@@ -38,7 +38,7 @@ def test_single_cpu_process_uses_the_cores():
 
 def test_build_model_applies_the_cluster_settings_once_and_checks_the_name():
     from dropcluster_timm import dropcluster_layers
-    from dropcluster_timm.errors import TrainingError
+    from dropcluster_timm.errors import InputError
     from dropcluster_timm.train import ModelConfig, build_model
     model = build_model(ModelConfig('resnet18_dropcluster', layer_options=dict(cluster_method='kmeans', num_clusters=3)), 4, (32, 32))
     layers = [layer for _, layer in dropcluster_layers(model)]
@@ -49,9 +49,9 @@ def test_build_model_applies_the_cluster_settings_once_and_checks_the_name():
     assert all(layer.cluster_method == 'rena' and layer.num_clusters == 0 for _, layer in dropcluster_layers(default))
     plain = build_model(ModelConfig('resnet18', drop_block_rate=0.1), 4)
     assert not list(dropcluster_layers(plain))
-    with pytest.raises(TrainingError, match="unknown model 'resnet18_dropclustr'"):
+    with pytest.raises(InputError, match="unknown model 'resnet18_dropclustr'"):
         build_model(ModelConfig('resnet18_dropclustr'), 4)
-    with pytest.raises(TrainingError, match="cannot create model 'resnet18'"):
+    with pytest.raises(InputError, match="cannot create model 'resnet18'"):
         build_model(ModelConfig('resnet18', layer_options=dict(num_clusters=3)), 4)  # a plain model takes no cluster settings
 
 

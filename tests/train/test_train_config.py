@@ -2,7 +2,7 @@
 import pytest
 
 from dropcluster_timm import DropClusterSchedule
-from dropcluster_timm.errors import TrainingError
+from dropcluster_timm.errors import InputError
 from dropcluster_timm.train import parse_train_args as _parse
 
 
@@ -69,7 +69,7 @@ def test_config_is_typed_and_the_namespace_is_read_once(tmp_path):
 ])
 def test_check_names_the_flag_and_the_value(argv, words):
     cfg = parse_train_args(argv)
-    with pytest.raises(TrainingError) as e:
+    with pytest.raises(InputError) as e:
         cfg.check()
     assert all(w in str(e.value) for w in words), str(e.value)
 

@@ -8,7 +8,7 @@ from contextlib import redirect_stdout
 import pytest
 import yaml
 
-from dropcluster_timm.errors import TrainingError
+from dropcluster_timm.errors import InputError
 from dropcluster_timm.train import DataConfig, TrainConfig, embedded_config, parse_train_args
 from dropcluster_timm.train.args import add_train_arguments, ShortErrorParser
 from dropcluster_timm.train.options import Bound, iter_options
@@ -112,13 +112,13 @@ def test_each_checked_option_is_checked_in_a_python_config(opt):
     cfg = TrainConfig(data=DataConfig(data_dir=DATA))
     cfg.check()
     cfg.set(opt.path, bad)
-    with pytest.raises(TrainingError) as e:
+    with pytest.raises(InputError) as e:
         cfg.check()
     assert str(e.value).startswith(opt.label + ' must be'), str(e.value)
 
 
 def test_a_python_config_without_data_is_refused_and_the_caller_keeps_its_config():
-    with pytest.raises(TrainingError, match='no data set: give --data-dir'):
+    with pytest.raises(InputError, match='no data set: give --data-dir'):
         TrainConfig().check()
     cfg = TrainConfig(data=DataConfig(data_dir=DATA))
     before = copy.deepcopy(cfg)

@@ -51,8 +51,8 @@ def test_step_puts_the_ramp_rate_into_the_layers():
 
 
 def test_a_ramp_left_to_the_run_length_needs_it():
-    from dropcluster_timm.errors import TrainingError
-    with pytest.raises(TrainingError, match=r'DropClusterConfig.start_epoch is None .*resolved\(epochs\)'):
+    from dropcluster_timm.errors import InputError
+    with pytest.raises(InputError, match=r'DropClusterConfig.start_epoch is None .*resolved\(epochs\)'):
         DropClusterRecipe(DropClusterConfig(rate=0.1), steps_per_epoch=4)
     resolved = DropClusterConfig(rate=0.1).resolved(epochs=50)
     assert (resolved.start_epoch, resolved.warmup_epochs, resolved.update_freq) == (10, 5, 5)

@@ -12,7 +12,7 @@ import timm
 import torch
 
 from run_helpers import SCRIPT, TINY, free_port, with_epochs
-from dropcluster_timm.errors import TrainingError
+from dropcluster_timm.errors import InputError
 from dropcluster_timm.train import build_accelerator, parse_train_args, train
 
 
@@ -54,7 +54,7 @@ def test_sharded_launch_modes_are_refused_at_start(variable, name, monkeypatch, 
     """`accelerate launch --use_fsdp / --use_deepspeed` set these variables for every process."""
     monkeypatch.setenv(variable, 'true')
     cfg = parse_train_args(['--output', str(tmp_path / 'run'), '--epochs', '1'])
-    with pytest.raises(TrainingError, match=f'^{name} is not supported: .* Supported: one process'):
+    with pytest.raises(InputError, match=f'^{name} is not supported: .* Supported: one process'):
         build_accelerator(cfg)
 
 
@@ -66,7 +66,7 @@ def test_a_second_run_into_the_same_output_stops_and_a_killed_runs_lock_does_not
     holder = subprocess.Popen([sys.executable, '-c', code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == '1'
-        with pytest.raises(TrainingError, match=rf'is in use by another run \(pid {holder.pid} on '):
+        with pytest.raises(InputError, match=rf'is in use by another run \(pid {holder.pid} on '):
             train(parse_train_args(args))
         assert not (out / 'run.json').exists()
     finally:
@@ -79,14 +79,14 @@ def test_a_second_run_into_the_same_output_stops_and_a_killed_runs_lock_does_not
 
 def test_a_batch_larger_than_the_data_set_is_a_one_line_error(image_folder, tmp_path):
     args = with_epochs(TINY, 1) + ['--data-dir', image_folder, '--output', str(tmp_path / 'run'), '--batch-size', '64']
-    with pytest.raises(TrainingError, match=r'--batch-size 64 on 1 process\(es\) is larger than the training set '
+    with pytest.raises(InputError, match=r'--batch-size 64 on 1 process\(es\) is larger than the training set '
                                             r'\(36 images\)'):
         train(parse_train_args(args))
 
 
 def test_a_run_that_failed_in_this_process_does_not_lock_its_folder(image_folder, tmp_path, capsys):
     out = tmp_path / 'run'
-    with pytest.raises(TrainingError, match='larger than the training set'):
+    with pytest.raises(InputError, match='larger than the training set'):
         train(parse_train_args(with_epochs(TINY, 1) + ['--data-dir', image_folder, '--output', str(out),
                                                        '--batch-size', '64']))
     with open(out / '.lock') as f:  # released at once (flock: another open file of this process would conflict)
@@ -121,7 +121,7 @@ def test_resume_never_runs_code_from_a_checkpoint(one_epoch_run, image_folder, t
     marker = tmp_path / 'ran'
     torch.save(_Exploit(str(marker)), ckpt / planted)  # a pickle whose loading would run a command
     args = with_epochs(TINY, 2) + ['--data-dir', image_folder, '--output', str(out), '--resume', str(out)]
-    with pytest.raises(TrainingError, match='cannot resume from'):
+    with pytest.raises(InputError, match='cannot resume from'):
         train(parse_train_args(args))
     assert not marker.exists()
 
@@ -140,7 +140,7 @@ def test_a_tampered_run_state_is_refused_before_training(one_epoch_run, image_fo
     tamper(state)
     (ckpt / 'run_state.json').write_text(json.dumps(state))
     args = with_epochs(TINY, 2) + ['--data-dir', image_folder, '--output', str(out), '--resume', str(out)]
-    with pytest.raises(TrainingError, match='run_state.json: ') as err:
+    with pytest.raises(InputError, match='run_state.json: ') as err:
         train(parse_train_args(args))
     assert words in str(err.value)
     assert len(json.loads((out / 'metrics.json').read_text())) == 1  # no epoch trained
