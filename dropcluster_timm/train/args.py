@@ -15,7 +15,7 @@ from ..errors import InputError
 from ..layers.options import LAYER_OPTIONS
 from .config import TrainConfig, embedded_config, uses_embedded_data
 from .options import TrainOption, describe, iter_options
-from .resume import DEFAULT_OUTPUT
+from .layout import DEFAULT_OUTPUT
 from .sections import GROUPS
 
 __all__ = ['ShortErrorParser', 'REFUSED', 'ADAPTER_DESTS', 'add_train_arguments', 'train_dests', 'config_from_args',

@@ -18,7 +18,8 @@ from ..data import EMBEDDED_DATASET
 from ..errors import InputError
 from ..layers.options import LAYER_OPTIONS
 from .options import iter_options
-from .resume import DEFAULT_OUTPUT, run_folder_of
+from .layout import DEFAULT_OUTPUT
+from .resume import run_folder_of
 from .sections import DataConfig, DropClusterConfig, EDropoutConfig, LossConfig, ModelConfig, OptimConfig, OutputConfig
 
 __all__ = ['DataConfig', 'ModelConfig', 'DropClusterConfig', 'EDropoutConfig', 'OptimConfig', 'LossConfig', 'OutputConfig',

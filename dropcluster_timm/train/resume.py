@@ -1,5 +1,7 @@
 """ Resuming a run as timm's ``train.py`` does: the checkpoint gives the weights, the optimizer and the
-position; the command line gives every setting.
+position; the command line gives every setting. Everything a resume reads and checks is here: finding
+the checkpoint, its files (untrusted: read as data, never as code), its settings and position, and
+putting the freshly built run at that position.
 
 So ``--resume OUTPUT --epochs 20`` extends a finished 10-epoch run: the learning-rate schedule and the
 DropCluster ramp are rebuilt from the command line and stepped to the resumed position. What differs
@@ -8,22 +10,29 @@ cannot change mid-run (the model, its DropCluster layers, the input size, the gl
 the step counts are made of) are refused in one line, and so is a position that the checkpoint's two
 records disagree on or that lies past ``--epochs``.
 """
+import copy
 import json
 import os
-from typing import Any, Dict, Optional, Tuple
+import re
+import zipfile
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
 
-from ..errors import InputError
-from ..files import json_object_or_none
-from .mid_epoch import load_rank_state
+from accelerate.utils import load as accelerate_load
+from safetensors import safe_open
+
+from ..errors import InputError, first_line
+from ..files import json_object_or_none, read_json
+from ..layers.model_helpers import nonfinite_tensor
+from .layout import CHECKPOINT_DIR, META_FILE, RUN_FILE
+from .mid_epoch import RANK_STATE, load_rank_state
 from .options import flat_settings
+from .run_state import STATE_JSON, STATE_TENSORS, load_run_state
 
-__all__ = ['CHECKPOINT_DIR', 'META_FILE', 'DEFAULT_OUTPUT', 'FIXED_SETTINGS', 'NothingToTrain', 'run_folder_of',
-           'checkpoint_settings', 'changed_settings', 'check_changes', 'read_position', 'check_position',
-           'check_global_batch']
-
-CHECKPOINT_DIR = 'checkpoints'  # OUTPUT/checkpoints/<name>/
-META_FILE = 'meta.json'  # a checkpoint's completion marker
-DEFAULT_OUTPUT = 'output/train'  # a new run's folder when none is given, as timm's train.py
+__all__ = ['FIXED_SETTINGS', 'NothingToTrain', 'run_folder_of', 'list_checkpoints', 'find_checkpoint',
+           'check_checkpoint_files', 'load_checkpoint', 'read_meta', 'check_resume', 'checkpoint_settings',
+           'changed_settings', 'check_changes', 'read_position', 'check_position', 'check_global_batch',
+           'ResumePoint', 'check_resume_point', 'resume_run', 'place_lr_schedule', 'continue_epoch']
 
 # Settings a resumed run must keep: dotted TrainConfig keys, with why.
 FIXED_SETTINGS = {
@@ -51,9 +60,111 @@ def run_folder_of(resume: str) -> str:
         parent = os.path.dirname(path)
         if os.path.basename(parent) != CHECKPOINT_DIR:
             raise InputError(f'--resume {resume} is a checkpoint outside a run folder: give --output, the folder '
-                                'the resumed run writes to')
+                             'the resumed run writes to')
         return os.path.dirname(parent) or '.'
     return resume
+
+
+def list_checkpoints(output: str) -> List[str]:
+    """Completed checkpoints of an output folder, oldest first (by global step)."""
+    root = os.path.join(output, CHECKPOINT_DIR)
+    if not os.path.isdir(root):
+        return []
+    names = [n for n in os.listdir(root) if not n.startswith('.') and os.path.isfile(os.path.join(root, n, META_FILE))]
+    paths = [os.path.join(root, n) for n in names]
+    return sorted(paths, key=lambda p: read_json(os.path.join(p, META_FILE)).get('global_step', -1))
+
+
+def find_checkpoint(path: str) -> Optional[str]:
+    """A checkpoint folder, or the newest completed checkpoint of an output folder.
+
+    ``None`` for a run folder that has no checkpoint yet (a run stopped in its first epoch): there
+    is nothing to resume, so the run starts over there.
+    """
+    if not os.path.exists(path):
+        raise InputError(f'resume checkpoint {path!r} does not exist')
+    if os.path.isfile(os.path.join(path, META_FILE)):
+        return path
+    found = list_checkpoints(path)
+    if found:
+        return found[-1]
+    if os.path.isfile(os.path.join(path, RUN_FILE)):
+        return None
+    raise InputError(f'{path!r} holds no completed checkpoint to resume from')
+
+
+# What a checkpoint holds: Accelerate's files (read with torch.load(weights_only=True): tensors and
+# plain values, no code) and this package's data files. Anything else, a pickle of custom objects
+# included, is refused.
+CHECKPOINT_FILES = re.compile(r'(model(_\d+)?\.safetensors|optimizer(_\d+)?\.bin|sampler(_\d+)?\.bin|'
+                              r'random_states_\d+\.pkl|scaler\.pt|' + RANK_STATE + '|'
+                              + '|'.join(re.escape(n) for n in (STATE_JSON, STATE_TENSORS, META_FILE)) + ')')
+
+
+def check_checkpoint_files(checkpoint: str) -> None:
+    """Refuse files a checkpoint should not hold, and read every file for damage (zip CRCs of torch
+    files, safetensors headers, weights that are NaN or inf) before any setup, so a broken resume fails
+    at once and names the file."""
+    for name in sorted(os.listdir(checkpoint)):
+        path = os.path.join(checkpoint, name)
+        if not CHECKPOINT_FILES.fullmatch(name) or not os.path.isfile(path):
+            raise InputError(f'cannot resume from {checkpoint}: {name} is not a file this package writes into a '
+                                'checkpoint (it is never loaded: remove it if you trust the rest of the folder)')
+        if name == META_FILE:
+            continue
+        try:
+            if name.endswith('.safetensors'):
+                with safe_open(path, framework='pt') as f:
+                    bad = nonfinite_tensor({k: f.get_tensor(k) for k in f.keys()})
+                if bad is not None:
+                    raise InputError(f'cannot resume from {checkpoint}: {name} holds NaN or inf values in {bad}; '
+                                        f'resume from an earlier checkpoint in {os.path.dirname(checkpoint)}')
+            elif name.endswith(('.bin', '.pkl', '.pt', '.pth')):
+                with zipfile.ZipFile(path) as z:  # torch.save writes zip archives
+                    bad = z.testzip()
+                if bad is not None:
+                    raise ValueError(f'checksum mismatch in {bad}')
+                if name.startswith('random_states_'):
+                    # Accelerate skips random states it cannot read: the resumed run would silently
+                    # differ. Read them as it does (weights_only: plain values, no code) to refuse early.
+                    accelerate_load(path)
+        except InputError:
+            raise
+        except Exception as e:
+            raise InputError(f'cannot resume from {checkpoint}: {name} is damaged, truncated or not plain data '
+                                f'({type(e).__name__}: {first_line(e)}); resume from an earlier checkpoint '
+                                f'in {os.path.dirname(checkpoint)}') from e
+
+
+def load_checkpoint(accelerator, checkpoint: str) -> None:
+    """``accelerator.load_state`` with a one-line error."""
+    try:
+        accelerator.load_state(checkpoint)
+    except Exception as e:
+        raise InputError(f'cannot resume from {checkpoint}: {type(e).__name__}: {first_line(e)}') from e
+
+
+
+def read_meta(checkpoint: str) -> Dict[str, Any]:
+    """A checkpoint's ``meta.json``, with a one-line error when it is not a JSON object."""
+    try:
+        meta = read_json(os.path.join(checkpoint, META_FILE))
+    except (OSError, ValueError) as e:
+        raise InputError(f'cannot resume from {checkpoint}: {META_FILE}: {first_line(e)}') from None
+    if not isinstance(meta, dict):
+        raise InputError(f'cannot resume from {checkpoint}: {META_FILE} must hold a JSON object')
+    return meta
+
+
+def check_resume(checkpoint: str, identity: Dict[str, Any]) -> Dict[str, Any]:
+    """Read a checkpoint's meta and check it belongs to a run of this model; returns the meta."""
+    meta = read_meta(checkpoint)
+    theirs = meta.get('identity', {})
+    for key, value in identity.items():
+        if theirs.get(key) != value:
+            raise InputError(f'cannot resume from {checkpoint}: it was trained with {key}={theirs.get(key)!r}, '
+                                f'this run has {key}={value!r}')
+    return meta
 
 
 def checkpoint_settings(checkpoint: str, meta: Dict[str, Any]) -> Optional[Dict[str, Any]]:
@@ -147,3 +258,54 @@ def continue_epoch(accelerator, checkpoint: str, train_set, workers: int):
         accelerator.print('resume: with --workers above 0 the rest of the epoch sees other augmentation draws than '
                           'a run that never stopped (the loader processes keep their own random state)')
     return loss_sum, batches
+
+
+@dataclass
+class ResumePoint:
+    """A checkpoint a run resumes from, checked before any setup: its ``meta.json`` and the settings
+    the command line changes (``{dotted key: (old, new)}``)."""
+    checkpoint: str
+    meta: Dict[str, Any]
+    changes: Dict[str, Tuple[Any, Any]] = field(default_factory=dict)
+
+
+def check_resume_point(cfg) -> Optional[ResumePoint]:
+    """The checkpoint ``cfg.output.resume`` names, its files, settings and position checked in one-line
+    errors (``NothingToTrain`` for a finished run); None without ``--resume`` or for a run folder that
+    holds no checkpoint yet (it starts over)."""
+    checkpoint = find_checkpoint(cfg.output.resume) if cfg.output.resume else None
+    if checkpoint is None:
+        return None
+    check_checkpoint_files(checkpoint)
+    meta = read_meta(checkpoint)
+    changes = changed_settings(checkpoint_settings(checkpoint, meta) or {}, cfg.to_dict())
+    check_changes(checkpoint, changes)
+    check_position(checkpoint, read_position(checkpoint, meta), cfg.optim.epochs)
+    return ResumePoint(checkpoint, meta, changes)
+
+
+def resume_run(run, point: ResumePoint) -> Optional[Tuple[Any, int]]:
+    """Put a freshly built run (``trainer.Run``) at ``point``: the run's own state (checked whole before
+    anything is loaded), Accelerate's (weights, optimizer, data order, random states), the command
+    line's schedules stepped to the position, and inside an epoch what continues it exactly. Returns
+    the epoch's losses so far inside an epoch (``continue_epoch``), else None."""
+    accelerator, cfg, state, schedule = run.accelerator, run.cfg, run.state, run.schedule
+    fresh_optimizer = copy.deepcopy(run.optimizer.state_dict()) if cfg.output.no_resume_opt else None
+    settings = schedule.state_dict()
+    load_run_state(point.checkpoint, run.run_objects)
+    load_checkpoint(accelerator, point.checkpoint)
+    if fresh_optimizer is not None:
+        run.optimizer.load_state_dict(fresh_optimizer)  # --no-resume-opt: the weights only
+    schedule.load_state_dict(dict(settings, epoch=schedule.epoch))  # the command line's ramp, at the position
+    schedule.step(schedule.epoch)
+    for key, (old, new) in point.changes.items():
+        accelerator.print(f'resume: {key} {old!r} -> {new!r} (from the command line)')
+    place_lr_schedule(accelerator, run.lr_scheduler, state, run.updates_per_epoch, cfg.optim.grad_accum_steps)
+    epoch_loss = None
+    if state.step_in_epoch:
+        epoch_loss = continue_epoch(accelerator, point.checkpoint, run.train_loader.dataset, cfg.data.workers)
+    for hook in run.hooks:
+        hook.after_resume(accelerator.unwrap_model(run.model))
+    accelerator.print(f'resumed from {point.checkpoint}: epoch {state.epoch}, step {state.global_step}, '
+                      f'drop rate {schedule.rate:.4f}')
+    return epoch_loss

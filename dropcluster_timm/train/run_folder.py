@@ -1,129 +1,38 @@
-""" The run folder: checkpoints (atomic, resumable, checked before use), ``run.json``, the per-epoch
-metrics files, and the results a published model's card shows.
-
-    OUTPUT/checkpoints/epoch_0003/   accelerator.save_state + meta.json (the completion marker)
-    OUTPUT/run.json                  settings, data read, progress, what DropCluster did
-    OUTPUT/args.yaml                 the run's settings as train arguments (as timm's train.py)
-    OUTPUT/metrics.json, metrics.csv one row per epoch; summary.csv as timm's train.py writes it
+""" Writing the run folder (``layout.py`` names its parts): the checks of the output before a run,
+its lock, checkpoints written whole, ``run.json``, ``args.yaml``, the per-epoch metrics files, and
+the results a published model's card shows. Reading a checkpoint back is ``resume.py``'s.
 """
 import csv
 import fcntl
 import io
-import json
-import re
 import os
 import shutil
 import socket
 import time
-import zipfile
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch.nn as nn
 import yaml
-from accelerate.utils import broadcast_object_list, gather_object, load as accelerate_load
-from safetensors import safe_open
+from accelerate.utils import broadcast_object_list, gather_object
 
 from ..data import DataBundle, dataset_description, split_name
 from ..destination import check_destination, overlaps
 from ..errors import InputError, first_line
 from ..files import read_json, write_atomic, write_json
 from ..hub.run_results import RunResults
-from ..layers.model_helpers import dropcluster_layers, nonfinite_tensor
+from ..layers.model_helpers import dropcluster_layers
 from .config import TrainConfig
 from .loop import TrainState
-from .resume import CHECKPOINT_DIR, META_FILE
-from .mid_epoch import RANK_STATE
-from .run_state import STATE_JSON, STATE_TENSORS, save_run_state
+from .layout import ARGS_FILE, CHECKPOINT_DIR, LOCK_FILE, META_FILE, RECORDS, RESULTS, RUN_FILE
+from .resume import list_checkpoints
+from .run_state import save_run_state
 
 __all__ = [
-    'CHECKPOINT_DIR', 'RUN_FILE', 'META_FILE', 'list_checkpoints', 'find_checkpoint',
-    'check_checkpoint_files', 'load_checkpoint', 'read_meta', 'run_identity', 'check_resume', 'check_output',
-    'RESULTS', 'RECORDS', 'run_results_in', 'files_read', 'clear_results', 'write_run_file', 'best_metric_name', 'read_progress',
-    'write_args_file',
+    'run_identity', 'check_output', 'run_results_in', 'files_read', 'clear_results', 'lock_output',
+    'check_shared_output', 'write_run_file', 'best_metric_name', 'read_progress', 'write_args_file',
     'save_checkpoint', 'MetricsLog', 'run_results',
 ]
 
-RUN_FILE = 'run.json'
-LOCK_FILE = '.lock'
-
-
-def list_checkpoints(output: str) -> List[str]:
-    """Completed checkpoints of an output folder, oldest first (by global step)."""
-    root = os.path.join(output, CHECKPOINT_DIR)
-    if not os.path.isdir(root):
-        return []
-    names = [n for n in os.listdir(root) if not n.startswith('.') and os.path.isfile(os.path.join(root, n, META_FILE))]
-    paths = [os.path.join(root, n) for n in names]
-    return sorted(paths, key=lambda p: read_json(os.path.join(p, META_FILE)).get('global_step', -1))
-
-
-def find_checkpoint(path: str) -> Optional[str]:
-    """A checkpoint folder, or the newest completed checkpoint of an output folder.
-
-    ``None`` for a run folder that has no checkpoint yet (a run stopped in its first epoch): there
-    is nothing to resume, so the run starts over there.
-    """
-    if not os.path.exists(path):
-        raise InputError(f'resume checkpoint {path!r} does not exist')
-    if os.path.isfile(os.path.join(path, META_FILE)):
-        return path
-    found = list_checkpoints(path)
-    if found:
-        return found[-1]
-    if os.path.isfile(os.path.join(path, RUN_FILE)):
-        return None
-    raise InputError(f'{path!r} holds no completed checkpoint to resume from')
-
-
-# What a checkpoint holds: Accelerate's files (read with torch.load(weights_only=True): tensors and
-# plain values, no code) and this package's data files. Anything else, a pickle of custom objects
-# included, is refused.
-CHECKPOINT_FILES = re.compile(r'(model(_\d+)?\.safetensors|optimizer(_\d+)?\.bin|sampler(_\d+)?\.bin|'
-                              r'random_states_\d+\.pkl|scaler\.pt|' + RANK_STATE + '|'
-                              + '|'.join(re.escape(n) for n in (STATE_JSON, STATE_TENSORS, META_FILE)) + ')')
-
-
-def check_checkpoint_files(checkpoint: str) -> None:
-    """Refuse files a checkpoint should not hold, and read every file for damage (zip CRCs of torch
-    files, safetensors headers, weights that are NaN or inf) before any setup, so a broken resume fails
-    at once and names the file."""
-    for name in sorted(os.listdir(checkpoint)):
-        path = os.path.join(checkpoint, name)
-        if not CHECKPOINT_FILES.fullmatch(name) or not os.path.isfile(path):
-            raise InputError(f'cannot resume from {checkpoint}: {name} is not a file this package writes into a '
-                                'checkpoint (it is never loaded: remove it if you trust the rest of the folder)')
-        if name == META_FILE:
-            continue
-        try:
-            if name.endswith('.safetensors'):
-                with safe_open(path, framework='pt') as f:
-                    bad = nonfinite_tensor({k: f.get_tensor(k) for k in f.keys()})
-                if bad is not None:
-                    raise InputError(f'cannot resume from {checkpoint}: {name} holds NaN or inf values in {bad}; '
-                                        f'resume from an earlier checkpoint in {os.path.dirname(checkpoint)}')
-            elif name.endswith(('.bin', '.pkl', '.pt', '.pth')):
-                with zipfile.ZipFile(path) as z:  # torch.save writes zip archives
-                    bad = z.testzip()
-                if bad is not None:
-                    raise ValueError(f'checksum mismatch in {bad}')
-                if name.startswith('random_states_'):
-                    # Accelerate skips random states it cannot read: the resumed run would silently
-                    # differ. Read them as it does (weights_only: plain values, no code) to refuse early.
-                    accelerate_load(path)
-        except InputError:
-            raise
-        except Exception as e:
-            raise InputError(f'cannot resume from {checkpoint}: {name} is damaged, truncated or not plain data '
-                                f'({type(e).__name__}: {first_line(e)}); resume from an earlier checkpoint '
-                                f'in {os.path.dirname(checkpoint)}') from e
-
-
-def load_checkpoint(accelerator, checkpoint: str) -> None:
-    """``accelerator.load_state`` with a one-line error."""
-    try:
-        accelerator.load_state(checkpoint)
-    except Exception as e:
-        raise InputError(f'cannot resume from {checkpoint}: {type(e).__name__}: {first_line(e)}') from e
 
 
 def run_identity(model_name: str, num_classes: int) -> Dict[str, Any]:
@@ -131,32 +40,6 @@ def run_identity(model_name: str, num_classes: int) -> Dict[str, Any]:
     return {'model': model_name, 'num_classes': num_classes}
 
 
-def read_meta(checkpoint: str) -> Dict[str, Any]:
-    """A checkpoint's ``meta.json``, with a one-line error when it is not a JSON object."""
-    try:
-        meta = read_json(os.path.join(checkpoint, META_FILE))
-    except (OSError, ValueError) as e:
-        raise InputError(f'cannot resume from {checkpoint}: {META_FILE}: {first_line(e)}') from None
-    if not isinstance(meta, dict):
-        raise InputError(f'cannot resume from {checkpoint}: {META_FILE} must hold a JSON object')
-    return meta
-
-
-def check_resume(checkpoint: str, identity: Dict[str, Any]) -> Dict[str, Any]:
-    """Read a checkpoint's meta and check it belongs to a run of this model; returns the meta."""
-    meta = read_meta(checkpoint)
-    theirs = meta.get('identity', {})
-    for key, value in identity.items():
-        if theirs.get(key) != value:
-            raise InputError(f'cannot resume from {checkpoint}: it was trained with {key}={theirs.get(key)!r}, '
-                                f'this run has {key}={value!r}')
-    return meta
-
-
-# What a run leaves in its folder once it has trained: a new run there without --resume would replace
-# it. A run stopped in its first epoch leaves only its records (RUN_FILE, args.yaml), which a new run rewrites.
-RESULTS = (CHECKPOINT_DIR, 'best', 'last', 'metrics.json', 'metrics.csv', 'summary.csv')
-RECORDS = (RUN_FILE, 'args.yaml')
 
 
 def run_results_in(output: str, records: bool = False) -> List[str]:
@@ -319,7 +202,7 @@ def read_progress(output: str) -> Dict[str, Any]:
 def write_args_file(output: str, args: Dict[str, Any]) -> None:
     """``args.yaml``: the run's settings as ``train`` arguments, as timm's train.py writes them (main
     process); ``-c args.yaml`` runs the same settings again."""
-    write_atomic(os.path.join(output, 'args.yaml'), yaml.safe_dump(args, default_flow_style=False))
+    write_atomic(os.path.join(output, ARGS_FILE), yaml.safe_dump(args, default_flow_style=False))
 
 
 def save_checkpoint(accelerator, output: str, name: str, meta: Dict[str, Any], run_objects: Dict[str, Any],

@@ -1,42 +1,42 @@
-""" The run folder: which checkpoint a resume takes, what an output folder may hold, metrics rows."""
+""" The run folder: which checkpoint a resume takes (``resume``), what an output folder may hold, metrics rows."""
 import json
 import os
 
 import pytest
 
-from dropcluster_timm.files import write_json
-
 from dropcluster_timm.errors import InputError
+from dropcluster_timm.files import write_json
+from dropcluster_timm.train import layout, resume
 from dropcluster_timm.train import run_folder as rf
 from dropcluster_timm.train.loop import TrainState
 
 
 def _fake_checkpoint(output, name, step, complete=True):
-    folder = os.path.join(output, rf.CHECKPOINT_DIR, name)
+    folder = os.path.join(output, layout.CHECKPOINT_DIR, name)
     os.makedirs(folder)
     if complete:
-        write_json(os.path.join(folder, rf.META_FILE), {'global_step': step, 'identity': {'model': 'm'}})
+        write_json(os.path.join(folder, layout.META_FILE), {'global_step': step, 'identity': {'model': 'm'}})
     return folder
 
 
 def test_find_checkpoint_takes_the_newest_complete_one(tmp_path):
     out = str(tmp_path / 'run')
     with pytest.raises(InputError, match='does not exist'):
-        rf.find_checkpoint(out)
+        resume.find_checkpoint(out)
     os.makedirs(out)
     with pytest.raises(InputError, match='holds no completed checkpoint'):
-        rf.find_checkpoint(out)
+        resume.find_checkpoint(out)
     rf.write_run_file(out, {'model': {'name': 'm'}}, {'train': 't'})
-    assert rf.find_checkpoint(out) is None  # a run stopped in its first epoch: start over
+    assert resume.find_checkpoint(out) is None  # a run stopped in its first epoch: start over
     old = _fake_checkpoint(out, 'epoch_0000', 4)
     new = _fake_checkpoint(out, 'step_00000010', 10)
     _fake_checkpoint(out, '.tmp-epoch_0002', 12)  # a save that crashed midway
     _fake_checkpoint(out, 'epoch_0003', 16, complete=False)  # no meta.json: incomplete
-    assert rf.list_checkpoints(out) == [old, new]
-    assert rf.find_checkpoint(out) == new and rf.find_checkpoint(old) == old
-    assert rf.check_resume(new, {'model': 'm'})['global_step'] == 10
+    assert resume.list_checkpoints(out) == [old, new]
+    assert resume.find_checkpoint(out) == new and resume.find_checkpoint(old) == old
+    assert resume.check_resume(new, {'model': 'm'})['global_step'] == 10
     with pytest.raises(InputError, match="it was trained with model='m', this run has model='other'"):
-        rf.check_resume(new, {'model': 'other'})
+        resume.check_resume(new, {'model': 'other'})
 
 
 def test_check_output_refuses_files_and_other_runs(tmp_path):
@@ -68,7 +68,7 @@ def test_run_file_records_config_data_and_progress(tmp_path):
     state = TrainState()
     state.epoch, state.best_metric, state.best_epoch, state.peak_drop_rate, state.reclusterings = 3, 50.0, 2, 0.1, 2
     rf.write_run_file(str(tmp_path), {'optim': {'lr': 0.1}}, {'train': 'a', 'validation': 'b'}, state, 4)
-    record = json.load(open(tmp_path / rf.RUN_FILE))
+    record = json.load(open(tmp_path / layout.RUN_FILE))
     assert record == {'config': {'optim': {'lr': 0.1}}, 'data': {'train': 'a', 'validation': 'b'},
                       'progress': {'epochs_done': 3, 'eval_metric': 'top1', 'best_metric': 50.0, 'best_epoch': 2},
                       'dropcluster': {'layers': 4, 'peak_rate': 0.1, 'reclusterings': 2, 'soft_resets': 0}}
@@ -76,7 +76,7 @@ def test_run_file_records_config_data_and_progress(tmp_path):
 
 @pytest.mark.parametrize('optim, metric', [({}, 'top1'), ({'eval_metric': 'loss', 'model_ema': True}, 'ema_eval_loss')])
 def test_run_files_from_before_the_best_metric_had_its_name_are_read(tmp_path, optim, metric):
-    write_json(str(tmp_path / rf.RUN_FILE), {'config': {'optim': optim}, 'data': {},
+    write_json(str(tmp_path / layout.RUN_FILE), {'config': {'optim': optim}, 'data': {},
                                                        'progress': {'epochs_done': 3, 'best_top1': 0.7, 'best_epoch': 1}})
     assert rf.read_progress(str(tmp_path)) == {'epochs_done': 3, 'eval_metric': metric, 'best_metric': 0.7,
                                                'best_epoch': 1}
