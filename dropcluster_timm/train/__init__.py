@@ -1,7 +1,8 @@
 """ Training with Accelerate: typed settings (``config``, its sections in ``sections``, each option
 declared once as ``options`` describes), the command line generated from them (``args``), the run's
 parts (``builders``), the DropCluster recipe (``recipe``), the hooks of optional methods (``hooks``),
-one epoch (``loop``), the run folder (``run_folder``) and the whole run (``trainer.train``).
+one epoch (``loop``), the run folder (``layout``, ``run_folder``, ``records``), resuming (``resume``,
+``mid_epoch``) and the whole run (``trainer.train``).
 
     from dropcluster_timm.train import TrainConfig, parse_train_args, train
     cfg = TrainConfig()

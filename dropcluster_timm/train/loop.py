@@ -32,7 +32,7 @@ class TrainState:
         self.updates_per_epoch = None
         self.epoch_reclustered = False  # what the start of the epoch in progress did, for its metrics row
         self.epoch_soft_reset = False
-        self.best_metric = None  # the run's eval metric (run_folder.best_metric_name) of the published weights
+        self.best_metric = None  # the run's eval metric (records.best_metric_name) of the published weights
         self.best_epoch = None
         self.peak_drop_rate = 0.0  # what the run really did with DropCluster, for run.json and cards
         self.reclusterings = 0

@@ -3,8 +3,8 @@
 The run reads top to bottom: start (checks, the accelerator, the output folder), build, resume,
 record, then per epoch train, evaluate and save, and publish at the end. The pieces live beside it:
 ``builders`` (model, loss, schedules), ``loop`` (one epoch), ``resume`` (what a resume checks and
-restores), ``mid_epoch`` (what a checkpoint inside an epoch adds), ``run_folder`` (checkpoints,
-run.json, metrics); data and evaluation in ``dropcluster_timm.data`` / ``.evaluation``, model
+restores), ``mid_epoch`` (what a checkpoint inside an epoch adds), ``run_folder`` (the output folder and
+checkpoints), ``records`` (run.json, args.yaml, metrics); data and evaluation in ``dropcluster_timm.data`` / ``.evaluation``, model
 folders and the Hub in ``dropcluster_timm.hub``.
 """
 import contextlib
@@ -24,7 +24,7 @@ from ..data import build_data, class_names, set_transforms
 from ..errors import InputError, first_line
 from ..evaluation.evaluate import evaluate
 from ..layers.model_helpers import ddp_ignore_cluster_buffers, dropcluster_layers, init_cluster_maps, set_drop_prob
-from . import run_folder as rf
+from . import records, run_folder as rf
 from .builders import (
     build_accelerator, build_ema, build_loaders, build_loss, build_model, build_optimizer, build_scheduler,
     check_batch_size, recluster, use_cpu_cores)
@@ -78,7 +78,7 @@ class Run:
         self.cfg, self.accelerator = cfg, accelerator
         self.global_batch = cfg.optim.batch_size * accelerator.num_processes * cfg.optim.grad_accum_steps
         self.state = TrainState()
-        self.best_key = rf.best_metric_name(cfg.to_dict())  # picks best/; with EMA, the EMA weights' metric
+        self.best_key = records.best_metric_name(cfg.to_dict())  # picks best/; with EMA, the EMA weights' metric
 
 
 def start(cfg: TrainConfig, point: Optional[ResumePoint], stack: contextlib.ExitStack) -> Run:
@@ -182,16 +182,16 @@ def write_records(run: Run, point: Optional[ResumePoint]) -> None:
     ``args.yaml`` are written, the trackers start, and the run says what it trains."""
     cfg, accelerator, state, out = run.cfg, run.accelerator, run.state, run.cfg.output
     state.updates_per_epoch = run.updates_per_epoch  # (after a resume placed the schedule by the old one)
-    run.metrics = rf.MetricsLog(out.output, keep_epochs=state.epoch)
+    run.metrics = records.MetricsLog(out.output, keep_epochs=state.epoch)
     accelerator.wait_for_everyone()  # every process has checked the output folder before it is written
     if accelerator.is_main_process:
         if out.overwrite:
             rf.clear_results(out.output)
         resumed = dict(checkpoint=point.checkpoint, epoch=state.epoch, step=state.global_step,
                        changed=point.changes) if point else None
-        rf.write_run_file(out.output, cfg.to_dict(), run.data.splits, state if point else None, run.num_dropcluster,
+        records.write_run_file(out.output, cfg.to_dict(), run.data.splits, state if point else None, run.num_dropcluster,
                           resumed=resumed)
-        rf.write_args_file(out.output, cfg.to_args())
+        records.write_args_file(out.output, cfg.to_args())
     if out.log_with:
         scalars = {k: v for k, v in flat_settings(cfg.to_dict()).items() if isinstance(v, (int, float, str, bool))}
         accelerator.init_trackers(out.wandb_project or 'train_timm', config=scalars,
@@ -288,7 +288,7 @@ def save_epoch(run: Run, row: Dict[str, Any]) -> None:
             if run.ema is not None and run.num_dropcluster:
                 set_drop_prob(published, run.schedule.rate)  # config.json records the rate of the run
             if run.evaluated:
-                results = rf.run_results(cfg, row, run.state, published, run.data,
+                results = records.run_results(cfg, row, run.state, published, run.data,
                                          ema_decay=cfg.optim.model_ema_decay if run.ema is not None else None)
                 for hook in run.hooks:
                     published, results = hook.publish(published, row, results)
@@ -296,7 +296,7 @@ def save_epoch(run: Run, row: Dict[str, Any]) -> None:
                                            data_config=run.data.data_config, repo_id=out.push_to_hub)
                 if run.is_best:
                     hub.copy_model_folder(last, os.path.join(out.output, 'best'))
-            rf.write_run_file(out.output, cfg.to_dict(), run.data.splits, run.state, run.num_dropcluster)
+            records.write_run_file(out.output, cfg.to_dict(), run.data.splits, run.state, run.num_dropcluster)
         if out.log_with:
             accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=row['epoch'])
         save_checkpoint(run, f'epoch_{row["epoch"]:04d}')
