@@ -31,6 +31,7 @@ from timm.layers import register_notrace_module
 from torch import Tensor
 
 from ..layers.drop_cluster import resample_cluster_map
+from ..models.names import EDROPOUT_UNITS
 
 from ..layers.drop_cluster_modules import DropCluster2d
 from .energy_search import EnergySearch
@@ -40,7 +41,6 @@ __all__ = ['edropout', 'EDropout2d', 'drop_cluster_state', 'EDropCluster2d', 'ED
            'edropout_layers', 'set_edropout_state', 'edropout_state', 'state_energies', 'edropout_step',
            'make_search']
 
-EDROPOUT_UNITS = ('channel', 'cluster')
 
 
 def edropout(x: Tensor, state: Tensor) -> Tensor:

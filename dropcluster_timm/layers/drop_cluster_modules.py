@@ -8,12 +8,12 @@ import torch.nn as nn
 from torch import Tensor
 from timm.layers import register_notrace_module
 
-from ..clustering.cluster_count import CLUSTER_COUNTS, gap_statistic_labels, structured_maps
-from ..clustering.engine import CLUSTER_METHODS, activation_features, cluster_features, grid_cluster_map, one_cpu_thread
+from ..clustering.cluster_count import gap_statistic_labels, structured_maps
+from ..clustering.engine import activation_features, cluster_features, grid_cluster_map, one_cpu_thread
 from .distributed import broadcast_cluster_map, distributed
-from .drop_cluster import DROP_MODES, LABEL_DTYPE, cluster_values_error, drop_cluster
+from .drop_cluster import LABEL_DTYPE, cluster_values_error, drop_cluster
 from .map_copies import FollowsOriginalMaps
-from .options import option_defaults
+from .options import layer_options_error, option_defaults
 
 __all__ = ['DropClusterNd', 'DropCluster1d', 'DropCluster2d', 'DropCluster3d', 'LAYER_BUFFERS']
 
@@ -102,23 +102,13 @@ class DropClusterNd(FollowsOriginalMaps, nn.Module):
         super().__init__()
         if not 0.0 <= drop_prob < 1.0:
             raise ValueError(f'drop_prob must be in [0, 1), got {drop_prob}')
-        if cluster_method not in CLUSTER_METHODS:
-            raise ValueError(f'unknown cluster_method {cluster_method!r}, expected one of {CLUSTER_METHODS}')
-        if cluster_count not in CLUSTER_COUNTS:
-            raise ValueError(f'unknown cluster_count {cluster_count!r}, expected one of {CLUSTER_COUNTS}')
-        if cluster_count == 'gap' and cluster_method == 'grid':
-            raise ValueError("cluster_count='gap' needs a data-driven cluster_method, not 'grid'")
-        if drop_mode not in DROP_MODES:
-            raise ValueError(f'unknown drop_mode {drop_mode!r}, expected one of {DROP_MODES}')
-        if min_cluster_size is not None and max_cluster_size is not None and min_cluster_size > max_cluster_size:
-            raise ValueError(f'min_cluster_size ({min_cluster_size}) exceeds max_cluster_size ({max_cluster_size})')
-        for name, value in (('block_size', block_size), ('cluster_size', cluster_size), ('num_clusters', num_clusters),
-                            ('min_cluster_size', min_cluster_size), ('max_cluster_size', max_cluster_size)):
-            if value is not None and int(value) < 1:
-                raise ValueError(f'{name} must be >= 1, got {value}')
-        if min(int(recluster_every), int(ramp_steps)) < 0 or int(cluster_images) < 1:
-            raise ValueError(f'recluster_every and ramp_steps must be >= 0 and cluster_images >= 1, got '
-                             f'{recluster_every}, {ramp_steps}, {cluster_images}')
+        error = layer_options_error(dict(
+            block_size=block_size, cluster_size=cluster_size, num_clusters=num_clusters, cluster_method=cluster_method,
+            cluster_count=cluster_count, min_cluster_size=min_cluster_size, max_cluster_size=max_cluster_size,
+            drop_mode=drop_mode, recluster_every=recluster_every, ramp_steps=ramp_steps,
+            cluster_images=cluster_images), label=lambda option: option.name)  # the checks of options.py
+        if error:
+            raise ValueError(error)
         if not 0.0 < gamma_scale <= 1.0:
             raise ValueError(f'gamma_scale must be in (0, 1], got {gamma_scale}')
         if num_channels is not None and int(num_channels) < 1:

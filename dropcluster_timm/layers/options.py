@@ -2,17 +2,19 @@
 
 Every entry is read where the option appears: the ``DropCluster1d/2d/3d`` argument defaults, the
 ``dc_<name>`` arguments of the ``*_dropcluster`` models (recorded in ``config.json``), the ``train``
-flags with their help, the training config and the model card.
+flags with their help, the training config and the model card. Its check (``minimum``, ``choices``)
+is declared with it and run by the layer's constructor and the training config alike
+(``layer_options_error``).
 """
 import argparse
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from ..clustering.cluster_count import CLUSTER_COUNTS
 from ..clustering.engine import CLUSTER_METHODS
 from .drop_cluster import DROP_MODES
 
-__all__ = ['LayerOption', 'LAYER_OPTIONS', 'layer_option', 'option_defaults']
+__all__ = ['LayerOption', 'LAYER_OPTIONS', 'layer_option', 'option_defaults', 'layer_options_error']
 
 
 _SAME = object()  # layer_default: as the models' default
@@ -31,6 +33,7 @@ class LayerOption:
         choices: the allowed values of a ``str`` option.
         card: the model card's phrase for a value other than the default (``{value}`` is filled in).
         layer_default: the default of a layer built alone, where it differs from the models' ``default``.
+        minimum: the smallest value of an ``int`` option.
     """
     name: str
     default: Any
@@ -40,6 +43,17 @@ class LayerOption:
     choices: Optional[Tuple[str, ...]] = None
     card: Optional[str] = None
     layer_default: Any = _SAME
+    minimum: Optional[int] = None
+
+    def error(self, value: Any, label: str) -> Optional[str]:
+        """Why ``value`` does not fit this option (``label`` names it: a flag or an argument), or None."""
+        if value is None:
+            return None
+        if self.minimum is not None and value < self.minimum:
+            return f'{label} must be >= {self.minimum}, got {value:g}'
+        if self.choices and value not in self.choices:
+            return f'{label} must be one of {", ".join(self.choices)}, got {value!r}'
+        return None
 
     @property
     def alone_default(self) -> Any:
@@ -71,19 +85,19 @@ class LayerOption:
 LAYER_OPTIONS: Tuple[LayerOption, ...] = (
     # the model's default is the slot's own DropBlock block size; a layer built alone defaults to 7
     LayerOption('block_size', None, "side of the first grid map's square blocks, and the default cluster size "
-                "block_size ** dims (default: the slot's DropBlock block size)", type=int),
+                "block_size ** dims (default: the slot's DropBlock block size)", type=int, minimum=1),
     LayerOption('cluster_size', None, 'target mean cluster size in elements (default: block_size ** dims)',
-                type=int, flag='--cluster-size'),
-    LayerOption('num_clusters', None, 'clusters per map (instead of a mean cluster size)', type=int,
+                type=int, minimum=1, flag='--cluster-size'),
+    LayerOption('num_clusters', None, 'clusters per map (instead of a mean cluster size)', type=int, minimum=1,
                 flag='--num-clusters'),
     LayerOption('cluster_method', 'rena', 'clustering method', flag='--cluster-method', choices=CLUSTER_METHODS,
                 card='method {value}'),
     LayerOption('cluster_count', 'fixed', "'gap': each map's cluster count chosen by a gap statistic",
                 flag='--cluster-count', choices=CLUSTER_COUNTS, card='a count per map by gap statistic'),
     LayerOption('min_cluster_size', None, "lower bound of --cluster-count gap, in elements (default: a quarter "
-                'of the fixed mean size)', type=int, flag='--min-cluster-size'),
+                'of the fixed mean size)', type=int, minimum=1, flag='--min-cluster-size'),
     LayerOption('max_cluster_size', None, 'upper bound of --cluster-count gap, in elements (default: 4x the '
-                'fixed mean size)', type=int, flag='--max-cluster-size'),
+                'fixed mean size)', type=int, minimum=1, flag='--max-cluster-size'),
     LayerOption('skip_unstructured', False, 'leave maps without spatial structure (Hopkins-type test) undropped',
                 type=bool, flag='--skip-unstructured', card='maps without spatial structure left undropped'),
     LayerOption('drop_mode', 'uniform', "'size': DropBlock-style size-dependent cluster rates, the same expected "
@@ -98,10 +112,10 @@ LAYER_OPTIONS: Tuple[LayerOption, ...] = (
     # `dropcluster-timm train` turns it off and drives the layers itself.
     LayerOption('recluster_every', 1000, 're-cluster from the input the layer sees at its first training forward '
                 '(unless its maps come from data) and every N training forwards after (0: never; the maps '
-                'change only by update_clusters)', type=int, layer_default=0),
+                'change only by update_clusters)', type=int, minimum=0, layer_default=0),
     LayerOption('ramp_steps', 2000, 'raise the drop rate linearly from 0 to drop_prob over the first N training '
-                'forwards (0: the full rate from the start)', type=int, layer_default=0),
-    LayerOption('cluster_images', 32, 'images of a training batch a layer clusters from', type=int),
+                'forwards (0: the full rate from the start)', type=int, minimum=0, layer_default=0),
+    LayerOption('cluster_images', 32, 'images of a training batch a layer clusters from', type=int, minimum=1),
 )
 
 
@@ -117,3 +131,20 @@ def option_defaults(alone: bool = False) -> Dict[str, Any]:
     """``{layer argument: default}`` of the options: the models' defaults, or with ``alone`` those of a
     layer built alone."""
     return {o.name: o.alone_default if alone else o.default for o in LAYER_OPTIONS}
+
+
+def layer_options_error(values: Dict[str, Any], label: Callable[[LayerOption], str]) -> Optional[str]:
+    """Why the option values ``values`` (``{name: value}``, None for unset) cannot make a layer, or None:
+    each option's own check, then those between options. ``label(option)`` names an option in the
+    message (the layer argument, the model argument or the ``train`` flag)."""
+    for option in LAYER_OPTIONS:
+        error = option.error(values.get(option.name), label(option))
+        if error:
+            return error
+    low, high = values.get('min_cluster_size'), values.get('max_cluster_size')
+    if low is not None and high is not None and low > high:
+        return (f'{label(layer_option("min_cluster_size"))} {low} exceeds '
+                f'{label(layer_option("max_cluster_size"))} {high}')
+    if values.get('cluster_count') == 'gap' and values.get('cluster_method') == 'grid':
+        return f"{label(layer_option('cluster_count'))} gap needs a data-driven {label(layer_option('cluster_method'))}, not grid"
+    return None

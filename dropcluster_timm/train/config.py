@@ -16,7 +16,7 @@ from typing import Any, Dict, Optional
 
 from ..data import EMBEDDED_DATASET
 from ..errors import InputError
-from ..layers.options import LAYER_OPTIONS
+from ..layers.options import LAYER_OPTIONS, layer_options_error
 from .options import iter_options
 from .layout import DEFAULT_OUTPUT
 from .resume import run_folder_of
@@ -102,13 +102,9 @@ class TrainConfig:
         if not d.dataset and not d.data_dir:
             raise InputError('no data set: give --data-dir (data.data_dir, an ImageFolder root) or --dataset '
                                 '(data.dataset); embedded_config() trains on the embedded digits')
-        for option in LAYER_OPTIONS:
-            value = m.layer_options.get(option.name)
-            label = option.flag or option.model_arg
-            if value is not None and option.type is int and value < 1:
-                raise InputError(f'{label} must be >= 1, got {value:g}')
-            if value is not None and option.choices and value not in option.choices:
-                raise InputError(f'{label} must be one of {", ".join(option.choices)}, got {value!r}')
+        error = layer_options_error(m.layer_options, label=lambda option: option.flag or option.model_arg)
+        if error:  # the checks declared with the layer options (layers/options.py), as the layer runs them
+            raise InputError(error)
         unknown = sorted(set(m.layer_options) - {o.name for o in LAYER_OPTIONS})
         if unknown:
             raise InputError(f'model.layer_options: no DropCluster layer option {", ".join(unknown)}')
@@ -116,9 +112,6 @@ class TrainConfig:
             raise InputError(f'--edropout-batch {ed.batch_per_state} exceeds --batch-size {o.batch_size}')
         if dc.shape == 'multistep' and not dc.milestones:
             raise InputError('--drop-cluster-shape multistep needs --drop-cluster-milestones')
-        low, high = m.layer_options.get('min_cluster_size'), m.layer_options.get('max_cluster_size')
-        if low and high and low > high:
-            raise InputError(f'--min-cluster-size {low} exceeds --max-cluster-size {high}')
         if out.overwrite and out.resume:
             raise InputError('--overwrite replaces the results in --output and --resume continues them: give one')
 

@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from ..data import EMBEDDED_DATASET
 from ..layers.schedules import SCHEDULE_SHAPES
+from ..models.names import EDROPOUT_UNITS
 from .options import AT_LEAST_ONE, NOT_NEGATIVE, POSITIVE, UNIT_RATE, Bound, option
 
 __all__ = ['GROUPS', 'DataConfig', 'ModelConfig', 'DropClusterConfig', 'EDropoutConfig', 'OptimConfig', 'LossConfig',
@@ -203,7 +204,7 @@ class EDropoutConfig:
                                metavar='STAGE', choices=(1, 2, 3, 4))
     unit: str = option('channel', "'cluster': choose the dropped clusters of a *_dropcluster model's layers by "
                        'energy instead of at random (no pruning)', flag='--edropout-unit',
-                       choices=('channel', 'cluster'))
+                       choices=EDROPOUT_UNITS)
 
     def images_per_state(self, batch_size: int) -> int:
         """``batch_per_state``, by default ``batch_size / (2 * candidates)``: the scoring forward of the

@@ -56,6 +56,33 @@ def test_an_unknown_option_and_a_bad_size_are_refused():
     assert layer_option('drop_mode').flag == '--cluster-drop-mode'
 
 
+def _bad_values():
+    """A value each checked option refuses, and the pairs of options checked together."""
+    for option in LAYER_OPTIONS:
+        if option.minimum is not None:
+            yield {option.name: option.minimum - 1}, option
+        if option.choices:
+            yield {option.name: 'nope'}, option
+    yield {'min_cluster_size': 9, 'max_cluster_size': 3}, layer_option('min_cluster_size')
+    yield {'cluster_count': 'gap', 'cluster_method': 'grid'}, layer_option('cluster_count')
+
+
+@pytest.mark.parametrize('values, option', list(_bad_values()), ids=lambda v: str(v) if isinstance(v, dict) else '')
+def test_each_check_is_declared_once_and_the_layer_and_the_training_config_run_it_alike(values, option):
+    with pytest.raises(ValueError) as layer_error:
+        DropCluster2d(**values)
+    cfg = parse_train_args([])
+    cfg.model.layer_options.update(values)
+    with pytest.raises(InputError) as config_error:
+        cfg.check()
+    label = option.flag or option.model_arg
+    # One message, naming the layer argument or the flag (or model argument) that was given.
+    assert str(layer_error.value).startswith(f'{option.name} ')
+    assert str(config_error.value) == str(layer_error.value).replace(option.name, label).replace(
+        'max_cluster_size', layer_option('max_cluster_size').flag).replace(
+        'cluster_method', layer_option('cluster_method').flag)
+
+
 def test_the_card_names_every_option_set_away_from_its_default():
     args = {o.model_arg: ({bool: True, str: (o.choices or ('x',))[-1]}[o.type]) for o in LAYER_OPTIONS if o.card}
     details = build_model_card('resnet18_dropcluster', model_args=dict(args, drop_cluster_rate=0.1))

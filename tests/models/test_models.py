@@ -85,7 +85,10 @@ def test_grid_buffers_sized_from_img_size():
 
 
 def test_stem_placement_after_act_before_pool():
-    model = timm.create_model('resnet18_dropcluster', dc_stem=True, drop_cluster_rate=0.3, img_size=64).train()
+    # dc_ramp_steps=0: the full rate at the first step (on the ramp it is 0.3 / 2000, and whether one of
+    # the stem's 8,192 clusters drops then depends on the random state the test finds)
+    model = timm.create_model('resnet18_dropcluster', dc_stem=True, drop_cluster_rate=0.3, img_size=64,
+                              dc_ramp_steps=0).train()
     stem = model.maxpool.drop_cluster
     seen = {}
     stem.register_forward_hook(lambda m, a, o: seen.update(inp=a[0].detach().clone(), out=o.detach()))
