@@ -215,7 +215,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     from . import run as R  # the driver (its data loading and workers), for runs only
 
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--study', choices=sorted(CANDIDATES), default='v5', help="whose candidates to gate (default v5)")
+    p.add_argument('--study', choices=sorted(CANDIDATES), required=True,
+                   help="whose candidates to gate (v4, v5), into the --results folder of that study")
     p.add_argument('--results', type=Path, required=True, help='folder of runs.jsonl; gate.md is written there')
     p.add_argument('--study-seeds', type=int, default=0,
                    help='after a pass, run the five-arm study there at this many seeds (default 0: the gate alone)')

@@ -197,9 +197,17 @@ def render(s: Dict[str, Any]) -> str:
     return '\n'.join(lines) + '\n'
 
 
-def card_table(s: Dict[str, Any]) -> Dict[str, Any]:
+_AUGMENTED = {'crop_flip': '', 'flip': ' with horizontal flips and no random crop',
+              'none': ' without crop or flip'}
+
+
+def card_table(s: Dict[str, Any], folder: str = 'benchmarks/results/study_v3') -> Dict[str, Any]:
     """The study as a results table for the ``resnet18_dropcluster`` card (``dropcluster_timm.hub``'s
-    results-table format): the arms, then the paired differences, and what they do and do not show."""
+    results-table format): the arms, then the paired differences, and what they do and do not show.
+    ``folder``: where its rows and report are (the description says so)."""
+    cfg = CONFIGS.get(s['config'], {})
+    rate = cfg.get('drop_rate', 0.1)
+    second = ' (and 0.2 in the rows marked @ 0.2)' if any('@' in a['arm'] for a in s['arms']) else ''
     rows = [[a['arm'], a['n'], f"{_f(a['top1'])} +- {_f(a['top1_std'])}", f"{_f(a['mca'])} +- {_f(a['mca_std'])}"]
             for a in s['arms']]
     for c in s['primary'] + s['control'][:1]:
@@ -208,10 +216,10 @@ def card_table(s: Dict[str, Any]) -> Dict[str, Any]:
     return {
         'title': 'CIFAR-10 study: DropCluster against matched DropBlock, grid clusters and no regulariser',
         'description': (
-            'From `benchmarks/regularizer_study/` (rows and report in `benchmarks/results/study_v3/`): a small '
+            f'From `benchmarks/regularizer_study/` (rows and report in `{folder}/`): a small '
             'CIFAR-stem timm ResNet (one basic block per stage, widths 16-128) trained for 60 epochs on a '
-            '2,000-image CIFAR-10 subset per seed, every drop arm at a measured dropped fraction of 0.1 in the '
-            'stem and stages 1-2; test top-1 on all 10,000 test images and mean accuracy over 8 corruptions x 5 '
+            f"2,000-image CIFAR-10 subset per seed{_AUGMENTED[cfg.get('augment', 'crop_flip')]}, every drop arm at "
+            f'a measured dropped fraction of {rate:g}{second} in the stem and stages 1-2; test top-1 on all 10,000 test images and mean accuracy over 8 corruptions x 5 '
             'severities (1,000 images). Arms: mean +- std over seeds; comparisons: paired by seed, mean '
             'difference in points [95% CI]. Not these ImageNet weights.'),
         'columns': ['arm or comparison', 'seeds', 'test top-1', 'corruption acc.'],
@@ -231,7 +239,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f'error: {e}', file=sys.stderr)
         return 2
     for name, text in (('report.md', render(summary)), ('summary.json', json.dumps(summary, indent=1) + '\n'),
-                       ('card_table.json', json.dumps(card_table(summary), indent=1) + '\n')):
+                       ('card_table.json', json.dumps(card_table(summary, args.results.as_posix().rstrip('/')),
+                                                      indent=1) + '\n')):
         write_atomic(args.results / name, text)
     print(render(summary))
     return 0

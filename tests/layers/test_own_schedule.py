@@ -121,7 +121,7 @@ def test_every_rank_holds_the_same_maps_after_training(tmp_path, mode):
     assert all(m.shape[0] > 1 and m.shape[1:] in ((6, 6), (3, 3)) and len(m.unique()) == 4 for m in maps)  # learned
 
 
-def test_the_guides_own_training_blocks_run_as_written():
+def test_the_guides_own_training_blocks_run_as_written(own_accelerator):
     text = open(os.path.join(ROOT, 'docs', 'training.md')).read()
     section = text.split('## Use it in your own training', 1)[1].split('\n## ', 1)[0]
     blocks = [b.split('```', 1)[0] for b in section.split('```python\n')[1:]]
