@@ -35,8 +35,11 @@ EOF
 "$py" - <<'EOF'
 import timm
 import torch
+from safetensors.torch import load_file
 import dropcluster_timm  # noqa: F401
-model = timm.create_model('local-dir:out/best').eval()
+model = timm.create_model('local-dir:out/best', pretrained=True).eval()  # without pretrained: random weights
+saved = load_file('out/best/model.safetensors')
+assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items()), 'the loaded weights are not the saved ones'
 cfg = model.pretrained_cfg
 out = model(torch.zeros(2, *cfg['input_size']))
 assert out.shape == (2, 10), out.shape
