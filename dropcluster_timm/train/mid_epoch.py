@@ -40,17 +40,22 @@ def rank_state_file(folder: str, process_index: int) -> str:
     return os.path.join(folder, f'rank_state_{process_index}.safetensors')
 
 
-def random_state() -> RandomState:
-    """The process-wide random state of the host (Python, NumPy, torch's CPU generator) as tensors."""
-    version, words, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+def _capture() -> tuple:
+    """The host's random states as the generators give them (cheap: read at every batch)."""
+    return random.getstate(), np.random.get_state(), torch.get_rng_state()
+
+
+def random_state(captured: Optional[tuple] = None) -> RandomState:
+    """The process-wide random state of the host (Python, NumPy, torch's CPU generator) as tensors:
+    now's, or one ``_capture`` read earlier."""
+    (version, words, gauss), (kind, keys, pos, has_gauss, cached), torch_state = captured or _capture()
     return {
         'python': torch.tensor([version, *words], dtype=torch.int64),
         'python_gauss': torch.tensor([gauss is not None, gauss or 0.0], dtype=torch.float64),  # (has one, value)
         'numpy': torch.from_numpy(keys.astype(np.int64)),
         'numpy_extra': torch.tensor([pos, has_gauss], dtype=torch.int64),
         'numpy_gauss': torch.tensor([cached], dtype=torch.float64),
-        'torch': torch.get_rng_state(),
+        'torch': torch_state,
     }
 
 
@@ -71,7 +76,7 @@ class RecordedRandomness(Dataset):
 
     def __init__(self, dataset: Dataset):
         self.dataset = dataset
-        self.before_batch: Optional[RandomState] = None
+        self.before_batch: Optional[tuple] = None  # a _capture(), made tensors only when a checkpoint saves it
         self._replay: List[RandomState] = []
 
     def __len__(self) -> int:
@@ -83,19 +88,19 @@ class RecordedRandomness(Dataset):
     def __getitems__(self, indices):  # torch's loader reads a batch through this when it exists
         if self._replay:
             set_random_state(self._replay.pop(0))
-        self.before_batch = random_state()
+        self.before_batch = _capture()
         return [self.dataset[i] for i in indices]
 
     def replay(self, states: List[RandomState]) -> None:
         self._replay = list(states)
 
 
-def save_rank_state(folder: str, process_index: int, before_batch: Optional[RandomState], loss_sum: torch.Tensor,
+def save_rank_state(folder: str, process_index: int, before_batch: Optional[tuple], loss_sum: torch.Tensor,
                     batches: int) -> None:
     """This process's part of a mid-epoch checkpoint (every process writes its own)."""
     tensors = {f'step.{k}': v for k, v in random_state().items()}
     if before_batch is not None:  # None when the loader's worker processes read the batches
-        tensors.update({f'batch.{k}': v for k, v in before_batch.items()})
+        tensors.update({f'batch.{k}': v for k, v in random_state(before_batch).items()})
     tensors['loss_sum'] = loss_sum.detach().float().cpu().reshape(1)
     tensors['batches'] = torch.tensor([batches], dtype=torch.int64)
     save_file(tensors, rank_state_file(folder, process_index))
