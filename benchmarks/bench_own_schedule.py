@@ -7,8 +7,8 @@ measured side by side in one process, and what torch.compile makes of it.
    against the same model that never does (same weights, stepping in turn); the difference spread
    over the default interval (``dc_recluster_every``), as a share of a plain step.
 2. torch.compile: the graphs compiled over ``--compile-steps`` training steps of a compiled model that
-   re-clusters every ``--compile-interval`` steps (a counting backend, so nothing is optimised; the
-   re-clustering call is a graph break by design).
+   re-clusters every ``--compile-interval`` steps (a counting backend, so nothing is optimised), and
+   ``torch._dynamo.explain`` at a step that re-clusters and at one that does not.
 """
 import argparse
 import statistics
@@ -54,6 +54,7 @@ def amortised_cost(name: str, img_size: int, batch: int, steps: int):
 
 
 def compile_count(name: str, img_size: int, batch: int, steps: int, interval: int):
+    """Graphs compiled at each of ``steps`` training steps, and what ``explain`` makes of the two kinds of step."""
     graphs = []
 
     def counting_backend(gm, example_inputs):
@@ -67,13 +68,21 @@ def compile_count(name: str, img_size: int, batch: int, steps: int, interval: in
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     x, y = torch.randn(batch, 3, img_size, img_size), torch.randint(0, 10, (batch,))
     model.train()
-    after_first = None
+    per_step = []
     for step in range(steps):
         _step(compiled, optimizer, x, y)
-        if step == 0:
-            after_first = len(graphs)
+        per_step.append(len(graphs))
     layer = next(layer for _, layer in dropcluster_layers(model))
-    return dict(first=after_first, total=len(graphs), reclusterings=1 + (steps - 1) // interval, steps=layer.steps)
+    explained = {}
+    for kind in ('re-clustering', 'plain'):  # a fresh model clusters at its first step, not at its second
+        torch._dynamo.reset()
+        fresh = timm.create_model(name, num_classes=10, drop_cluster_rate=0.1, dc_recluster_every=interval).train()
+        if kind == 'plain':
+            fresh(x)
+        e = torch._dynamo.explain(fresh)(x)
+        explained[kind] = (e.graph_count, e.graph_break_count)
+    return dict(first=per_step[0], second=per_step[1], total=per_step[-1], reclusterings=1 + (steps - 1) // interval,
+                steps=layer.steps, explained=explained)
 
 
 def main(argv=None):
@@ -94,7 +103,9 @@ def main(argv=None):
     k = compile_count(args.model, args.img_size, args.batch, args.compile_steps, args.compile_interval)
     print(f"torch.compile over {args.compile_steps} steps re-clustering every {args.compile_interval} "
           f"({k['reclusterings']} re-clusterings): {k['first']} graphs compiled at the first step, "
-          f"{k['total'] - k['first']} recompiles after it")
+          f"{k['second'] - k['first']} at the second, {k['total'] - k['second']} after it")
+    for kind, (count, breaks) in k['explained'].items():
+        print(f'torch._dynamo.explain at a {kind} step: {count} graph(s), {breaks} graph break(s)')
 
 
 if __name__ == '__main__':

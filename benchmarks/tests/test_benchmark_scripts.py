@@ -1,6 +1,6 @@
-""" The benchmark scripts (bench_layer, bench_loop, bench_train, bench_edropout, bench_busy, edropout_pilot)
-run to the end at toy settings and print their tables; the figures themselves are not checked (timings
-are noise on a shared machine), only that every row carries them."""
+""" The benchmark scripts (bench_layer, bench_loop, bench_train, bench_edropout, bench_busy, edropout_pilot,
+bench_own_schedule, bench_compile) run to the end at toy settings and print their tables; the figures
+themselves are not checked (timings are noise on a shared machine), only that every row carries them."""
 import json
 import os
 import re
@@ -246,5 +246,20 @@ def test_bench_own_schedule_cpu():
               '--steps', '1', '--compile-steps', '6', '--compile-interval', '2')
     assert re.search(rf'median training step {NUM} ms without re-clustering, {NUM} ms re-clustering every layer; '
                      rf'amortised at the default interval of 1000 steps: {NUM}% of a step', out), out
-    assert re.search(r'torch.compile over 6 steps re-clustering every 2 \(3 re-clusterings\): \d+ graphs compiled at '
-                     r'the first step, 0 recompiles after it', out), out
+    # One graph for the steps that re-cluster, one for the others, none after the second step.
+    assert re.search(r'torch.compile over 6 steps re-clustering every 2 \(3 re-clusterings\): 1 graphs compiled at '
+                     r'the first step, 1 at the second, 0 after it', out), out
+    for kind in ('re-clustering', 'plain'):
+        assert f'torch._dynamo.explain at a {kind} step: 1 graph(s), 0 graph break(s)' in out, out
+
+
+# ---- bench_compile ----
+
+def test_bench_compile_cpu():
+    """The compiled and eager steps of a self-driving model against the recipe-driven one (the dry run of
+    the device script's part)."""
+    out = run('bench_compile', '--img-size', '32', '--batch', '2', '--steps', '2', '--backend', 'eager')
+    for name in ('self-driving', 'recipe'):
+        assert re.search(rf'{name}: compile +{NUM} s, compiled step +{NUM} ms, eager step +{NUM} ms', out), out
+    assert re.search(rf'self-driving / recipe: compiled step {NUM}x, eager step {NUM}x, compile time {NUM}x', out), out
+    assert 'CPU (' in out

@@ -7,7 +7,7 @@ import torch
 
 from .drop_cluster import LABEL_DTYPE
 
-__all__ = ['distributed', 'broadcast_cluster_map']
+__all__ = ['distributed', 'broadcast_cluster_map', 'share_clusters']
 
 
 def distributed() -> bool:
@@ -38,3 +38,18 @@ def broadcast_cluster_map(layer: torch.nn.Module, shape: Tuple[int, ...], device
     if not here:
         layer.set_cluster_map(labels, undropped=counts == 0)
         layer.clustered = True
+
+
+def share_clusters(layer: torch.nn.Module, x: torch.Tensor, src: int = 0, **kwargs) -> None:
+    """Re-cluster ``layer`` from its input ``x``: on rank ``src`` under ``torch.distributed``, whose maps
+    every rank then takes (``broadcast_cluster_map``); here otherwise. ``kwargs`` go to ``update_clusters``.
+    Every rank calls it at the same point."""
+    if not distributed():
+        layer.update_clusters(x, **kwargs)
+        return
+    if torch.distributed.get_rank() == src:
+        layer.update_clusters(x, **kwargs)
+    m = 1 if layer.couple_channels else x.shape[1]
+    broadcast_cluster_map(layer, (m,) + tuple(x.shape[2:]), x.device, src=src)
+    if layer.num_channels is None:
+        layer.num_channels = int(x.shape[1])

@@ -83,7 +83,7 @@ def cluster_drop_probs(
         j = torch.argmax(valid.to(torch.int32), dim=1, keepdim=True)
         probs = (lam.gather(1, j) * w).clamp(max=1.0)
     else:
-        probs = torch.full_like(sizes, drop_prob)
+        probs = torch.zeros_like(sizes) + drop_prob
     if cluster_counts is not None:
         probs = probs * (cluster_counts.view(-1, 1) > 0).to(probs.dtype)
     return probs
@@ -113,7 +113,8 @@ def drop_cluster(
         x: input ``(B, C, *spatial)``.
         cluster_map: integer labels ``(M, *spatial_map)``, M = 1 or C (M = 1 if ``couple_channels``);
             resampled (nearest) when ``spatial_map`` differs from the input's.
-        drop_prob: the expected dropped fraction, in [0, 1).
+        drop_prob: the expected dropped fraction, in [0, 1); outside TorchScript also a 0-dim tensor
+            (unchecked), so that a rate which changes every step does not recompile a compiled graph.
         num_clusters: an upper bound on the labels (max label + 1). ``None`` reads it from the map,
             which synchronises with the device; the layers always pass it.
         couple_channels: one drop decision per (sample, cluster) shared by all channels.
@@ -134,7 +135,8 @@ def drop_cluster(
         raise ValueError('drop_cluster expects input of shape (B, C, *spatial), got ' + str(x.ndim) + ' dims')
     if not x.is_floating_point():
         raise ValueError('drop_cluster expects a floating point input, got ' + str(x.dtype))
-    if drop_prob < 0.0 or drop_prob >= 1.0:
+    rate_tensor = isinstance(drop_prob, Tensor)  # a rate the caller keeps out of compiled graphs' guards
+    if not rate_tensor and (drop_prob < 0.0 or drop_prob >= 1.0):
         raise ValueError('drop_prob must be in [0, 1), got ' + str(drop_prob))
     if drop_mode != 'uniform' and drop_mode != 'size':
         raise ValueError("drop_mode must be 'uniform' or 'size', got " + drop_mode)
@@ -151,7 +153,7 @@ def drop_cluster(
     if cluster_counts is not None and (cluster_counts.dim() != 1 or cluster_counts.shape[0] != M):
         raise ValueError('cluster_counts must hold one count per map (' + str(M) + '), got shape '
                          + str(list(cluster_counts.shape)))
-    if drop_prob == 0.0:
+    if not rate_tensor and drop_prob == 0.0:
         return x
     n = 1
     for s in spatial:

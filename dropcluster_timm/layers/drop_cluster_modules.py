@@ -10,8 +10,9 @@ from timm.layers import register_notrace_module
 
 from ..clustering.cluster_count import gap_statistic_labels, structured_maps
 from ..clustering.engine import activation_features, cluster_features, grid_cluster_map, one_cpu_thread
-from .distributed import broadcast_cluster_map, distributed
+from .distributed import share_clusters
 from .drop_cluster import LABEL_DTYPE, cluster_values_error, drop_cluster
+from .layer_schedule import LayerSchedule, register_layer
 from .map_copies import FollowsOriginalMaps
 from .options import layer_options_error, option_defaults
 
@@ -69,6 +70,8 @@ class DropClusterNd(FollowsOriginalMaps, nn.Module):
         dtype: accepted for timm's factory-kwargs convention; the buffers are integer labels.
     """
     spatial_dims: int = 2
+    __jit_unused_properties__ = ['recluster_every', 'ramp_steps', 'cluster_images', 'steps', 'clustered']
+    _drop_prob: float
     num_channels: Optional[int]  # typed for TorchScript, which would otherwise see a NoneType attribute
 
     def __init__(
@@ -114,6 +117,9 @@ class DropClusterNd(FollowsOriginalMaps, nn.Module):
         if num_channels is not None and int(num_channels) < 1:
             raise ValueError(f'num_channels must be >= 1, got {num_channels}')
         self.spatial_dims = type(self).spatial_dims  # TorchScript only sees instance attributes
+        # The rate as a tensor too, for compiled graphs: a Python float that a training loop changes
+        # every step (a ramp) would be a recompile every step. Not saved: drop_prob is an argument.
+        self.register_buffer('drop_rate', torch.tensor(float(drop_prob), device=device), persistent=False)
         self.drop_prob = float(drop_prob)
         self.block_size = int(block_size)
         self.gamma_scale = float(gamma_scale)
@@ -131,17 +137,15 @@ class DropClusterNd(FollowsOriginalMaps, nn.Module):
         self.drop_mode = drop_mode
         self.batch_shared = batch_shared
         self.num_channels = int(num_channels) if num_channels is not None else None
-        self.recluster_every = int(recluster_every)
-        self.ramp_steps = int(ramp_steps)
-        self.cluster_images = int(cluster_images)
+        self.schedule = LayerSchedule(recluster_every, ramp_steps, cluster_images)
+        self.schedule_key = register_layer(self)  # how the schedule's custom ops find this layer
         self.register_buffer('num_steps', torch.zeros((), dtype=torch.int64, device=device))
-        self.steps = 0  # host copy of num_steps: read every training forward without a device sync
-        self.clustered = False  # whether the maps come from data (update_clusters), not a grid
         empty_shape = [0] * (self.spatial_dims + 1)
         self.register_buffer('cluster_map', torch.zeros(empty_shape, dtype=LABEL_DTYPE, device=device))
         self.register_buffer('cluster_counts', torch.zeros(0, dtype=LABEL_DTYPE, device=device))
         self.max_clusters = 0  # host copy of cluster_counts.max(): sizes the random draw without a sync
         self.has_undropped = False  # host copy of (cluster_counts == 0).any()
+        self.draw_clusters = 0  # clusters a compiled graph draws per map: max_clusters, or more
         if feat_size is not None:
             size = [int(s) for s in (feat_size if isinstance(feat_size, (tuple, list)) else [feat_size])]
             if len(size) != self.spatial_dims:
@@ -149,6 +153,15 @@ class DropClusterNd(FollowsOriginalMaps, nn.Module):
             # Built on the CPU, where label values can be read, then moved: the device may be 'meta', also
             # implicitly through a `with torch.device('meta')` block (timm's factory tests use one).
             self.set_cluster_map(self.grid_map(size, torch.device('cpu')))
+
+    def __deepcopy__(self, memo):
+        copied = super().__deepcopy__(memo)
+        copied.schedule_key = register_layer(copied)  # a copy (an EMA model) is a layer of its own
+        return copied
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.schedule_key = register_layer(self)
 
     def grid_map(self, spatial: List[int], device: torch.device) -> Tensor:
         """The map a layer starts from, for inputs of this spatial size: ``target_clusters`` regular
@@ -186,73 +199,148 @@ class DropClusterNd(FollowsOriginalMaps, nn.Module):
                              + ' input channels, got ' + str(x.shape[1]))
         if not self.training:
             return x
-        if not torch.jit.is_scripting() and (self.recluster_every > 0 or self.ramp_steps > 0):
-            return self.forward_own_schedule(x)
+        if not torch.jit.is_scripting():
+            if self.schedule.active:
+                return self.forward_own_schedule(x)
+            if torch.compiler.is_compiling():
+                return self._compiled_drop(x, self.drop_rate)
         return self.drop(x, self.drop_prob)
+
+    @property
+    def drop_prob(self) -> float:
+        """The nominal rate (``set_drop_prob`` and schedules set it)."""
+        return self._drop_prob
+
+    @drop_prob.setter
+    def drop_prob(self, drop_prob: float) -> None:
+        self._drop_prob = float(drop_prob)
+        self.drop_rate.fill_(self._drop_prob)
 
     def drop(self, x: Tensor, drop_prob: float) -> Tensor:
         """The training forward at rate ``drop_prob``."""
         if drop_prob == 0.0:
             return x
-        spatial = x.shape[2:]
         if self.cluster_map.numel() > 0:
-            cluster_map, k = self.cluster_map, self.max_clusters
-        else:
-            cluster_map, k = self.grid_map(spatial, x.device), self.target_clusters(spatial)
+            return self.drop_with(x, drop_prob, self.cluster_map, self.max_clusters,
+                                  self.cluster_counts if self.has_undropped else None)
+        spatial = list(x.shape[2:])
+        return self.drop_with(x, drop_prob, self.grid_map(spatial, x.device), self.target_clusters(spatial), None)
+
+    def drop_with(self, x: Tensor, drop_prob: float, cluster_map: Tensor, num_clusters: int,
+                  cluster_counts: Optional[Tensor]) -> Tensor:
+        """``drop_cluster`` with this layer's options and the given maps (``drop_prob`` may be a 0-dim
+        tensor outside TorchScript)."""
         return drop_cluster(
             x,
             cluster_map,
             drop_prob=drop_prob * self.gamma_scale,
-            num_clusters=k,
+            num_clusters=num_clusters,
             couple_channels=self.couple_channels,
             with_noise=self.with_noise,
             inplace=self.inplace,
             scale_by_keep=self.scale_by_keep,
             drop_mode=self.drop_mode,
             batch_shared=self.batch_shared,
-            cluster_counts=self.cluster_counts if self.has_undropped else None,
+            cluster_counts=cluster_counts,
         )
+
+    # The options of the layer's own schedule, kept by ``self.schedule``.
+    @property
+    def recluster_every(self) -> int:
+        return self.schedule.recluster_every
+
+    @recluster_every.setter
+    def recluster_every(self, every: int) -> None:
+        self.schedule.recluster_every = every
+
+    @property
+    def ramp_steps(self) -> int:
+        return self.schedule.ramp_steps
+
+    @ramp_steps.setter
+    def ramp_steps(self, steps: int) -> None:
+        self.schedule.ramp_steps = int(steps)
+
+    @property
+    def cluster_images(self) -> int:
+        return self.schedule.cluster_images
+
+    @cluster_images.setter
+    def cluster_images(self, images: int) -> None:
+        self.schedule.cluster_images = int(images)
+
+    @property
+    def clustered(self) -> bool:
+        """Whether the maps come from data (``update_clusters``, a broadcast, a checkpoint), not a grid."""
+        return self.schedule.clustered
+
+    @clustered.setter
+    def clustered(self, clustered: bool) -> None:
+        self.schedule.clustered = clustered
+
+    @property
+    def steps(self) -> int:
+        """Training forwards counted by the layer's own schedule (the host copy of ``num_steps``)."""
+        return self.schedule.steps
 
     @torch.jit.unused
     def own_rate(self, step: Optional[int] = None) -> float:
         """The rate of the layer's own ramp at training forward ``step`` (counted from 1; default: the
         last one): ``drop_prob`` once ``ramp_steps`` have passed."""
-        step = self.steps if step is None else step
-        return self.drop_prob * (min(1.0, step / self.ramp_steps) if self.ramp_steps > 0 else 1.0)
+        return self.schedule.rate(self.drop_prob, self.schedule.steps if step is None else step)
 
-    # Eager, a graph break under torch.compile: the step count and the rate change every step, and a
-    # compiled graph would specialise on them (a recompile per step).
     @torch.jit.unused
-    @torch.compiler.disable
     def forward_own_schedule(self, x: Tensor) -> Tensor:
         """A training forward on the layer's own schedule (``recluster_every``, ``ramp_steps``):
         re-cluster when due, count the step, drop at the ramp's rate."""
-        step = self.steps
-        rate = self.own_rate(step + 1)
+        schedule = self.schedule
         # Due at the first training forward unless the maps already come from data, and every
         # recluster_every after; maps of another input size (grids made for 224 px) never wait.
-        every = self.recluster_every
-        if every > 0 and self.drop_prob > 0.0 and (not self.clustered or (step > 0 and step % every == 0)
-                                                   or tuple(self.cluster_map.shape[1:]) != tuple(x.shape[2:])):
+        due = self.drop_prob > 0.0 and (schedule.recluster_due or (
+            schedule.recluster_every > 0 and tuple(self.cluster_map.shape[1:]) != tuple(x.shape[2:])))
+        if torch.compiler.is_compiling():
+            return self._compiled_own_schedule(x, due)
+        if due:
             self.recluster_from_batch(x)
-        self.steps = step + 1
-        self.num_steps.fill_(self.steps)
-        return self.drop(x, rate)
+        self.num_steps.fill_(schedule.advance())
+        return self.drop(x, schedule.rate(self.drop_prob, schedule.steps))
+
+    @torch.jit.unused
+    def _compiled_own_schedule(self, x: Tensor, due: bool) -> Tensor:
+        """``forward_own_schedule`` as a compiled graph sees it: the host work in custom ops and the
+        rate a tensor (see ``layer_schedule``)."""
+        cluster_map = counts = None
+        if due:
+            maps = 1 if self.couple_channels else x.shape[1]
+            cluster_map, counts = torch.ops.dropcluster.recluster(x.detach(), self.schedule_key, maps)
+        torch.ops.dropcluster.advance_schedule(self.num_steps, self.schedule_key)
+        rate = self.drop_rate
+        if self.schedule.ramp_steps > 0:
+            rate = self.schedule.rate_tensor(rate, self.num_steps)
+        return self._compiled_drop(x, rate, cluster_map, counts)
+
+    @torch.jit.unused
+    def _compiled_drop(self, x: Tensor, rate: Tensor, cluster_map: Optional[Tensor] = None,
+                       counts: Optional[Tensor] = None) -> Tensor:
+        """The drop in a compiled graph: at a tensor rate, with the stored maps (or those given), as
+        many clusters drawn as any re-clustering can make and the counts always passed, so that
+        nothing the graph reads changes as the rate and maps do."""
+        spatial = list(x.shape[2:])
+        if cluster_map is not None:
+            return self.drop_with(x, rate, cluster_map, self.cluster_bound(spatial), counts)
+        if self.cluster_map.numel() == 0:  # not clustered yet: the grid for this size
+            return self.drop_with(x, rate, self.grid_map(spatial, x.device), self.target_clusters(spatial), None)
+        return self.drop_with(x, rate, self.cluster_map, self.draw_clusters, self.cluster_counts)
+
+    def cluster_bound(self, spatial: List[int]) -> int:
+        """The most clusters a re-clustering makes per map for inputs of this spatial size."""
+        return self.count_bounds(spatial)[1] if self.cluster_count == 'gap' else self.target_clusters(spatial)
 
     @torch.no_grad()
     def recluster_from_batch(self, x: Tensor) -> None:
         """Re-cluster from the first ``cluster_images`` images of ``x`` (detached); under
         ``torch.distributed`` rank 0's maps are broadcast to every rank."""
-        x = x.detach()[:self.cluster_images]
-        if not distributed():
-            self.update_clusters(x)
-            return
-        if torch.distributed.get_rank() == 0:
-            self.update_clusters(x)
-        m = 1 if self.couple_channels else x.shape[1]
-        broadcast_cluster_map(self, (m,) + tuple(x.shape[2:]), x.device, src=0)
-        if self.num_channels is None:
-            self.num_channels = int(x.shape[1])
+        share_clusters(self, x.detach()[:self.schedule.cluster_images], src=0)
 
     def count_bounds(self, spatial: List[int]) -> Tuple[int, int]:
         """The range of cluster counts ``cluster_count='gap'`` chooses from, for inputs of this size."""
@@ -351,6 +439,8 @@ class DropClusterNd(FollowsOriginalMaps, nn.Module):
             self.cluster_counts = counts.to(device=device, dtype=dtype)
         self.max_clusters = max_clusters
         self.has_undropped = has_undropped
+        # As many as any re-clustering at this size makes, so that re-clustering does not change it.
+        self.draw_clusters = max(max_clusters, self.cluster_bound(list(cluster_map.shape[1:])))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         self.forget_original()
@@ -362,7 +452,7 @@ class DropClusterNd(FollowsOriginalMaps, nn.Module):
                               f'{tuple(steps.shape)}')
             return
         else:
-            self.steps = int(steps)
+            self.schedule.load(int(steps))
             self.clustered = self.steps > 0  # the layer's own schedule ran, so its maps come from data
         # Maps differ in shape between checkpoints (other resolutions, per-channel vs grid), so
         # adopt the incoming shapes instead of failing on a size mismatch.
@@ -399,6 +489,8 @@ class DropClusterNd(FollowsOriginalMaps, nn.Module):
             known = counts.numel() > 0 and not counts.is_meta
             self.max_clusters = max(1, int(counts.max())) if known else 0
             self.has_undropped = bool((counts == 0).any()) if known else False
+            self.draw_clusters = max(self.max_clusters, self.cluster_bound(list(incoming.shape[1:]))) \
+                if incoming.numel() else 0
             if known and not incoming.is_meta:  # maps from data (not a grid) are kept at the first training step
                 grid = self.grid_map(list(incoming.shape[1:]), incoming.device).to(incoming.dtype)
                 self.clustered = self.steps > 0 or incoming.shape[0] != 1 or not torch.equal(incoming, grid)

@@ -8,7 +8,7 @@ from timm.layers import DropBlock2d
 from timm.utils import unwrap_model
 
 
-from .distributed import broadcast_cluster_map, distributed as is_distributed
+from .distributed import share_clusters
 from .drop_cluster_modules import LAYER_BUFFERS, DropClusterNd
 
 __all__ = [
@@ -104,9 +104,9 @@ def update_clusters(
     Under ``torch.distributed`` (initialised, world size > 1) every rank must call this, in the same
     order relative to its other collectives: every rank runs the forward on its own ``batch`` (so no
     rank waits on a forward that only another rank runs), rank ``src`` clusters, and each layer's
-    map is broadcast from it, so that all ranks hold identical ``cluster_map``, ``cluster_counts``
-    and ``max_clusters`` afterwards. Maps of unchanged shape and dtype are updated in place, so DDP's
-    cached buffer references stay valid.
+    map is broadcast from it as the forward passes (``share_clusters``), so that all ranks hold
+    identical ``cluster_map``, ``cluster_counts`` and ``max_clusters`` afterwards. Maps of unchanged
+    shape and dtype are updated in place, so DDP's cached buffer references stay valid.
 
     Args:
         model: a module containing DropCluster layers (DDP-wrapped or not).
@@ -122,26 +122,17 @@ def update_clusters(
     layers = list(dropcluster_layers(model))
     if not layers:
         raise ValueError('update_clusters: the model has no DropCluster layers')
-    distributed = is_distributed()
-    clusters_here = not distributed or torch.distributed.get_rank() == src
-    shapes = {}  # layer -> (map shape, device) seen in the forward
+    reached = set()
 
     def hook(layer, args):
-        x = args[0]
-        if clusters_here:
-            layer.update_clusters(x, generator=generator, **kwargs)
-        m = 1 if layer.couple_channels else x.shape[1]
-        shapes[layer] = ((m,) + tuple(x.shape[2:]), x.device)
+        share_clusters(layer, args[0], src=src, generator=generator, **kwargs)
+        reached.add(layer)
 
     _forward_with_pre_hook(model, [layer for _, layer in layers], hook, batch)
-    missed = [name for name, layer in layers if layer not in shapes]
+    missed = [name for name, layer in layers if layer not in reached]
     if missed:
-        # Every rank runs the same model, so every rank raises here before any broadcast.
         raise RuntimeError(f'update_clusters: the forward pass did not reach DropCluster layers {missed}')
-    if distributed:
-        for _, layer in layers:
-            broadcast_cluster_map(layer, *shapes[layer], src=src)
-    return len(shapes)
+    return len(reached)
 
 
 def copy_cluster_state(src: nn.Module, dst: nn.Module) -> int:
@@ -173,13 +164,14 @@ def ddp_ignore_cluster_buffers(model: nn.Module) -> List[str]:
     DDP broadcasts every buffer from rank 0 when it wraps the model and at each training forward
     outside ``no_sync``, from the tensors it found at wrap time (stale once a map changes shape).
     The maps need no such copy: they start identical (grid maps, or the same checkpoint) and
-    ``update_clusters`` broadcasts them itself, so this saves a broadcast per step. Other buffers
+    ``update_clusters`` broadcasts them itself, so this saves a broadcast per step (the rate, which
+    every rank sets alike, is left out too). Other buffers
     (BatchNorm statistics) are still broadcast. Returns the buffer names excluded.
     """
     names = []
     for name, layer in dropcluster_layers(model):
         prefix = name + '.' if name else ''
-        names += [prefix + buffer for buffer in LAYER_BUFFERS]
+        names += [prefix + buffer for buffer in LAYER_BUFFERS + ('drop_rate',)]
     existing = list(getattr(model, '_ddp_params_and_buffers_to_ignore', []))
     nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
         model, existing + [n for n in names if n not in existing])

@@ -139,7 +139,7 @@ def recluster(accelerator, model: nn.Module, ema, dataset: Dataset, batch_size: 
     """
     images = cluster_batch(dataset, batch_size, num_batches, seed)
     generator = torch.Generator(device=accelerator.device).manual_seed(seed)
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
     original = unwrapped.__dict__.get('_original_forward')  # Accelerate's un-autocast forward
     if original is not None:
         wrapped = unwrapped.forward

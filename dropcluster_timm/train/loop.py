@@ -88,7 +88,7 @@ def train_one_epoch(
     if epoch_loss is not None:
         loss_sum += epoch_loss[0].to(accelerator.device)
         count = epoch_loss[1]
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
     # A bar only on a terminal: in a log file it is noise; log_interval lines are printed there instead.
     # stdout when stderr is not a terminal: `accelerate launch` with one process pipes the latter.
     terminal = next((f for f in (sys.stderr, sys.stdout) if f.isatty()), None)

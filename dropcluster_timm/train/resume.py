@@ -305,7 +305,7 @@ def resume_run(run, point: ResumePoint) -> Optional[Tuple[Any, int]]:
     if state.step_in_epoch:
         epoch_loss = continue_epoch(accelerator, point.checkpoint, run.train_loader.dataset, cfg.data.workers)
     for hook in run.hooks:
-        hook.after_resume(accelerator.unwrap_model(run.model))
+        hook.after_resume(accelerator.unwrap_model(run.model, keep_torch_compile=False))
     accelerator.print(f'resumed from {point.checkpoint}: epoch {state.epoch}, step {state.global_step}, '
                       f'drop rate {schedule.rate:.4f}')
     return epoch_loss

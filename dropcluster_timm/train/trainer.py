@@ -65,7 +65,8 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[TrainState], None]] = No
             evaluate_epoch(run, row)
             save_epoch(run, row)
         publish(run)
-        return SimpleNamespace(model=run.accelerator.unwrap_model(run.model, keep_fp32_wrapper=False), ema=run.ema,
+        model = run.accelerator.unwrap_model(run.model, keep_fp32_wrapper=False, keep_torch_compile=False)
+        return SimpleNamespace(model=model, ema=run.ema,
                                schedule=run.schedule, state=run.state, metrics=run.metrics.rows, hooks=run.hooks)
 
 
@@ -159,7 +160,7 @@ def build(run: Run, point: Optional[ResumePoint]) -> None:
     if run.num_dropcluster:
         for warning in schedule_warnings(run.schedule, o.epochs):
             accelerator.print(f'warning: {warning}')
-    run.ema = build_ema(accelerator.unwrap_model(run.model), o)
+    run.ema = build_ema(accelerator.unwrap_model(run.model, keep_torch_compile=False), o)
     run.mixup_fn, run.loss_fn = build_loss(cfg.loss, run.data.num_classes)
     # The run's own state goes into the checkpoint as data (run_state.json / .safetensors), not pickles.
     # The LR scheduler is not among them: it holds only settings, and those come from the command line.
@@ -231,7 +232,7 @@ def train_epoch(run: Run, on_step: Optional[Callable[[TrainState], None]],
         run.mixup_fn.mixup_enabled = False
     if not state.step_in_epoch:  # (a resumed epoch began before the interruption)
         begun = run.recipe.begin_epoch(
-            epoch, accelerator.unwrap_model(run.model), run.optimizer,
+            epoch, accelerator.unwrap_model(run.model, keep_torch_compile=False), run.optimizer,
             recluster=lambda seed: recluster(accelerator, run.model, run.ema, run.data.cluster, cfg.optim.batch_size,
                                              cfg.dropcluster.update_batches, seed=seed))
         state.epoch_soft_reset, state.epoch_reclustered = begun['soft_reset'], begun['reclustered']
@@ -261,9 +262,9 @@ def evaluate_epoch(run: Run, row: Dict[str, Any]) -> None:
         row.update(evaluate(accelerator, run.model, eval_loader))
         if run.ema is not None:
             row.update({'ema_' + k: v for k, v in evaluate(accelerator, run.ema.module, eval_loader).items()})
+        published = accelerator.unwrap_model(run.model, keep_torch_compile=False) if run.ema is None else run.ema.module
         for hook in run.hooks:
-            row.update(hook.after_eval(lambda m: evaluate(accelerator, m, eval_loader),
-                                       accelerator.unwrap_model(run.model) if run.ema is None else run.ema.module))
+            row.update(hook.after_eval(lambda m: evaluate(accelerator, m, eval_loader), published))
     run.lr_scheduler.step(epoch + 1, row.get(run.best_key))
     row.update({'reclustered': state.epoch_reclustered, 'soft_reset': state.epoch_soft_reset,
                 'epoch_time': time.time() - run.epoch_start})
@@ -284,7 +285,8 @@ def save_epoch(run: Run, row: Dict[str, Any]) -> None:
     with files_written_whole():
         if accelerator.is_main_process:
             run.metrics.add(row)
-            published = accelerator.unwrap_model(run.model) if run.ema is None else run.ema.module
+            published = run.ema.module if run.ema is not None else \
+                accelerator.unwrap_model(run.model, keep_torch_compile=False)
             if run.ema is not None and run.num_dropcluster:
                 set_drop_prob(published, run.schedule.rate)  # config.json records the rate of the run
             if run.evaluated:

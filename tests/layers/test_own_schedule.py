@@ -148,9 +148,10 @@ def test_timms_model_ema_follows_the_maps_as_they_change_shape(tmp_path, force_c
         loss.backward()
         optimizer.step()
         ema.update(model, step=step)
-    for (_, a), (_, b) in zip(dropcluster_layers(model), dropcluster_layers(ema.module)):
-        assert a.cluster_map.shape[1:] in ((4, 4), (2, 2)) and torch.equal(a.cluster_map, b.cluster_map)
-        assert torch.equal(a.cluster_counts, b.cluster_counts) and int(b.num_steps) == 7
+    state = ema.module.state_dict()
+    for name, a in dropcluster_layers(model):  # the copy reports the model's maps
+        assert a.cluster_map.shape[1:] in ((4, 4), (2, 2)) and torch.equal(a.cluster_map, state[name + '.cluster_map'])
+        assert torch.equal(a.cluster_counts, state[name + '.cluster_counts']) and int(state[name + '.num_steps']) == 7
     torch.save(ema.module.state_dict(), tmp_path / 'ema.pth')  # timm's train.py saves the EMA's state dict
     reloaded = timm.create_model('resnet18_dropcluster', num_classes=4, drop_block_rate=0.2)
     reloaded.load_state_dict(torch.load(tmp_path / 'ema.pth', weights_only=True))
@@ -170,3 +171,23 @@ def test_a_copy_that_trains_or_loads_keeps_its_own_maps():
     for (_, a), (_, s), (_, t) in zip(*(dropcluster_layers(m) for m in (model, student, teacher))):
         assert a.cluster_map.shape[1:] in ((4, 4), (2, 2)) and s.cluster_map.shape[1:] in ((6, 6), (3, 3))
         assert t.cluster_map.shape[1:] in ((14, 14), (7, 7))
+
+
+def test_reading_a_copys_state_changes_nothing():
+    import copy
+    model = timm.create_model('resnet18_dropcluster', num_classes=4, drop_block_rate=0.2, dc_recluster_every=3,
+                              dc_cluster_images=4)
+    ema = copy.deepcopy(model)
+    _train(model, 2, size=64)  # the model's maps change shape, the copy's do not
+    layers = [layer for _, layer in dropcluster_layers(ema)]
+    before = [(layer.cluster_map, layer.cluster_map.clone(), layer.cluster_counts.clone()) for layer in layers]
+    first, second = ema.state_dict(), ema.state_dict()
+    for (name, a), layer, (buffer, labels, counts) in zip(dropcluster_layers(model), layers, before):
+        assert layer.cluster_map is buffer and torch.equal(buffer, labels)  # the copy's own buffers are untouched
+        assert torch.equal(layer.cluster_counts, counts) and layer.cluster_map.shape[1:] in ((14, 14), (7, 7))
+        for state in (first, second):
+            assert torch.equal(state[name + '.cluster_map'], a.cluster_map)
+            assert state[name + '.cluster_map'].data_ptr() != a.cluster_map.data_ptr()  # a copy, not the model's
+    import pickle
+    again = pickle.loads(pickle.dumps(ema))  # the reference to the original does not travel
+    assert all(layer.original() is None and layer.steps == 0 for _, layer in dropcluster_layers(again))

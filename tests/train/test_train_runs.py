@@ -356,3 +356,19 @@ def test_soft_reset_every_epoch_reclusters_right_after(image_folder, tmp_path):
     assert [r['reclustered'] for r in rows] == [False, True, True]
     run = json.load(open(os.path.join(out, 'run.json')))
     assert run['dropcluster']['soft_resets'] == 2 and run['config']['dropcluster']['soft_reset_scope'] == ['layer4', 'fc']
+
+
+def test_torchcompile_run_publishes_plain_weights_and_does_not_recompile_as_the_rate_ramps(image_folder, tmp_path):
+    from safetensors.torch import load_file
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    out = str(tmp_path / 'compiled')
+    proc = run_in_process([image_folder, '--output', out, '--torchcompile', 'eager', '--cpu-threads', '1'] + TINY)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # Training before and after the first clustering, and evaluation: the rate changes at every step of
+    # the warm-up epoch and compiles nothing.
+    assert counters['stats']['unique_graphs'] <= 4, dict(counters['stats'])
+    weights = load_file(os.path.join(out, 'last', 'model.safetensors'))
+    assert not any(k.startswith('_orig_mod.') for k in weights) and any(k.endswith('cluster_map') for k in weights)
+    torch._dynamo.reset()
