@@ -1,9 +1,10 @@
 """ A training loop that never mentions DropCluster, as a timm user writes one, run by
 tests/layers/test_own_schedule.py with two CPU processes (gloo) under `accelerate launch`.
 
-    own_schedule_worker.py OUT ddp|ddp_no_bb|accelerate
+    own_schedule_worker.py OUT ddp|ddp_no_bb|ddp_compiled|accelerate
 
-The model is built as timm's train.py builds it; every rank trains on its own random data, so the
+The model is built as timm's train.py builds it (``ddp_compiled``: DDP without the buffer broadcast,
+then torch.compile, as timm's train.py with --no-ddp-bb --torchcompile); every rank trains on its own random data, so the
 maps are identical afterwards only if the layers make them so. Each rank saves its cluster state.
 """
 import os
@@ -29,6 +30,8 @@ else:
     torch.distributed.init_process_group('gloo')
     rank = torch.distributed.get_rank()
     model = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=mode == 'ddp')
+    if mode == 'ddp_compiled':
+        model = torch.compile(model, backend='eager')
 data = torch.Generator().manual_seed(100 + rank)  # each rank its own images
 model.train()
 for step in range(10):
@@ -38,6 +41,9 @@ for step in range(10):
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
+if mode == 'ddp_compiled':  # compiled, not left eager: the variant that clusters and the one that does not
+    from torch._dynamo.utils import counters
+    assert 2 <= counters['stats']['unique_graphs'] <= 4, dict(counters['stats'])
 state = {k: v.clone() for k, v in model.state_dict().items() if k.rsplit('.', 1)[-1] in ('cluster_map', 'cluster_counts',
                                                                                         'num_steps')}
 torch.save(state, os.path.join(out, f'rank{rank}.pt'))

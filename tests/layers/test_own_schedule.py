@@ -108,7 +108,7 @@ def test_the_step_count_travels_in_state_dict_and_safetensors_and_old_checkpoint
         fresh.load_state_dict(bad)
 
 
-@pytest.mark.parametrize('mode', ['ddp', 'ddp_no_bb', 'accelerate'])
+@pytest.mark.parametrize('mode', ['ddp', 'ddp_no_bb', 'ddp_compiled', 'accelerate'])
 def test_every_rank_holds_the_same_maps_after_training(tmp_path, mode):
     proc = launch_two([WORKER, str(tmp_path), mode])
     assert proc.returncode == 0, proc.stderr[-3000:]
