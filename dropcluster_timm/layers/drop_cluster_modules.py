@@ -10,7 +10,6 @@ from timm.layers import register_notrace_module
 
 from ..clustering.cluster_count import gap_statistic_labels, structured_maps
 from ..clustering.engine import activation_features, cluster_features, grid_cluster_map, one_cpu_thread
-from .distributed import share_clusters
 from .drop_cluster import LABEL_DTYPE, cluster_values_error, drop_cluster
 from .layer_schedule import LayerSchedule, register_layer
 from .map_copies import FollowsOriginalMaps
@@ -63,9 +62,10 @@ class DropClusterNd(FollowsOriginalMaps, nn.Module):
             ``set_cluster_map`` and loaded state are checked against it, so a checkpoint whose maps
             do not fit fails at load rather than at the first training step. Left ``None``, the
             first ``update_clusters`` records it.
-        recluster_every, ramp_steps, cluster_images: the layer's own schedule (``options.py``), counted
-            in training forwards by the ``num_steps`` buffer, saved with the maps; under
-            ``torch.distributed`` rank 0's new maps are broadcast.
+        recluster_every, ramp_steps, cluster_images: the layer's own schedule (``options.py``), kept
+            by ``self.schedule`` (``LayerSchedule``, which drives the training forward when either
+            count is set) and counted in training forwards by the ``num_steps`` buffer, saved with
+            the maps; under ``torch.distributed`` rank 0's new maps are broadcast.
         device: device of the cluster buffers.
         dtype: accepted for timm's factory-kwargs convention; the buffers are integer labels.
     """
@@ -201,9 +201,9 @@ class DropClusterNd(FollowsOriginalMaps, nn.Module):
             return x
         if not torch.jit.is_scripting():
             if self.schedule.active:
-                return self.forward_own_schedule(x)
+                return self.schedule.forward(self, x)
             if torch.compiler.is_compiling():
-                return self._compiled_drop(x, self.drop_rate)
+                return self.compiled_drop(x, self.drop_rate)
         return self.drop(x, self.drop_prob)
 
     @property
@@ -290,38 +290,8 @@ class DropClusterNd(FollowsOriginalMaps, nn.Module):
         return self.schedule.rate(self.drop_prob, self.schedule.steps if step is None else step)
 
     @torch.jit.unused
-    def forward_own_schedule(self, x: Tensor) -> Tensor:
-        """A training forward on the layer's own schedule (``recluster_every``, ``ramp_steps``):
-        re-cluster when due, count the step, drop at the ramp's rate."""
-        schedule = self.schedule
-        # Due at the first training forward unless the maps already come from data, and every
-        # recluster_every after; maps of another input size (grids made for 224 px) never wait.
-        due = self.drop_prob > 0.0 and (schedule.recluster_due or (
-            schedule.recluster_every > 0 and tuple(self.cluster_map.shape[1:]) != tuple(x.shape[2:])))
-        if torch.compiler.is_compiling():
-            return self._compiled_own_schedule(x, due)
-        if due:
-            self.recluster_from_batch(x)
-        self.num_steps.fill_(schedule.advance())
-        return self.drop(x, schedule.rate(self.drop_prob, schedule.steps))
-
-    @torch.jit.unused
-    def _compiled_own_schedule(self, x: Tensor, due: bool) -> Tensor:
-        """``forward_own_schedule`` as a compiled graph sees it: the host work in custom ops and the
-        rate a tensor (see ``layer_schedule``)."""
-        cluster_map = counts = None
-        if due:
-            maps = 1 if self.couple_channels else x.shape[1]
-            cluster_map, counts = torch.ops.dropcluster.recluster(x.detach(), self.schedule_key, maps)
-        torch.ops.dropcluster.advance_schedule(self.num_steps, self.schedule_key)
-        rate = self.drop_rate
-        if self.schedule.ramp_steps > 0:
-            rate = self.schedule.rate_tensor(rate, self.num_steps)
-        return self._compiled_drop(x, rate, cluster_map, counts)
-
-    @torch.jit.unused
-    def _compiled_drop(self, x: Tensor, rate: Tensor, cluster_map: Optional[Tensor] = None,
-                       counts: Optional[Tensor] = None) -> Tensor:
+    def compiled_drop(self, x: Tensor, rate: Tensor, cluster_map: Optional[Tensor] = None,
+                      counts: Optional[Tensor] = None) -> Tensor:
         """The drop in a compiled graph: at a tensor rate, with the stored maps (or those given), as
         many clusters drawn as any re-clustering can make and the counts always passed, so that
         nothing the graph reads changes as the rate and maps do."""
@@ -335,12 +305,6 @@ class DropClusterNd(FollowsOriginalMaps, nn.Module):
     def cluster_bound(self, spatial: List[int]) -> int:
         """The most clusters a re-clustering makes per map for inputs of this spatial size."""
         return self.count_bounds(spatial)[1] if self.cluster_count == 'gap' else self.target_clusters(spatial)
-
-    @torch.no_grad()
-    def recluster_from_batch(self, x: Tensor) -> None:
-        """Re-cluster from the first ``cluster_images`` images of ``x`` (detached); under
-        ``torch.distributed`` rank 0's maps are broadcast to every rank."""
-        share_clusters(self, x.detach()[:self.schedule.cluster_images], src=0)
 
     def count_bounds(self, spatial: List[int]) -> Tuple[int, int]:
         """The range of cluster counts ``cluster_count='gap'`` chooses from, for inputs of this size."""

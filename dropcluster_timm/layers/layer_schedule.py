@@ -17,6 +17,7 @@ from typing import Dict, Tuple
 import torch
 from torch import Tensor
 
+from .distributed import share_clusters
 from .drop_cluster import LABEL_DTYPE
 
 __all__ = ['LayerSchedule', 'register_layer']
@@ -37,6 +38,7 @@ class LayerSchedule:
     """Re-cluster at the first training forward (unless the maps come from data) and every
     ``recluster_every`` after; ramp the rate linearly over ``ramp_steps`` forwards; cluster from
     ``cluster_images`` images of the batch. Both counts 0: off (the layer is driven from outside).
+    ``forward`` drives one training forward of the layer; the layer holds the maps and drops.
 
     ``recluster_due`` says whether the next training forward re-clusters; it is stored, not computed
     when read, so that a compiled graph guards on one flag that changes only around those steps.
@@ -98,6 +100,38 @@ class LayerSchedule:
         """``rate`` at the step held by ``num_steps`` (``ramp_steps`` > 0), computed on the device."""
         return (num_steps.to(torch.float32) / self.ramp_steps).clamp(max=1.0) * drop_rate
 
+    def forward(self, layer: torch.nn.Module, x: Tensor) -> Tensor:
+        """A training forward of ``layer`` on this schedule: re-cluster when due, count the step, drop
+        at the ramp's rate."""
+        # Due at the first training forward unless the maps already come from data, and every
+        # recluster_every after; maps of another input size (grids made for 224 px) never wait.
+        due = layer.drop_prob > 0.0 and (self.recluster_due or (
+            self._recluster_every > 0 and tuple(layer.cluster_map.shape[1:]) != tuple(x.shape[2:])))
+        if torch.compiler.is_compiling():
+            return self.compiled_forward(layer, x, due)
+        if due:
+            self.recluster(layer, x)
+        layer.num_steps.fill_(self.advance())
+        return layer.drop(x, self.rate(layer.drop_prob, self.steps))
+
+    def compiled_forward(self, layer: torch.nn.Module, x: Tensor, due: bool) -> Tensor:
+        """``forward`` as a compiled graph sees it: the host work in the custom ops, the rate a tensor."""
+        cluster_map = counts = None
+        if due:
+            maps = 1 if layer.couple_channels else x.shape[1]
+            cluster_map, counts = torch.ops.dropcluster.recluster(x.detach(), layer.schedule_key, maps)
+        torch.ops.dropcluster.advance_schedule(layer.num_steps, layer.schedule_key)
+        rate = layer.drop_rate
+        if self.ramp_steps > 0:
+            rate = self.rate_tensor(rate, layer.num_steps)
+        return layer.compiled_drop(x, rate, cluster_map, counts)
+
+    @torch.no_grad()
+    def recluster(self, layer: torch.nn.Module, x: Tensor) -> None:
+        """Re-cluster ``layer`` from the first ``cluster_images`` images of its input ``x``; under
+        ``torch.distributed`` rank 0's maps are broadcast to every rank."""
+        share_clusters(layer, x.detach()[:self.cluster_images], src=0)
+
     def __repr__(self) -> str:
         return (f'LayerSchedule(recluster_every={self._recluster_every}, ramp_steps={self.ramp_steps}, '
                 f'cluster_images={self.cluster_images}, steps={self.steps}, clustered={self._clustered})')
@@ -124,10 +158,10 @@ def _(num_steps: Tensor, key: int) -> None:
 
 @torch.library.custom_op('dropcluster::recluster', mutates_args=())
 def recluster(x: Tensor, key: int, maps: int) -> Tuple[Tensor, Tensor]:
-    """Re-cluster the layer ``key`` from its input ``x`` (``recluster_from_batch``); returns copies of its
-    new ``cluster_map`` (``maps`` maps) and ``cluster_counts``."""
+    """Re-cluster the layer ``key`` from its input ``x`` (``LayerSchedule.recluster``); returns copies of
+    its new ``cluster_map`` (``maps`` maps) and ``cluster_counts``."""
     layer = _layer(key)
-    layer.recluster_from_batch(x)
+    layer.schedule.recluster(layer, x)
     return layer.cluster_map.clone(), layer.cluster_counts.clone()
 
 

@@ -8,7 +8,8 @@ import timm
 import torch
 import torch.nn.functional as F
 
-import dropcluster_timm.layers.drop_cluster_modules as modules
+import dropcluster_timm.layers.layer_schedule as layer_schedule
+from dropcluster_timm import DropCluster2d
 from dropcluster_timm import dropcluster_layers
 
 
@@ -29,12 +30,12 @@ def _step(model, optimizer, g, size=64):
 
 def _count_reclusterings(monkeypatch):
     steps = []
-    share = modules.share_clusters
+    share = layer_schedule.share_clusters
 
     def counting(layer, x, **kwargs):
         steps.append(layer.steps + 1)  # the step being taken
         share(layer, x, **kwargs)
-    monkeypatch.setattr(modules, 'share_clusters', counting)
+    monkeypatch.setattr(layer_schedule, 'share_clusters', counting)
     return steps
 
 
@@ -106,7 +107,7 @@ def test_a_compiled_model_resumes_its_count_and_copies_count_alone(monkeypatch):
 @pytest.mark.parametrize('ramp_steps', [0, 20])
 def test_a_compiled_layer_matches_the_eager_rate(ramp_steps):
     """The compiled rate is the eager ramp's rate, as a tensor (the random draws differ)."""
-    layer = modules.DropCluster2d(drop_prob=0.4, block_size=1, recluster_every=100, ramp_steps=ramp_steps).train()
+    layer = DropCluster2d(drop_prob=0.4, block_size=1, recluster_every=100, ramp_steps=ramp_steps).train()
     layer.update_clusters(torch.randn(2, 2, 16, 16))
     torch._dynamo.reset()
     compiled = torch.compile(layer, backend='eager')
