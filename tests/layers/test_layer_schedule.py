@@ -45,3 +45,27 @@ def test_the_tensor_rate_is_the_host_rate(ramp_steps):
         tensor = schedule.rate_tensor(torch.tensor(0.3), torch.tensor(step))
         assert float(tensor) == pytest.approx(schedule.rate(0.3, step), rel=1e-6)
     assert schedule.rate(0.3, 100) == 0.3 and LayerSchedule().rate(0.3, 1) == 0.3
+
+
+@pytest.mark.parametrize('options', [dict(), dict(couple_channels=True, drop_mode='size'),
+                                     dict(cluster_count='gap', skip_unstructured=True)])
+def test_an_eager_layer_on_its_schedule_is_the_functional_core_driven_from_outside(options):
+    """The same outputs, maps and counts, bit for bit, as a layer driven by hand: re-clustered at
+    steps 1, 4 and 7 from its input's first two images, at the ramp's rate."""
+    from dropcluster_timm import DropCluster2d
+    torch.manual_seed(0)
+    layer = DropCluster2d(0.3, block_size=2, recluster_every=3, ramp_steps=4, cluster_images=2, **options).train()
+    driven = DropCluster2d(0.3, block_size=2, **options).train()
+    g = torch.Generator().manual_seed(1)
+    for step in range(1, 9):
+        x = torch.randn(4, 3, 8, 8, generator=g)
+        state = torch.get_rng_state()
+        out = layer(x)
+        torch.set_rng_state(state)
+        if step in (1, 4, 7):
+            driven.update_clusters(x[:2])
+        driven.drop_prob = 0.3 * min(1.0, step / 4)
+        assert torch.equal(out, driven(x)), step
+        assert torch.equal(layer.cluster_map, driven.cluster_map) and torch.equal(layer.cluster_counts,
+                                                                                 driven.cluster_counts)
+        assert layer.steps == step == int(layer.num_steps) and layer.own_rate() == driven.drop_prob
