@@ -24,17 +24,16 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 from .arms import ARMS
-from .protocols import CANDIDATES, V4_CANDIDATES, second_rate
+from .protocols import CANDIDATES, SECOND_RATE_ARMS, V4_CANDIDATES, second_rate
 from dropcluster_timm.files import write_atomic
 
 from .rows import read_rows
 from .stats import mean_std, paired_difference
 
-__all__ = ['GATE_ARMS', 'SECOND_RATE_ARMS', 'GAIN', 'SEEDS', 'PILOT_SEEDS', 'decide', 'gate_status', 'next_gate_job',
+__all__ = ['GATE_ARMS', 'GAIN', 'SEEDS', 'PILOT_SEEDS', 'decide', 'gate_status', 'next_gate_job',
            'next_study_job', 'gate_summary', 'gate_statement', 'gate_headline', 'render_gate', 'write_gate', 'main']
 
 GATE_ARMS = ('none', 'cutout')
-SECOND_RATE_ARMS = ('dropblock', 'dropcluster')
 GAIN = 1.0  # points of test top-1 that Cutout must add
 SEEDS = 6
 PILOT_SEEDS = 4
@@ -216,7 +215,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--study', choices=sorted(CANDIDATES), required=True,
-                   help="whose candidates to gate (v4, v5), into the --results folder of that study")
+                   help="whose candidates to gate (v4, v5; tiny: seconds, for tests), into the --results folder "
+                        "of that study")
     p.add_argument('--results', type=Path, required=True, help='folder of runs.jsonl; gate.md is written there')
     p.add_argument('--study-seeds', type=int, default=0,
                    help='after a pass, run the five-arm study there at this many seeds (default 0: the gate alone)')

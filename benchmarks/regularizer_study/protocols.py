@@ -16,7 +16,7 @@ The estimates below add the evaluation (10,000 test images and 40,000 corrupted 
 """
 from typing import Any, Dict
 
-__all__ = ['CPU', 'GPU', 'TINY', 'V4_CANDIDATES', 'V5_CANDIDATES', 'SECOND_RATE', 'second_rate',
+__all__ = ['CPU', 'GPU', 'TINY', 'V4_CANDIDATES', 'V5_CANDIDATES', 'SECOND_RATE', 'SECOND_RATE_ARMS', 'second_rate',
            'CANDIDATES', 'CONFIGS']
 
 # Fixed before any run. The CPU network is narrower than the 32-64-128 first planned: at those widths a
@@ -65,6 +65,7 @@ V5_CANDIDATES = (
     dict(CPU, name='v5_noaug2k', augment='none', cutout_size=16, est_minutes=5.6),   # the same images every epoch
 )
 SECOND_RATE = 0.2  # the five-arm study's second rate for DropBlock and DropCluster, fixed before its runs
+SECOND_RATE_ARMS = ('dropblock', 'dropcluster')  # the arms run at it
 
 
 def second_rate(cfg: Dict[str, Any]) -> Dict[str, Any]:
@@ -72,7 +73,7 @@ def second_rate(cfg: Dict[str, Any]) -> Dict[str, Any]:
     return dict(cfg, name=f"{cfg['name']}_rate{SECOND_RATE:g}", drop_rate=SECOND_RATE)
 
 
-# The gate's candidate lists, by study.
-CANDIDATES = {'v4': V4_CANDIDATES, 'v5': V5_CANDIDATES}
+# The gate's candidate lists, by study; 'tiny' runs the gate and the study after it in seconds (tests).
+CANDIDATES = {'v4': V4_CANDIDATES, 'v5': V5_CANDIDATES, 'tiny': (dict(TINY, est_minutes=0.1),)}
 CONFIGS: Dict[str, Dict[str, Any]] = {c['name']: c for c in (CPU, GPU, TINY) + V4_CANDIDATES + V5_CANDIDATES
-                                      + tuple(second_rate(c) for c in V5_CANDIDATES)}
+                                      + tuple(second_rate(c) for c in V5_CANDIDATES + (TINY,))}

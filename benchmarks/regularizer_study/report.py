@@ -18,8 +18,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from .arms import ARMS
-from .protocols import CONFIGS, second_rate
+from .arms import ARMS, DROP_ARMS
+from .protocols import CONFIGS, SECOND_RATE_ARMS, second_rate
 from dropcluster_timm.files import write_atomic
 
 from .rows import read_rows
@@ -71,7 +71,7 @@ def summarise(rows: List[Dict[str, Any]], config: Optional[str] = None) -> Dict[
     seeds_of = {arm: sorted(int(r['seed']) for r in rows if r['arm'] == arm) for arm in ARMS}
     if second_rows:
         seeds_of.update({f"{arm} @ {second['drop_rate']:g}": sorted(int(r['seed']) for r in second_rows if r['arm'] == arm)
-                         for arm in ('dropblock', 'dropcluster')})
+                         for arm in SECOND_RATE_ARMS})
     complete = sorted(set.intersection(*(set(s) for s in seeds_of.values())))
     arms = []
     for arm in ARMS:
@@ -80,7 +80,7 @@ def summarise(rows: List[Dict[str, Any]], config: Optional[str] = None) -> Dict[
         for metric in ('top1', 'mca', 'train_top1', 'dropped_fraction'):
             entry[metric], entry[metric + '_std'] = mean_std([r[metric] for r in mine])
         arms.append(entry)
-    for arm in ('dropblock', 'dropcluster') if second_rows else ():
+    for arm in SECOND_RATE_ARMS if second_rows else ():
         mine = [r for r in second_rows if r['arm'] == arm]
         entry = dict(arm=f"{arm} @ {second['drop_rate']:g}", n=len(mine))
         for metric in ('top1', 'mca', 'train_top1', 'dropped_fraction'):
@@ -105,10 +105,18 @@ def summarise(rows: List[Dict[str, Any]], config: Optional[str] = None) -> Dict[
         d = paired_difference(_by_seed(rows, arm, metric), _by_seed(rows, against, metric), alpha=ALPHA)
         control.append(dict(name=name, arm=arm, against=against, metric=metric, n=d['n'], mean=d['mean'],
                             ci_low=d['ci_low'], ci_high=d['ci_high'], p=d['p']))
+    # Does each drop arm regularise at all here? Descriptive: outside the family, no correction, no verdict.
+    none = _by_seed(rows, 'none', 'top1')
+    versus_none = []
+    for arm, mine in [(a, rows) for a in DROP_ARMS] + [(a, second_rows) for a in SECOND_RATE_ARMS if second_rows]:
+        d = paired_difference(_by_seed(mine, arm, 'top1'), none, alpha=ALPHA)
+        rate = f" @ {second['drop_rate']:g}" if mine is second_rows else ''
+        versus_none.append(dict(arm=arm + rate, against='none', metric='top1', n=d['n'], mean=d['mean'],
+                                ci_low=d['ci_low'], ci_high=d['ci_high']))
     return dict(config=config, rows=len(rows), complete_seeds=complete, seeds_per_arm={a: len(s) for a, s in seeds_of.items()},
                 commits=sorted({r.get('commit', 'unknown') for r in rows}), devices=sorted({r.get('device', '?') for r in rows}),
                 nondeterministic=sum(1 for r in rows if not r.get('deterministic', False)),
-                arms=arms, primary=primary, control=control, margin=MARGIN, alpha=ALPHA)
+                arms=arms, primary=primary, control=control, versus_none=versus_none, margin=MARGIN, alpha=ALPHA)
 
 
 def _f(x: float, digits: int = 2, signed: bool = False) -> str:
@@ -142,6 +150,11 @@ def statement(s: Dict[str, Any]) -> List[str]:
                      'A regime where a known regulariser does not help cannot show that another one does; an '
                      'equivalence then means "no difference in this regime", not "no difference where '
                      'regularisation matters".')
+    each = [f"{c['arm']} {_f(c['mean'], signed=True)} ({_f(c['ci_low'])} to {_f(c['ci_high'])})"
+            for c in s['versus_none'] if c['n'] >= 2]
+    if each:
+        lines.append('- Against no regulariser (test top-1 points, 95% CI; descriptive, outside the corrected family): '
+                     + '; '.join(each) + '.')
     for c in s['primary']:
         what = f"{c['arm']} vs {c['against']} ({METRIC[c['metric']]}, {c['n']} seeds)"
         ci = f"{_f(c['mean'], signed=True)} points, 95% CI {_f(c['ci_low'])} to {_f(c['ci_high'])}"
@@ -194,6 +207,10 @@ def render(s: Dict[str, Any]) -> str:
     lines += _table(['comparison', 'metric', 'seeds', 'mean diff', '95% CI', 'p'],
                     [[f"{c['arm']} - {c['against']}", METRIC[c['metric']], str(c['n']), _f(c['mean'], signed=True),
                       f"{_f(c['ci_low'])} to {_f(c['ci_high'])}", _p(c['p'])] for c in s['control']])
+    lines += ['', '## Each drop arm against no regulariser (descriptive: outside the family, no correction)', '']
+    lines += _table(['comparison', 'metric', 'seeds', 'mean diff', '95% CI'],
+                    [[f"{c['arm']} - {c['against']}", METRIC[c['metric']], str(c['n']), _f(c['mean'], signed=True),
+                      f"{_f(c['ci_low'])} to {_f(c['ci_high'])}"] for c in s['versus_none']])
     return '\n'.join(lines) + '\n'
 
 

@@ -108,3 +108,17 @@ def test_readme_and_guide_quote_the_committed_summary():
     for c in summary['primary'] + summary['control'][:1]:
         figures = (f"{c['mean']:+.2f}", f"{c['ci_low']:.2f} to {c['ci_high']:.2f}")
         assert all(f in guide for f in figures), f"docs/benchmarks.md does not quote {c['name']} {figures}"
+
+
+def test_each_drop_arm_is_set_against_no_regulariser_outside_the_family():
+    """Whether the drop arms regularise at all: paired differences to ``none``, reported but neither
+    corrected nor part of the verdicts (the family stays the primary comparisons)."""
+    s = R.summarise(_rows(shift_dc=1.0, shift_grid=0.5, shift_cutout=1.5))
+    by = {c['arm']: c for c in s['versus_none']}
+    assert sorted(by) == ['dropblock', 'dropcluster', 'dropcluster_grid']
+    assert by['dropcluster']['mean'] == pytest.approx(1.0, abs=0.1) and by['dropblock']['mean'] == pytest.approx(0, abs=0.1)
+    assert by['dropcluster_grid']['mean'] == pytest.approx(0.5, abs=0.1) and by['dropcluster']['ci_low'] > 0
+    assert len(s['primary']) == 4  # not added to the Holm family
+    text = R.render(s)
+    assert '| dropcluster - none | test top-1 | 16 | +' in text.split('Each drop arm against no regulariser')[1]
+    assert 'Against no regulariser (test top-1 points' in '\n'.join(R.statement(s))

@@ -144,3 +144,26 @@ def test_the_readme_carries_the_answer_table_of_the_committed_files():
     table = answer_table()
     assert table in (REPO / 'README.md').read_text(), f'README.md does not carry the answer table; it is:\n{table}'
     assert '| v3: crop + flip, 2,000 images | Cutout 8 px - none (control) | 16 |' in table  # the control is shown
+
+
+def test_the_driver_goes_on_from_a_passed_gate_into_the_study(cifar_cache, tmp_path):
+    """End to end with ``--study-seeds``: the folder holds six passing gate pairs (stand-ins, so that the
+    pass does not hang on what tiny runs happen to give); the real driver then runs the study's missing
+    runs, two at a time: the three drop arms at seed 0 and DropBlock and DropCluster at the second rate,
+    rewrites the gate files, and a second call finds nothing left to run."""
+    for row in _gate_rows('tiny', [3.0, 2.5, 3.5, 2.8, 3.1, 2.9]):
+        append_row(tmp_path, row)
+    args = ['--study', 'tiny', '--results', str(tmp_path), '--workers', '2', '--study-seeds', '1',
+            '--cache-dir', str(cifar_cache)]
+    assert G.main(args) == 0
+    ran = [r for r in read_rows(tmp_path) if 'command' in r]
+    assert sorted((r['config'], r['arm'], r['seed']) for r in ran) == \
+        [('tiny', 'dropblock', 0), ('tiny', 'dropcluster', 0), ('tiny', 'dropcluster_grid', 0),
+         ('tiny_rate0.2', 'dropblock', 0), ('tiny_rate0.2', 'dropcluster', 0)]
+    assert all(r['command'][r['command'].index('--config') + 1] == r['config'] for r in ran)
+    rate = {(r['config'], r['arm']): r['dropped_fraction'] for r in ran}
+    assert all(rate[('tiny_rate0.2', arm)] > rate[('tiny', arm)] > 0 for arm in ('dropblock', 'dropcluster')), rate
+    gate = json.loads((tmp_path / 'gate.json').read_text())
+    assert gate['study'] == 'tiny' and gate['outcome'] == 'pass'
+    assert 'The gate passed at `tiny`' in (tmp_path / 'gate.md').read_text()
+    assert G.main(args) == 0 and len(read_rows(tmp_path)) == 12 + 5  # nothing left to run
