@@ -1,16 +1,19 @@
 #!/usr/bin/env python3
-""" The studies' answer as the README gives it: one table, a row per regime and comparison, every
-figure read from the committed result files (v3's ``summary.json``, the gates' ``gate.json``, v5's
-``summary.json`` once its study is complete), so the README quotes it and never copies by hand.
+""" The studies' answer as the README gives it: the verdict in a paragraph and one table, a row per
+regime and comparison, every figure read from the committed result files (v3's ``summary.json``, the
+gates' ``gate.json``, v5's ``summary.json`` once its study is complete), so the README quotes them and
+never copies by hand.
 
-    python -m benchmarks.regularizer_study.answer      # prints the table the README carries
+    python -m benchmarks.regularizer_study.answer      # prints the paragraph and the table the README carries
 """
 import json
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-__all__ = ['RESULTS', 'V5_SEEDS', 'answer_table', 'main']
+from .protocols import CONFIGS, SECOND_RATE
+
+__all__ = ['RESULTS', 'V5_SEEDS', 'answer_paragraph', 'answer_table', 'main']
 
 RESULTS = Path(__file__).resolve().parents[1] / 'results'
 V5_SEEDS = 16  # the five-arm study's seeds, fixed before its runs
@@ -66,10 +69,12 @@ def answer_table(results: Path = RESULTS) -> str:
 def _study_rows(config: str, study: Optional[Dict[str, Any]]) -> List[List[str]]:
     """The five-arm comparisons in the passing regime, once all their seeds are in; until then one row
     that says so (no verdict from a study still running)."""
-    if not (study and study['config'] == config and len(study['complete_seeds']) >= V5_SEEDS):
+    if not _complete(study, config):
         return [['', 'DropCluster - DropBlock (five arms, two rates)', f'{V5_SEEDS} planned', '-', '-',
                  'running: no verdict before all seeds']]
-    rows = []
+    c = study['control'][0]
+    rows = [['', 'Cutout 16 px - none (control, all seeds)', str(c['n']), f"{c['mean']:+.2f}", _ci(c['ci_low'], c['ci_high']),
+             _control_verdict(c['mean'], c['ci_low'])]]
     for d in study['primary']:
         metric = 'test top-1' if d['metric'] == 'top1' else 'corruption acc.'
         rows.append(['', f"{d['arm']} - {d['against']} ({metric})", str(d['n']), f"{d['mean']:+.2f}",
@@ -77,8 +82,65 @@ def _study_rows(config: str, study: Optional[Dict[str, Any]]) -> List[List[str]]
     return rows
 
 
+def _complete(study: Optional[Dict[str, Any]], config: str) -> bool:
+    return bool(study and study['config'] == config and len(study['complete_seeds']) >= V5_SEEDS)
+
+
+def answer_paragraph(results: Path = RESULTS) -> str:
+    """The verdict in v5's passing regime as one paragraph (one line of markdown): the positive control,
+    the Holm-corrected family counted by outcome, each drop arm against no regulariser. Until the study
+    is complete it says only that it runs."""
+    gate = _read(results / 'study_v5' / 'gate.json')
+    passed = [c for c in (gate or {}).get('candidates', []) if c['decision'] == 'pass']
+    if not passed:
+        return 'No CPU regime where a known regulariser helps has been found yet, so there is no verdict.'
+    config = passed[0]['config']
+    study = _read(results / 'study_v5' / 'summary.json')
+    if not _complete(study, config):
+        return (f'The five-arm study runs in `{config}`, the regime where the positive control passed; '
+                f'there is no verdict before all {V5_SEEDS} seeds are in.')
+    c = study['control'][0]
+    family = study['primary']
+    better = [d for d in family if 'better than' in d['verdict']]
+    same = [d for d in family if d['equivalent']]
+    neither = len(family) - len(better) - len(same)
+    rates = (CONFIGS[config]['drop_rate'], SECOND_RATE)
+    text = (f"In `{config}` ({len(study['seeds_per_arm'])} arms at {len(study['complete_seeds'])} paired seeds), "
+            f"Cutout beats no "
+            f"regulariser by {c['mean']:+.2f} points of test top-1 (95% CI {_ci(c['ci_low'], c['ci_high'])}), so the regime "
+            f"rewards regularisation. Of the {len(family)} Holm-corrected comparisons (DropCluster - DropBlock at "
+            f"dropped fractions {rates[0]:g} and {rates[1]:g}, learned - grid clusters; test top-1 and "
+            f"corruption accuracy): a difference in {len(better)}"
+            + (' (' + '; '.join(f"{d['verdict']} in {_METRIC[d['metric']]}, {d['mean']:+.2f}" for d in better) + ')'
+               if better else '')
+            + f", equivalence within +-{study['margin']:g} points in {len(same)}, neither in {neither}. "
+            + _dropcluster_verdict([d for d in family if d['name'].startswith('dropcluster_vs_dropblock')], study['margin']))
+    each = [v for v in study['versus_none'] if v['n'] >= 2]
+    if each:
+        low, high = min(each, key=lambda v: v['mean']), max(each, key=lambda v: v['mean'])
+        text += (f" Each drop arm against no regulariser: {low['mean']:+.2f} ({low['arm']}) to {high['mean']:+.2f} "
+                 f"({high['arm']}) points of test top-1, against Cutout's {c['mean']:+.2f}.")
+    return text
+
+
+_METRIC = {'top1': 'test top-1', 'mca': 'corruption accuracy'}
+
+
+def _dropcluster_verdict(versus_dropblock: List[Dict[str, Any]], margin: float) -> str:
+    """The answer to the package's question, from the DropCluster - DropBlock comparisons alone."""
+    wins = [d for d in versus_dropblock if d['verdict'] == f"{d['arm']} better than {d['against']}"]
+    losses = [d for d in versus_dropblock if d['verdict'] == f"{d['against']} better than {d['arm']}"]
+    if wins or losses:
+        return (f'DropCluster beats DropBlock in {len(wins)} and loses to it in {len(losses)} of their '
+                f'{len(versus_dropblock)} comparisons.')
+    if all(d['equivalent'] for d in versus_dropblock):
+        return f'DropCluster and DropBlock are equivalent here within +-{margin:g} points.'
+    return ('So DropCluster is not shown to regularise better than DropBlock here, nor shown equivalent to it '
+            f'within +-{margin:g} points.')
+
+
 def main() -> int:
-    print(answer_table(), end='')
+    print(answer_paragraph() + '\n\n' + answer_table(), end='')
     return 0
 
 

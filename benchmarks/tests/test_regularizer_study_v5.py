@@ -134,15 +134,28 @@ def test_committed_v5_gate_is_current_and_quoted_by_the_readme_and_guide():
             '--report-only`'
     assert committed == json.loads(json.dumps(G.gate_summary(status, 'v5'))), stale
     assert (folder / 'gate.md').read_text() == G.render_gate(status, 'v5'), stale
-    statement = G.gate_statement(committed)
-    for name in ('README.md', 'docs/benchmarks.md'):
-        assert statement in ' '.join((REPO / name).read_text().split()), f'{name} does not quote the gate: {statement}'
+    statement, headline = G.gate_statement(committed), G.gate_headline(committed)
+    guide = ' '.join((REPO / 'docs' / 'benchmarks.md').read_text().split())
+    assert statement in guide, f'docs/benchmarks.md does not quote the gate: {statement}'
+    assert headline in ' '.join((REPO / 'README.md').read_text().split()), f'README.md does not quote: {headline}'
 
 
-def test_the_readme_carries_the_answer_table_of_the_committed_files():
-    from benchmarks.regularizer_study.answer import answer_table
-    table = answer_table()
-    assert table in (REPO / 'README.md').read_text(), f'README.md does not carry the answer table; it is:\n{table}'
+def test_committed_v5_report_is_that_of_the_committed_rows():
+    folder = REPO / 'benchmarks' / 'results' / 'study_v5'
+    summary = R.summarise(read_rows(folder), 'v5_flip2k')
+    stale = 'stale: run `python -m benchmarks.regularizer_study.report benchmarks/results/study_v5 --config v5_flip2k`'
+    assert json.loads((folder / 'summary.json').read_text()) == json.loads(json.dumps(summary)), stale
+    assert (folder / 'report.md').read_text() == R.render(summary), stale
+    table = R.card_table(summary, 'benchmarks/results/study_v5')
+    assert json.loads((folder / 'card_table.json').read_text()) == json.loads(json.dumps(table)), stale
+
+
+def test_the_readme_carries_the_answer_of_the_committed_files():
+    from benchmarks.regularizer_study.answer import answer_paragraph, answer_table
+    table, paragraph = answer_table(), answer_paragraph()
+    readme = (REPO / 'README.md').read_text()
+    assert table in readme, f'README.md does not carry the answer table; it is:\n{table}'
+    assert paragraph in ' '.join(readme.split()), f'README.md does not carry the answer; it is:\n{paragraph}'
     assert '| v3: crop + flip, 2,000 images | Cutout 8 px - none (control) | 16 |' in table  # the control is shown
 
 
@@ -167,3 +180,31 @@ def test_the_driver_goes_on_from_a_passed_gate_into_the_study(cifar_cache, tmp_p
     assert gate['study'] == 'tiny' and gate['outcome'] == 'pass'
     assert 'The gate passed at `tiny`' in (tmp_path / 'gate.md').read_text()
     assert G.main(args) == 0 and len(read_rows(tmp_path)) == 12 + 5  # nothing left to run
+
+
+def _study_folder(root, shift_dc_second):
+    folder = root / 'study_v5'
+    for row in _study_rows('v5_flip2k', shift_dc_second=shift_dc_second, seeds=16):
+        append_row(folder, dict(row, mca=row['top1'] - 5, total_time_s=300.0, cpu_capability='AVX512'))
+    G.write_gate(folder, 'v5')
+    return folder
+
+
+@pytest.mark.parametrize('shift, verdict', [(2.0, 'DropCluster beats DropBlock in 2 and loses to it in 0 of their 4 '
+                                                 'comparisons.'),
+                                            (0.0, 'DropCluster and DropBlock are equivalent here within +-0.3 points.')])
+def test_the_answer_paragraph_gives_the_verdict_only_when_every_seed_is_in(tmp_path, shift, verdict):
+    from benchmarks.regularizer_study.answer import answer_paragraph, answer_table
+    folder = _study_folder(tmp_path, shift)
+    assert 'no verdict before all 16 seeds' in answer_paragraph(tmp_path)  # the gate alone: no summary yet
+    assert R.main([str(folder), '--config', 'v5_flip2k']) == 0
+    text = answer_paragraph(tmp_path)
+    assert text.startswith('In `v5_flip2k` (7 arms at 16 paired seeds), Cutout beats no regulariser by +2.9')
+    assert text.endswith("points of test top-1, against Cutout's " + text.split('regulariser by ')[1][:5] + '.')
+    assert verdict in text and '\n' not in text
+    if shift:
+        assert 'a difference in 2 (dropcluster @ 0.2 better than dropblock @ 0.2 in test top-1, +' in text
+    assert '| Cutout 16 px - none (control, all seeds) | 16 | +2.9' in answer_table(tmp_path)
+    s = json.loads((folder / 'summary.json').read_text())
+    json.dump(dict(s, complete_seeds=s['complete_seeds'][:15]), (folder / 'summary.json').open('w'))
+    assert 'no verdict before all 16 seeds' in answer_paragraph(tmp_path)
