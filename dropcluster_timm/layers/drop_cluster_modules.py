@@ -10,9 +10,10 @@ from timm.layers import register_notrace_module
 
 from ..clustering.cluster_count import gap_statistic_labels, structured_maps
 from ..clustering.engine import activation_features, cluster_features, grid_cluster_map, one_cpu_thread
-from .drop_cluster import LABEL_DTYPE, cluster_values_error, drop_cluster
+from .drop_cluster import LABEL_DTYPE, drop_cluster
 from .layer_schedule import LayerSchedule, register_layer
 from .map_copies import FollowsOriginalMaps
+from .map_state import ClusterMapState
 from .options import layer_options_error, option_defaults
 
 __all__ = ['DropClusterNd', 'DropCluster1d', 'DropCluster2d', 'DropCluster3d', 'LAYER_BUFFERS']
@@ -22,7 +23,7 @@ _DEFAULTS = option_defaults(alone=True)  # the option defaults of options.LAYER_
 LAYER_BUFFERS = ('cluster_map', 'cluster_counts', 'num_steps')
 
 
-class DropClusterNd(FollowsOriginalMaps, nn.Module):
+class DropClusterNd(FollowsOriginalMaps, ClusterMapState, nn.Module):
     """Shared implementation of DropCluster1d/2d/3d (``spatial_dims`` set by the subclass).
 
     Args:
@@ -349,63 +350,6 @@ class DropClusterNd(FollowsOriginalMaps, nn.Module):
             self.num_channels = int(x.shape[1])
         return self.cluster_map
 
-    def _map_count_error(self, shape: Tuple[int, ...]) -> Optional[str]:
-        """Why maps of ``shape`` ``(M, *spatial)`` do not fit this layer, or ``None`` if they do."""
-        m = shape[0]
-        if self.couple_channels:
-            if m == 1:
-                return None
-            return (f'{m} maps of shape {tuple(shape)} do not fit this layer, which takes one map '
-                    f'(its channels are coupled)')
-        if self.num_channels is None or m in (1, self.num_channels):
-            return None
-        return (f'{m} maps of shape {tuple(shape)} do not fit this layer, which takes 1 map or '
-                f'{self.num_channels} (one per channel of its {self.num_channels}-channel input)')
-
-    @torch.no_grad()
-    def set_cluster_map(self, cluster_map: Tensor, undropped: Optional[Tensor] = None) -> None:
-        """Install label maps ``(M, *spatial)``, M = 1 or the channel count (1 if coupled).
-
-        ``undropped``: ``(M,)`` bool, maps to leave undropped; they are stored as one cluster with a
-        count of 0.
-        """
-        if cluster_map.is_floating_point() or cluster_map.dim() != self.spatial_dims + 1:
-            raise ValueError(f'cluster_map must hold integer labels of shape (M, *spatial) with '
-                             f'{self.spatial_dims} spatial dims, got {cluster_map.dtype} {tuple(cluster_map.shape)}')
-        if cluster_map.numel() == 0 or int(cluster_map.min()) < 0:
-            raise ValueError('cluster_map must be non-empty with labels >= 0')
-        error = self._map_count_error(tuple(cluster_map.shape))
-        if error is not None:
-            raise ValueError('cluster_map: ' + error)
-        self.forget_original()  # a deep copy (an EMA) stops following its original's maps
-        if undropped is not None:
-            undropped = undropped.to(device=cluster_map.device, dtype=torch.bool)
-            if undropped.shape != cluster_map.shape[:1]:
-                raise ValueError(f'undropped must hold one flag per map ({cluster_map.shape[0]}), '
-                                 f'got shape {tuple(undropped.shape)}')
-            cluster_map = cluster_map.masked_fill(undropped.view([-1] + [1] * self.spatial_dims), 0)
-        counts = cluster_map.flatten(1).amax(dim=1) + 1
-        if undropped is not None:
-            counts = counts.masked_fill(undropped, 0)
-        max_clusters = max(1, int(counts.max()))
-        has_undropped = bool((counts == 0).any())
-        dtype = LABEL_DTYPE
-        device = self.cluster_map.device
-        if self.cluster_map.shape == cluster_map.shape and self.cluster_map.dtype == dtype \
-                and self.cluster_counts.dtype == dtype:
-            # In place: wrappers that cache buffer references (DDP's buffer broadcast) stay valid.
-            self.cluster_map.copy_(cluster_map)
-            self.cluster_counts.copy_(counts)
-        else:
-            # copy=True: never alias the caller's tensor (another model's buffer, say), which a later
-            # in-place update would change too.
-            self.cluster_map = cluster_map.to(device=device, dtype=dtype, copy=True).contiguous()
-            self.cluster_counts = counts.to(device=device, dtype=dtype)
-        self.max_clusters = max_clusters
-        self.has_undropped = has_undropped
-        # As many as any re-clustering at this size makes, so that re-clustering does not change it.
-        self.draw_clusters = max(max_clusters, self.cluster_bound(list(cluster_map.shape[1:])))
-
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         self.forget_original()
         steps = state_dict.get(prefix + 'num_steps')
@@ -418,46 +362,8 @@ class DropClusterNd(FollowsOriginalMaps, nn.Module):
         else:
             self.schedule.load(int(steps))
             self.clustered = self.steps > 0  # the layer's own schedule ran, so its maps come from data
-        # Maps differ in shape between checkpoints (other resolutions, per-channel vs grid), so
-        # adopt the incoming shapes instead of failing on a size mismatch.
-        incoming = state_dict.get(prefix + 'cluster_map')
-        counts = state_dict.get(prefix + 'cluster_counts')
-        if incoming is not None and counts is not None:
-            if incoming.dim() != self.spatial_dims + 1 or incoming.is_floating_point():
-                error_msgs.append(f'{prefix}cluster_map: expected integer labels with {self.spatial_dims} spatial '
-                                  f'dims, got {incoming.dtype} {tuple(incoming.shape)}')
-                return
-            # Checked here, where the key names the layer: otherwise a map that does not fit loads
-            # cleanly and fails only at the first training forward, unnamed. An empty map is the
-            # state of a layer not yet clustered.
-            error = self._map_count_error(tuple(incoming.shape)) if incoming.numel() else None
-            if error is not None:
-                error_msgs.append(f'{prefix}cluster_map: {error}')
-                return
-            if counts.dim() != 1 or counts.shape[0] != incoming.shape[0]:
-                error_msgs.append(f'{prefix}cluster_counts: shape {tuple(counts.shape)} does not match the '
-                                  f'{incoming.shape[0]} maps of cluster_map {tuple(incoming.shape)}, '
-                                  f'expected one count per map')
-                return
-            error = cluster_values_error(incoming, counts)
-            if error is not None:  # a file from outside: the values must be what set_cluster_map makes
-                error_msgs.append(f'{prefix}{error}')
-                return
-            device = self.cluster_map.device
-            # Replace the buffers only when the shape or dtype changes; otherwise the default load
-            # copies in place and wrappers that cache buffer references (DDP) stay valid.
-            if self.cluster_map.shape != incoming.shape or self.cluster_map.dtype != incoming.dtype:
-                self.cluster_map = torch.empty(incoming.shape, dtype=incoming.dtype, device=device)
-            if self.cluster_counts.shape != counts.shape or self.cluster_counts.dtype != counts.dtype:
-                self.cluster_counts = torch.empty(counts.shape, dtype=counts.dtype, device=device)
-            known = counts.numel() > 0 and not counts.is_meta
-            self.max_clusters = max(1, int(counts.max())) if known else 0
-            self.has_undropped = bool((counts == 0).any()) if known else False
-            self.draw_clusters = max(self.max_clusters, self.cluster_bound(list(incoming.shape[1:]))) \
-                if incoming.numel() else 0
-            if known and not incoming.is_meta:  # maps from data (not a grid) are kept at the first training step
-                grid = self.grid_map(list(incoming.shape[1:]), incoming.device).to(incoming.dtype)
-                self.clustered = self.steps > 0 or incoming.shape[0] != 1 or not torch.equal(incoming, grid)
+        if not self.load_maps(state_dict, prefix, error_msgs):
+            return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     def extra_repr(self) -> str:
