@@ -135,8 +135,9 @@ def _dropcluster_verdict(versus_dropblock: List[Dict[str, Any]], margin: float) 
                 f'{len(versus_dropblock)} comparisons.')
     if all(d['equivalent'] for d in versus_dropblock):
         return f'DropCluster and DropBlock are equivalent here within +-{margin:g} points.'
-    return ('So DropCluster is not shown to regularise better than DropBlock here, nor shown equivalent to it '
-            f'within +-{margin:g} points.')
+    same = sum(1 for d in versus_dropblock if d['equivalent'])
+    return (f'So DropCluster is not shown to regularise better than DropBlock here, and the two are shown '
+            f'equivalent within +-{margin:g} points in {same} of their {len(versus_dropblock)} comparisons.')
 
 
 def main() -> int:

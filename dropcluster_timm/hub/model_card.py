@@ -15,7 +15,7 @@ carries the table of the CIFAR-10 study, which ``benchmarks/regularizer_study/re
 (Params, GMACs, Activations).
 
 Regenerate the committed cards with
-``dropcluster-timm cards --overwrite --table resnet18_dropcluster=benchmarks/results/study_v3/card_table.json``.
+``dropcluster-timm cards --overwrite --table resnet18_dropcluster=benchmarks/results/study_v5/card_table.json``.
 """
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union

@@ -254,7 +254,7 @@ def load_results_table(path: Union[str, Path]) -> Dict[str, Any]:
       * ``align`` (optional): 'left', 'right' or 'center' per column; by default columns of numbers
         only are right-aligned, the others left.
 
-    The study's report writes one (``benchmarks/results/study_v3/card_table.json``).
+    The study's report writes one (``benchmarks/results/study_v5/card_table.json``).
     Raises ``FileNotFoundError``, or ``ValueError`` naming the file and what is wrong.
     """
     path = Path(path)

@@ -15,7 +15,7 @@ VARIANTS = ['resnet18_dropcluster', 'resnet34_dropcluster', 'resnet50_dropcluste
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # The CIFAR-10 study's table in the card of the model family it trained (its report writes it).
 STUDY_MODEL = 'resnet18_dropcluster'
-STUDY_TABLE = REPO_ROOT / 'benchmarks' / 'results' / 'study_v3' / 'card_table.json'
+STUDY_TABLE = REPO_ROOT / 'benchmarks' / 'results' / 'study_v5' / 'card_table.json'
 CARDS_COMMAND = f'dropcluster-timm cards --overwrite --table {STUDY_MODEL}={STUDY_TABLE.relative_to(REPO_ROOT).as_posix()}'
 
 
@@ -101,7 +101,7 @@ def test_committed_model_cards_are_current(tmp_path):
 
 
 def test_card_of_the_study_model_carries_the_study_table(tmp_path):
-    """The committed study table (benchmarks/results/study_v3/card_table.json) becomes a section of
+    """The committed study table (benchmarks/results/study_v5/card_table.json) becomes a section of
     the card it is given to, with every arm's figures of the committed summary, and only there."""
     table = load_results_table(STUDY_TABLE)
     written = {p.stem: p.read_text() for p in write_model_cards(tmp_path, tables={STUDY_MODEL: [table]})}
