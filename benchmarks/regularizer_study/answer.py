@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from .protocols import CONFIGS, SECOND_RATE
+from .report import METRIC
 
 __all__ = ['RESULTS', 'V5_SEEDS', 'answer_paragraph', 'answer_table', 'main']
 
@@ -106,12 +107,11 @@ def answer_paragraph(results: Path = RESULTS) -> str:
     neither = len(family) - len(better) - len(same)
     rates = (CONFIGS[config]['drop_rate'], SECOND_RATE)
     text = (f"In `{config}` ({len(study['seeds_per_arm'])} arms at {len(study['complete_seeds'])} paired seeds), "
-            f"Cutout beats no "
-            f"regulariser by {c['mean']:+.2f} points of test top-1 (95% CI {_ci(c['ci_low'], c['ci_high'])}), so the regime "
-            f"rewards regularisation. Of the {len(family)} Holm-corrected comparisons (DropCluster - DropBlock at "
+            f"Cutout beats no regulariser by {c['mean']:+.2f} points of test top-1 (95% CI "
+            f"{_ci(c['ci_low'], c['ci_high'])}), so the regime rewards regularisation. Of the {len(family)} Holm-corrected comparisons (DropCluster - DropBlock at "
             f"dropped fractions {rates[0]:g} and {rates[1]:g}, learned - grid clusters; test top-1 and "
             f"corruption accuracy): a difference in {len(better)}"
-            + (' (' + '; '.join(f"{d['verdict']} in {_METRIC[d['metric']]}, {d['mean']:+.2f}" for d in better) + ')'
+            + (' (' + '; '.join(f"{d['verdict']} in {METRIC[d['metric']]}, {d['mean']:+.2f}" for d in better) + ')'
                if better else '')
             + f", equivalence within +-{study['margin']:g} points in {len(same)}, neither in {neither}. "
             + _dropcluster_verdict([d for d in family if d['name'].startswith('dropcluster_vs_dropblock')], study['margin']))
@@ -123,9 +123,6 @@ def answer_paragraph(results: Path = RESULTS) -> str:
     return text
 
 
-_METRIC = {'top1': 'test top-1', 'mca': 'corruption accuracy'}
-
-
 def _dropcluster_verdict(versus_dropblock: List[Dict[str, Any]], margin: float) -> str:
     """The answer to the package's question, from the DropCluster - DropBlock comparisons alone."""
     wins = [d for d in versus_dropblock if d['verdict'] == f"{d['arm']} better than {d['against']}"]
@@ -133,9 +130,9 @@ def _dropcluster_verdict(versus_dropblock: List[Dict[str, Any]], margin: float) 
     if wins or losses:
         return (f'DropCluster beats DropBlock in {len(wins)} and loses to it in {len(losses)} of their '
                 f'{len(versus_dropblock)} comparisons.')
-    if all(d['equivalent'] for d in versus_dropblock):
-        return f'DropCluster and DropBlock are equivalent here within +-{margin:g} points.'
     same = sum(1 for d in versus_dropblock if d['equivalent'])
+    if same == len(versus_dropblock):
+        return f'DropCluster and DropBlock are equivalent here within +-{margin:g} points.'
     return (f'So DropCluster is not shown to regularise better than DropBlock here, and the two are shown '
             f'equivalent within +-{margin:g} points in {same} of their {len(versus_dropblock)} comparisons.')
 
